@@ -1,0 +1,38 @@
+"""dppo-ckpt: distributional PPO with a Variance Gradient Scaler, and checkpoints you can trust.
+
+Heavy imports (torch, stable-baselines3) happen lazily so that the static checkpoint tools
+(`dppo-ckpt verify --static`, `inspect`) start fast and never import torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CustomActorCriticPolicy",
+    "DistributionalPPO",
+    "VarianceGradientScaler",
+    "__version__",
+]
+
+_LAZY = {
+    "VarianceGradientScaler": "dppo_ckpt.vgs",
+    "DistributionalPPO": "dppo_ckpt.ppo",
+    "CustomActorCriticPolicy": "dppo_ckpt.policy",
+}
+
+if TYPE_CHECKING:
+    from dppo_ckpt.policy import CustomActorCriticPolicy
+    from dppo_ckpt.ppo import DistributionalPPO
+    from dppo_ckpt.vgs import VarianceGradientScaler
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'dppo_ckpt' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), name)

@@ -1,0 +1,1 @@
+"""Reading, scanning, checking and rewriting SB3 checkpoint zips as untrusted input."""
