@@ -1,0 +1,427 @@
+"""Rendering of check results: a rich table, JSON, JUnit XML and SARIF 2.1.0.
+
+Rendering only: these functions never run a check and never decide an outcome beyond the
+exit-code rule of :mod:`dppo_ckpt.checkpoint.results`. Every renderer takes the list of
+:class:`~dppo_ckpt.checkpoint.results.FileReport` that a command produced.
+
+Messages can quote names taken from an untrusted file (zip members, pickled globals), so the
+human-facing outputs (table, JUnit) show control and other non-printable characters as
+escapes: a hostile name cannot drive the terminal or break the XML. The JSON outputs (JSON,
+SARIF) keep the text exact, written as ASCII with escapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from enum import Enum
+from importlib import resources
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from dppo_ckpt.checkpoint.results import (
+    CheckResult,
+    FileReport,
+    Severity,
+    Verdict,
+    overall_exit_code,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = [
+    "JSON_SCHEMA_VERSION",
+    "SARIF_CATEGORIES",
+    "TOOL_NAME",
+    "json_schema",
+    "render_table",
+    "summary_line",
+    "to_json",
+    "to_junit",
+    "to_sarif",
+]
+
+TOOL_NAME = "dppo-ckpt"
+
+#: Version of the JSON report format; bumped whenever a field is added, removed or changed.
+JSON_SCHEMA_VERSION = "1"
+
+#: Categories whose failures become SARIF results. Code-scanning dashboards track what is wrong
+#: with a file (unsafe content, legacy layout, a broken archive), not how a training run fared.
+SARIF_CATEGORIES: frozenset[str] = frozenset({"security", "legacy", "archive"})
+
+_SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+_SARIF_LEVEL = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.NOTE: "note"}
+_VERDICT_STYLE = {
+    Verdict.PASS: "bold green",
+    Verdict.FAIL: "bold red",
+    Verdict.SKIP: "yellow",
+    Verdict.ERROR: "bold magenta",
+}
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) that :func:`to_json` output follows, as shipped."""
+    text = resources.files("dppo_ckpt.checkpoint").joinpath("report.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def _counts(reports: Sequence[FileReport]) -> dict[str, int]:
+    counts = dict.fromkeys(Verdict, 0)
+    for report in reports:
+        for result in report.results:
+            counts[result.verdict] += 1
+    return {
+        "passed": counts[Verdict.PASS],
+        "failed": counts[Verdict.FAIL],
+        "skipped": counts[Verdict.SKIP],
+        "errors": counts[Verdict.ERROR],
+    }
+
+
+def summary_line(reports: Sequence[FileReport]) -> str:
+    """Totals over every result of every file, e.g. ``"12 passed, 1 failed, 2 skipped"``.
+
+    Always ``"N passed, N failed"``; ``", N skipped"`` and then ``", N errors"`` are appended
+    only when nonzero. The words do not change with the number, so the line is easy to parse.
+    """
+    counts = _counts(reports)
+    line = f"{counts['passed']} passed, {counts['failed']} failed"
+    if counts["skipped"]:
+        line += f", {counts['skipped']} skipped"
+    if counts["errors"]:
+        line += f", {counts['errors']} errors"
+    return line
+
+
+def _printable(text: str) -> str:
+    """Show non-printable characters (ESC, NUL, newlines, bidi overrides) as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape", "backslashreplace").decode()
+        for char in text
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal table
+
+
+def render_table(reports: Sequence[FileReport], console: Console) -> None:
+    """Print one table per file (ID, check, verdict, message), then the summary line.
+
+    The remedy of a failed or errored check is printed under its message. The summary line
+    (:func:`summary_line`) comes last, alone on its line.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    for report in reports:
+        table = Table(
+            title=Text(_printable(report.path), style="bold"),
+            caption=f"exit code {report.exit_code}",
+            title_justify="left",
+            caption_justify="left",
+        )
+        table.add_column("ID", no_wrap=True)
+        table.add_column("Check")
+        table.add_column("Verdict", no_wrap=True)
+        table.add_column("Message")
+        for result in report.results:
+            message = Text(_printable(result.message))
+            if result.remedy and result.verdict in (Verdict.FAIL, Verdict.ERROR):
+                message.append("\n")
+                message.append(f"-> {_printable(result.remedy)}", style="italic cyan")
+            table.add_row(
+                Text(_printable(result.check_id)),
+                Text(_printable(result.title)),
+                Text(result.verdict.value.upper(), style=_VERDICT_STYLE[result.verdict]),
+                message,
+            )
+        console.print(table)
+    # soft_wrap: the summary line must stay one line, whatever the console width.
+    console.print(Text(summary_line(reports)), soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-safe copy of ``value``: non-finite floats become strings, arrays become lists."""
+    if isinstance(value, Enum):
+        value = value.value
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if isinstance(value, PurePath):
+        return str(value)
+    if callable(getattr(value, "tolist", None)):  # numpy arrays and scalars
+        return _jsonable(value.tolist())
+    return str(value)
+
+
+def _result_to_dict(result: CheckResult) -> dict[str, Any]:
+    duration = result.duration_s
+    return {
+        "check_id": result.check_id,
+        "title": result.title,
+        "verdict": result.verdict.value,
+        "message": result.message,
+        "remedy": result.remedy,
+        "category": result.category,
+        "severity": result.severity.value,
+        "details": _jsonable(dict(result.details)),
+        "duration_s": float(duration) if math.isfinite(duration) and duration >= 0 else 0.0,
+    }
+
+
+def to_json(reports: Sequence[FileReport], tool_version: str, command: str) -> str:
+    """The reports as a JSON document following ``report.schema.json`` (version 1).
+
+    Top level: ``schema_version``, ``tool`` {name, version}, ``command``, ``files``
+    [{path, exit_code, results: [...]}], ``summary`` {passed, failed, skipped, errors} and
+    ``exit_code`` (see :func:`~dppo_ckpt.checkpoint.results.overall_exit_code`). Every field
+    is described in the schema, available as :func:`json_schema`.
+
+    :param reports: one report per input file
+    :param tool_version: the dppo-ckpt version writing the report
+    :param command: the command that produced the reports, e.g. ``"verify"``
+    """
+    reports = list(reports)
+    document = {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "tool": {"name": TOOL_NAME, "version": tool_version},
+        "command": command,
+        "files": [
+            {
+                "path": report.path,
+                "exit_code": report.exit_code,
+                "results": [_result_to_dict(result) for result in report.results],
+            }
+            for report in reports
+        ],
+        "summary": _counts(reports),
+        "exit_code": overall_exit_code(reports),
+    }
+    # ASCII with escapes: names from hostile files may hold lone surrogates that no UTF-8
+    # stream accepts.
+    return json.dumps(document, indent=2, ensure_ascii=True, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# JUnit XML
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) and value >= 0 else "0.000"
+
+
+def _with_remedy(result: CheckResult) -> str:
+    text = _printable(result.message)
+    if result.remedy:
+        text += f"\nRemedy: {_printable(result.remedy)}"
+    return text
+
+
+def to_junit(reports: Sequence[FileReport], suite_name: str) -> str:
+    """The reports as JUnit XML, for CI systems that show test results.
+
+    A ``<testsuites>`` root holds one ``<testsuite>`` per file (named by its path), with one
+    ``<testcase classname="dppo-ckpt.<suite_name>.<file stem>" name="<ID> <title>">`` per
+    check. A failed check carries ``<failure>``, a check that could not run ``<error>`` (both
+    with the message as attribute and the remedy in the text), a skipped one ``<skipped>``.
+    Dots in the file stem become underscores, since CI tools split class names on dots.
+
+    :param reports: one report per input file
+    :param suite_name: the command or job name, e.g. ``"verify"``
+    """
+    reports = list(reports)
+    root = ET.Element("testsuites", name=f"{TOOL_NAME}.{suite_name}")
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    total_time = 0.0
+    for report in reports:
+        stem = _printable(Path(report.path).stem).replace(".", "_")
+        classname = f"{TOOL_NAME}.{suite_name}.{stem}"
+        counts = _counts([report])
+        suite_time = sum(r.duration_s for r in report.results if math.isfinite(r.duration_s))
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=_printable(report.path),
+            tests=str(len(report.results)),
+            failures=str(counts["failed"]),
+            errors=str(counts["errors"]),
+            skipped=str(counts["skipped"]),
+            time=_seconds(suite_time),
+        )
+        properties = ET.SubElement(suite, "properties")
+        ET.SubElement(properties, "property", name="path", value=_printable(report.path))
+        ET.SubElement(properties, "property", name="exit_code", value=str(report.exit_code))
+        for result in report.results:
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=classname,
+                name=_printable(f"{result.check_id} {result.title}"),
+                time=_seconds(result.duration_s),
+            )
+            if result.verdict in (Verdict.FAIL, Verdict.ERROR):
+                tag = "failure" if result.verdict is Verdict.FAIL else "error"
+                outcome = ET.SubElement(
+                    case, tag, message=_printable(result.message), type=result.category
+                )
+                outcome.text = _with_remedy(result)
+            elif result.verdict is Verdict.SKIP:
+                ET.SubElement(case, "skipped", message=_printable(result.message))
+        totals["tests"] += len(report.results)
+        totals["failures"] += counts["failed"]
+        totals["errors"] += counts["errors"]
+        totals["skipped"] += counts["skipped"]
+        total_time += suite_time
+    for key, value in totals.items():
+        root.set(key, str(value))
+    root.set("time", _seconds(total_time))
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# SARIF 2.1.0
+
+
+def _rule_name(title: str) -> str:
+    """A SARIF rule name from a title: "VGS tracks live params" -> "VgsTracksLiveParams"."""
+    words = "".join(char if char.isalnum() else " " for char in title).split()
+    return "".join(word[:1].upper() + word[1:].lower() for word in words) or "Check"
+
+
+def _artifact_uri(path: str) -> str:
+    # Relative paths stay relative (dashboards resolve them against the repository root);
+    # surrogateescape keeps undecodable file names intact as their original bytes.
+    pure = PurePath(path)
+    if pure.is_absolute():
+        return "file://" + quote(pure.as_posix(), safe="/", errors="surrogateescape")
+    return quote(pure.as_posix(), safe="/", errors="surrogateescape")
+
+
+def _logical_location(details: dict[str, Any]) -> dict[str, Any] | None:
+    """Where inside the zip a finding is: member (zip member) and/or entry (``data`` key)."""
+    member = details.get("member")
+    entry = details.get("entry")
+    if member is None and entry is None:
+        return None
+    if entry is None:
+        return {"name": str(member), "fullyQualifiedName": str(member), "kind": "resource"}
+    qualified = f"{member}::{entry}" if member is not None else str(entry)
+    return {"name": str(entry), "fullyQualifiedName": qualified, "kind": "member"}
+
+
+def _sarif_result(report: FileReport, result: CheckResult, rule_index: int) -> dict[str, Any]:
+    text = result.message if not result.remedy else f"{result.message} Remedy: {result.remedy}"
+    location: dict[str, Any] = {
+        "physicalLocation": {"artifactLocation": {"uri": _artifact_uri(report.path)}}
+    }
+    logical = _logical_location(result.details)
+    if logical is not None:
+        location["logicalLocations"] = [logical]
+    # Stable across runs, so a dashboard recognises the same finding in the same place.
+    fingerprint = hashlib.sha256(
+        "\0".join(
+            [
+                result.check_id,
+                report.path,
+                str(result.details.get("member", "")),
+                str(result.details.get("entry", "")),
+            ]
+        ).encode("utf-8", "surrogateescape")
+    ).hexdigest()
+    return {
+        "ruleId": result.check_id,
+        "ruleIndex": rule_index,
+        "kind": "fail",
+        "level": _SARIF_LEVEL[result.severity],
+        "message": {"text": text},
+        "locations": [location],
+        "partialFingerprints": {"dppoCkptFinding/v1": fingerprint},
+        "properties": {
+            "verdict": result.verdict.value,
+            "category": result.category,
+            "details": _jsonable(dict(result.details)),
+        },
+    }
+
+
+def to_sarif(reports: Sequence[FileReport], tool_version: str) -> str:
+    """The reports as SARIF 2.1.0, for code-scanning dashboards.
+
+    One run whose tool driver lists one rule per check ID that appears in the reports (id,
+    name, ``shortDescription`` = title, ``help`` = remedy, the category as tag). Results are
+    only the failed or errored checks in :data:`SARIF_CATEGORIES`, at the level of their
+    severity, located at the file (``physicalLocation``, the path as given) and, when the
+    check's details name one, at the zip ``member`` and ``data`` ``entry``
+    (``logicalLocations``; ``"member::entry"`` as fully qualified name).
+
+    :param reports: one report per input file
+    :param tool_version: the dppo-ckpt version writing the report
+    """
+    reports = list(reports)
+    rules: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for result in report.results:
+            rule = rules.setdefault(
+                result.check_id,
+                {
+                    "id": result.check_id,
+                    "name": _rule_name(result.title),
+                    "shortDescription": {"text": result.title},
+                    "defaultConfiguration": {"level": _SARIF_LEVEL[result.severity]},
+                    "properties": {"tags": [result.category], "category": result.category},
+                },
+            )
+            # A passing result carries no remedy; take it from any result of the check.
+            if "help" not in rule and result.remedy:
+                rule["help"] = {"text": result.remedy}
+    rule_ids = sorted(rules)
+    rule_index = {rule_id: index for index, rule_id in enumerate(rule_ids)}
+    results = [
+        _sarif_result(report, result, rule_index[result.check_id])
+        for report in reports
+        for result in report.results
+        if result.verdict in (Verdict.FAIL, Verdict.ERROR) and result.category in SARIF_CATEGORIES
+    ]
+    document = {
+        "$schema": _SARIF_SCHEMA,
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {
+                    "driver": {
+                        "name": TOOL_NAME,
+                        "version": tool_version,
+                        "rules": [rules[rule_id] for rule_id in rule_ids],
+                    }
+                },
+                "invocations": [
+                    {"executionSuccessful": True, "exitCode": overall_exit_code(reports)}
+                ],
+                "results": results,
+            }
+        ],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=True, allow_nan=False)
