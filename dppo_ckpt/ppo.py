@@ -1,0 +1,413 @@
+"""Distributional PPO with a Variance Gradient Scaler, on stable-baselines3's PPO.
+
+The critic predicts a return distribution (quantile or categorical, see
+:mod:`dppo_ckpt.policy` and :mod:`dppo_ckpt.distributional`); the actor update is PPO's clipped
+surrogate, unchanged. Every minibatch runs
+
+    backward -> VarianceGradientScaler.scale_gradients() -> clip_grad_norm_ -> optimizer.step()
+
+so the scaler sees raw gradients and the clipping sees scaled ones.
+
+The save/load lifecycle is the point of this module. The scaler is pickled without parameter
+references; on construction and on every load it is (re)created *after* the policy and its
+optimizer exist, its saved statistics are restored bit-for-bit and it is linked to the live
+parameter objects. No setup-complete flag exists, so nothing saved can block that. The
+checkpoint also records every random generator's state, so that ``learn(N)``, ``save``,
+``load(env=same_env, force_reset=False)``, ``learn(N, reset_num_timesteps=False)`` gives the
+parameters of ``learn(2N)`` bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import warnings
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3 import PPO
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.utils import explained_variance
+
+from dppo_ckpt.buffers import DistributionalRolloutBuffer
+from dppo_ckpt.distributional import (
+    categorical_cross_entropy,
+    clip_quantiles,
+    quantile_huber_loss,
+    quantile_midpoints,
+    shift_and_reproject,
+    two_hot,
+)
+from dppo_ckpt.policy import CRITICS, CustomActorCriticPolicy
+from dppo_ckpt.rng import capture_rng_state, restore_rng_state
+from dppo_ckpt.vgs import VarianceGradientScaler
+
+SelfDistributionalPPO = TypeVar("SelfDistributionalPPO", bound="DistributionalPPO")
+
+MIGRATE_HINT = "run `dppo-ckpt migrate OLD.zip NEW.zip` to rewrite it"
+
+
+class LegacyCheckpointWarning(UserWarning):
+    """A checkpoint's scaler still carried pickled parameter copies (fixed on load)."""
+
+
+class StaleOptimizerError(RuntimeError):
+    """The optimizer does not update the policy's own parameter objects."""
+
+
+class DistributionalPPO(PPO):
+    """PPO with a distributional critic and a Variance Gradient Scaler.
+
+    :param policy: ``"MlpPolicy"`` or a subclass of :class:`CustomActorCriticPolicy`.
+    :param env: The environment to learn from.
+    :param critic: ``"quantile"`` (QR, quantile Huber loss) or ``"categorical"`` (C51-style
+        projection and cross-entropy).
+    :param n_quantiles: Number of quantiles (midpoint taus) of the quantile critic.
+    :param huber_kappa: Threshold of the quantile Huber loss.
+    :param n_atoms: Number of atoms of the categorical critic.
+    :param v_min: Lower end of the categorical support.
+    :param v_max: Upper end of the categorical support.
+    :param normalize_returns: Keep a running mean/std of returns (saved with the policy) and
+        fit the critic to normalised returns.
+    :param cvar_alpha: When set, the value used for advantages is the CVaR at this level of the
+        predicted distribution instead of its mean; ``train/cvar`` is logged.
+    :param variance_gradient_scaling: Scale gradients with a
+        :class:`~dppo_ckpt.vgs.VarianceGradientScaler`.
+    :param vgs_beta: EMA decay of the scaler's gradient statistics.
+    :param vgs_alpha: Strength of the scaling, ``scale = 1 / (1 + alpha * R)``.
+    :param vgs_warmup_steps: Optimizer steps before the scaler starts scaling.
+    :param vgs_kwargs: Further keyword arguments of the scaler (``quantile``,
+        ``variance_cap``, ``min_scale``, ``eps``).
+    :param kwargs: Everything :class:`stable_baselines3.PPO` accepts (``clip_range_vf`` clips
+        the distribution against the rollout-time prediction: per quantile, or for the
+        categorical critic by clipping the mean and shifting and reprojecting).
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": CustomActorCriticPolicy}
+    policy: CustomActorCriticPolicy
+    rollout_buffer: DistributionalRolloutBuffer
+
+    def __init__(
+        self,
+        policy: str | type[CustomActorCriticPolicy],
+        env: GymEnv | str,
+        *,
+        critic: str = "quantile",
+        n_quantiles: int = 32,
+        huber_kappa: float = 1.0,
+        n_atoms: int = 51,
+        v_min: float = -10.0,
+        v_max: float = 10.0,
+        normalize_returns: bool = False,
+        cvar_alpha: float | None = None,
+        variance_gradient_scaling: bool = True,
+        vgs_beta: float = 0.99,
+        vgs_alpha: float = 0.1,
+        vgs_warmup_steps: int = 100,
+        vgs_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if critic not in CRITICS:
+            raise ValueError(f"critic must be one of {CRITICS}, got {critic!r}")
+        if huber_kappa <= 0:
+            raise ValueError(f"huber_kappa must be > 0, got {huber_kappa}")
+        # Set before PPO.__init__, which calls _setup_model() and needs them.
+        self.critic = critic
+        self.n_quantiles = n_quantiles
+        self.huber_kappa = huber_kappa
+        self.n_atoms = n_atoms
+        self.v_min = v_min
+        self.v_max = v_max
+        self.normalize_returns = normalize_returns
+        self.cvar_alpha = cvar_alpha
+        self.variance_gradient_scaling = variance_gradient_scaling
+        self.vgs_beta = vgs_beta
+        self.vgs_alpha = vgs_alpha
+        self.vgs_warmup_steps = vgs_warmup_steps
+        self.vgs_kwargs = dict(vgs_kwargs or {})
+        self._variance_gradient_scaler: VarianceGradientScaler | None = None
+        kwargs.setdefault("rollout_buffer_class", DistributionalRolloutBuffer)
+        super().__init__(policy, env, **kwargs)
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _critic_policy_kwargs(self) -> dict[str, Any]:
+        return {
+            "critic": self.critic,
+            "n_quantiles": self.n_quantiles,
+            "n_atoms": self.n_atoms,
+            "v_min": self.v_min,
+            "v_max": self.v_max,
+            "normalize_returns": self.normalize_returns,
+            "cvar_alpha": self.cvar_alpha,
+        }
+
+    def _setup_model(self) -> None:
+        """Build buffer, policy and optimizer (SB3), then the scaler over their parameters."""
+        if not (
+            isinstance(self.policy_class, type)
+            and issubclass(self.policy_class, CustomActorCriticPolicy)
+        ):
+            raise TypeError(
+                "DistributionalPPO needs a CustomActorCriticPolicy (or 'MlpPolicy'), "
+                f"got {self.policy_class!r}"
+            )
+        if isinstance(self.observation_space, spaces.Dict):
+            raise TypeError("DistributionalPPO does not support Dict observation spaces")
+        if self.rollout_buffer_class is None:
+            self.rollout_buffer_class = DistributionalRolloutBuffer
+        if not issubclass(self.rollout_buffer_class, DistributionalRolloutBuffer):
+            raise TypeError("rollout_buffer_class must subclass DistributionalRolloutBuffer")
+        self.policy_kwargs = {**self.policy_kwargs, **self._critic_policy_kwargs()}
+        super()._setup_model()
+        self._setup_variance_gradient_scaler()
+
+    def _setup_variance_gradient_scaler(self) -> None:
+        """Create the scaler over the live parameters, restoring any saved statistics.
+
+        Called after the policy and its optimizer exist. On load, ``self.__dict__`` already
+        holds the scaler unpickled from the checkpoint (without parameter references); a fresh
+        scaler is built from its configuration and statistics, so nothing else it may have
+        carried survives.
+        """
+        saved = self.__dict__.get("_variance_gradient_scaler")
+        if not self.variance_gradient_scaling:
+            self._variance_gradient_scaler = None
+            return
+        parameters = list(self.policy.parameters())
+        if saved is None:
+            scaler = VarianceGradientScaler(
+                parameters,
+                beta=self.vgs_beta,
+                alpha=self.vgs_alpha,
+                warmup_steps=self.vgs_warmup_steps,
+                **self.vgs_kwargs,
+            )
+        else:
+            if not isinstance(saved, VarianceGradientScaler):
+                raise TypeError(
+                    f"_variance_gradient_scaler must be a VarianceGradientScaler, got {type(saved)}"
+                )
+            if saved.legacy_parameters_dropped:
+                warnings.warn(
+                    "This checkpoint's VarianceGradientScaler pickled stale parameter copies; "
+                    "they were dropped and the scaler now tracks the live parameters. "
+                    f"To fix the file, {MIGRATE_HINT}.",
+                    LegacyCheckpointWarning,
+                    stacklevel=4,
+                )
+            state = saved.state_dict()
+            scaler = VarianceGradientScaler(parameters, **state["config"])
+            scaler.load_state_dict(state)
+        scaler.logger = self.__dict__.get("_logger")
+        self._variance_gradient_scaler = scaler
+
+    def _check_parameter_links(self) -> VarianceGradientScaler | None:
+        """Make sure the optimizer and the scaler act on the policy's own parameter objects.
+
+        Run before every update. A rebuilt policy leaves the scaler tracking dead tensors: it
+        is relinked (statistics kept). An optimizer over other tensors would train nothing the
+        policy uses, which no relink can repair, so it is an error.
+        """
+        live = {id(p) for p in self.policy.parameters() if p.requires_grad}
+        in_optimizer = {
+            id(p) for group in self.policy.optimizer.param_groups for p in group["params"]
+        }
+        if in_optimizer != live:
+            raise StaleOptimizerError(
+                f"the optimizer tracks {len(in_optimizer & live)}/{len(live)} of the policy's "
+                "parameters; rebuild it over policy.parameters()"
+            )
+        scaler = self._variance_gradient_scaler
+        if scaler is None:
+            return None
+        if {id(p) for p in scaler.parameters} != live:
+            scaler.update_parameters(self.policy.parameters())
+        # SB3 creates its logger only when learning starts; until then there is none to attach.
+        scaler.logger = self.__dict__.get("_logger")
+        return scaler
+
+    # -- training -------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Update policy and distributional critic on the collected rollout."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
+        clip_range_vf = (
+            None
+            if self.clip_range_vf is None
+            else self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
+        )
+        scaler = self._check_parameter_links()
+        if self.normalize_returns:
+            self.policy.update_return_statistics(self.rollout_buffer.returns)
+        if clip_range_vf is not None:
+            self.rollout_buffer.compute_value_distributions(self.policy.predict_value_distribution)
+        taus = quantile_midpoints(self.n_quantiles, device=self.device)
+
+        entropy_losses, pg_losses, value_losses, clip_fractions, cvars = [], [], [], [], []
+        approx_kl_divs: list[float] = []
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            approx_kl_divs = []
+            for rollout_data in self.rollout_buffer.get(self.batch_size):
+                actions = rollout_data.actions
+                if isinstance(self.action_space, spaces.Discrete):
+                    actions = rollout_data.actions.long().flatten()
+
+                value_out, log_prob, entropy = self.policy.evaluate_actions_distributional(
+                    rollout_data.observations, actions
+                )
+                advantages = rollout_data.advantages
+                if self.normalize_advantage and len(advantages) > 1:
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+                ratio = th.exp(log_prob - rollout_data.old_log_prob)
+                policy_loss_1 = advantages * ratio
+                policy_loss_2 = advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
+                policy_loss = -th.min(policy_loss_1, policy_loss_2).mean()
+                pg_losses.append(policy_loss.item())
+                clip_fractions.append(th.mean((th.abs(ratio - 1) > clip_range).float()).item())
+
+                targets = self.policy.normalize(rollout_data.returns)
+                value_loss = self._value_loss(
+                    value_out, targets, taus, rollout_data.old_value_distributions, clip_range_vf
+                )
+                value_losses.append(value_loss.item())
+                if self.cvar_alpha is not None:
+                    with th.no_grad():
+                        cvar = self.policy.distribution_cvar(value_out, self.cvar_alpha)
+                        cvars.append(self.policy.denormalize(cvar).mean().item())
+
+                entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
+                entropy_losses.append(entropy_loss.item())
+                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+
+                with th.no_grad():
+                    log_ratio = log_prob - rollout_data.old_log_prob
+                    approx_kl_div = th.mean((th.exp(log_ratio) - 1) - log_ratio).cpu().numpy()
+                    approx_kl_divs.append(approx_kl_div)
+                if self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl:
+                    continue_training = False
+                    if self.verbose >= 1:
+                        print(
+                            f"Early stopping at step {epoch} due to reaching max kl: {approx_kl_div:.2f}"
+                        )
+                    break
+
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                # The scaler must see raw gradients; clipping then bounds the scaled ones.
+                if scaler is not None:
+                    scaler.scale_gradients()
+                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        explained_var = explained_variance(
+            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
+        )
+        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
+        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
+        self.logger.record("train/value_loss", np.mean(value_losses))
+        self.logger.record("train/approx_kl", np.mean(approx_kl_divs))
+        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
+        self.logger.record("train/loss", loss.item())
+        self.logger.record("train/explained_variance", explained_var)
+        if cvars:
+            self.logger.record("train/cvar", np.mean(cvars))
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+
+    def _value_loss(
+        self,
+        value_out: th.Tensor,
+        targets: th.Tensor,
+        taus: th.Tensor,
+        old_value_out: th.Tensor | None,
+        clip_range_vf: float | None,
+    ) -> th.Tensor:
+        """Distributional critic loss against scalar TD(lambda) targets (in head units)."""
+        if self.critic == "quantile":
+            if clip_range_vf is not None and old_value_out is not None:
+                value_out = clip_quantiles(value_out, old_value_out, clip_range_vf)
+            return quantile_huber_loss(value_out, targets, taus, kappa=self.huber_kappa)
+
+        support = self.policy.support
+        target_probs = two_hot(targets, support)
+        if clip_range_vf is None or old_value_out is None:
+            return categorical_cross_entropy(value_out, target_probs)
+        probs = th.softmax(value_out, dim=-1)
+        mean = self.policy.distribution_mean(value_out)
+        old_mean = self.policy.distribution_mean(old_value_out)
+        clipped_mean = old_mean + th.clamp(mean - old_mean, -clip_range_vf, clip_range_vf)
+        clipped_probs = shift_and_reproject(probs, support, clipped_mean - mean)
+        # log of a normalised distribution is its own log-softmax, so it serves as logits.
+        return categorical_cross_entropy(th.log(clipped_probs.clamp_min(1e-12)), target_probs)
+
+    def _setup_learn(self, *args: Any, **kwargs: Any) -> Any:
+        """SB3's set-up, then hand the (possibly new) logger to the scaler."""
+        result = super()._setup_learn(*args, **kwargs)
+        if self._variance_gradient_scaler is not None:
+            self._variance_gradient_scaler.logger = self.logger
+        return result
+
+    def set_logger(self, logger: Any) -> None:
+        """Set the logger of the algorithm and of its scaler."""
+        super().set_logger(logger)
+        if self._variance_gradient_scaler is not None:
+            self._variance_gradient_scaler.logger = logger
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save(
+        self,
+        path: str | pathlib.Path | Any,
+        exclude: Any = None,
+        include: Any = None,
+    ) -> None:
+        """Save like SB3, plus the state of every random generator (for exact resume)."""
+        self._rng_state = capture_rng_state(self.action_space)
+        try:
+            super().save(path, exclude=exclude, include=include)
+        finally:
+            del self._rng_state
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfDistributionalPPO],
+        path: str | pathlib.Path | Any,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfDistributionalPPO:
+        """Load like SB3; the scaler is rebuilt over the live parameters with its statistics,
+        and the random generators continue where the saved run stopped."""
+        model = super().load(
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
+        )
+        rng_state = model.__dict__.pop("_rng_state", None)
+        # Restored last: SB3's load re-seeds and samples gSDE noise, which moved the generators.
+        if rng_state is not None:
+            restore_rng_state(rng_state, model.action_space)
+        model._check_parameter_links()
+        return model
