@@ -1,0 +1,542 @@
+"""Variance Gradient Scaler (VGS): damp the gradient step when the gradients are mostly noise.
+
+The scaler keeps, for every trainable parameter tensor, exponential moving averages of the raw
+gradient and of its element-wise square (the first and second moments Adam keeps, Kingma & Ba
+2015). From them it estimates, per tensor, the ratio of the stochastic variance of the gradient
+to its squared mean (a noise-to-signal ratio). A high quantile of these ratios across tensors
+sets a global factor ``1 / (1 + alpha * R)`` that multiplies every gradient in place before the
+optimizer sees it.
+
+The scaler survives checkpoints by never pickling the parameter objects it scales: pickling
+copies them, and a scaler restored from such a pickle rescales gradients no optimizer uses.
+After unpickling, :meth:`VarianceGradientScaler.update_parameters` relinks the scaler to the
+live parameters by identity and keeps the statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.logger import Logger
+
+__all__ = ["VarianceGradientScaler"]
+
+# Attribute names that hold live objects and are never pickled (see ``__getstate__``).
+_UNPICKLED_ATTRIBUTES = ("_parameters", "_logger", "_legacy_parameters_dropped")
+
+_CONFIG_KEYS = (
+    "beta",
+    "alpha",
+    "eps",
+    "warmup_steps",
+    "quantile",
+    "variance_cap",
+    "min_scale",
+    "enabled",
+)
+
+_STATE_KEYS = (
+    "format_version",
+    "config",
+    "step_count",
+    "scaling_factor",
+    "noise_ratio",
+    "exp_avg",
+    "exp_avg_sq",
+)
+
+# Values ``__setstate__`` falls back to when an older pickle lacks an attribute.
+_STATE_DEFAULTS: dict[str, Any] = {
+    "beta": 0.99,
+    "alpha": 0.1,
+    "eps": 1e-8,
+    "warmup_steps": 100,
+    "quantile": 0.9,
+    "variance_cap": 50.0,
+    "min_scale": 0.1,
+    "enabled": True,
+    "_step_count": 0,
+    "_scaling_factor": 1.0,
+    "_noise_ratio": 0.0,
+    "_exp_avg": None,
+    "_exp_avg_sq": None,
+}
+
+
+def _real(name: str, value: Any) -> float:
+    """Return ``value`` as a float, refusing booleans, non-numbers and NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return value
+
+
+def _validate_config(
+    beta: Any,
+    alpha: Any,
+    eps: Any,
+    warmup_steps: Any,
+    quantile: Any,
+    variance_cap: Any,
+    min_scale: Any,
+    enabled: Any,
+) -> dict[str, Any]:
+    """Check the hyperparameters and return them normalised (floats, int, bool)."""
+    beta = _real("beta", beta)
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    alpha = _real("alpha", alpha)
+    if not 0.0 <= alpha < math.inf:
+        raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
+    eps = _real("eps", eps)
+    if not 0.0 < eps < math.inf:
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    quantile = _real("quantile", quantile)
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    variance_cap = _real("variance_cap", variance_cap)
+    if not variance_cap > 0.0:
+        raise ValueError(f"variance_cap must be > 0 (inf for no cap), got {variance_cap}")
+    min_scale = _real("min_scale", min_scale)
+    if not 0.0 < min_scale <= 1.0:
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be a bool, got {enabled!r}")
+    return {
+        "beta": beta,
+        "alpha": alpha,
+        "eps": eps,
+        "warmup_steps": int(warmup_steps),
+        "quantile": quantile,
+        "variance_cap": variance_cap,
+        "min_scale": min_scale,
+        "enabled": enabled,
+    }
+
+
+def _trainable(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors of ``parameters`` that require gradients, in order, checked for use."""
+    if isinstance(parameters, torch.Tensor):
+        # A lone tensor would otherwise be iterated row by row.
+        raise TypeError("parameters must be an iterable of tensors, not a single tensor")
+    tracked: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for index, param in enumerate(parameters):
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"parameter {index} is a {type(param).__name__}, not a tensor")
+        if not param.requires_grad:
+            continue
+        if id(param) in seen:
+            # Its gradient would be scaled twice per step.
+            raise ValueError(f"parameter {index} appears more than once")
+        if param.is_complex():
+            raise ValueError(f"parameter {index} is complex; only real parameters are supported")
+        seen.add(id(param))
+        tracked.append(param)
+    return tracked
+
+
+def _check_compatible(params: list[torch.Tensor], exp_avg: list[torch.Tensor], what: str) -> None:
+    """Raise ValueError unless ``params`` match the statistics in count and shape."""
+    if len(params) != len(exp_avg):
+        raise ValueError(
+            f"{what}: the statistics cover {len(exp_avg)} trainable parameters "
+            f"(requires_grad=True), got {len(params)}"
+        )
+    for index, (param, buf) in enumerate(zip(params, exp_avg, strict=True)):
+        if param.shape != buf.shape:
+            raise ValueError(
+                f"{what}: parameter {index} does not match the statistics: "
+                f"expected shape {tuple(buf.shape)}, got shape {tuple(param.shape)}"
+            )
+
+
+def _stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
+    """Stack 0-d tensors as float64, gathering them on one device if they are spread out."""
+    try:
+        stacked = torch.stack(values)
+    except RuntimeError:
+        # Parameters on several devices: bring the per-tensor sums together.
+        stacked = torch.stack([value.cpu() for value in values])
+    return stacked.to(torch.float64)
+
+
+class VarianceGradientScaler:
+    """Scale gradients down when their estimated noise-to-signal ratio is high.
+
+    Per tracked parameter tensor ``p`` with raw gradient ``g`` (before any scaling or clipping),
+    at step ``t`` (1-based), with zero-initialised per-element buffers ``m`` and ``v``::
+
+        m <- beta*m + (1-beta)*g            v <- beta*v + (1-beta)*g*g
+        mh = m/(1-beta^t)                   vh = v/(1-beta^t)
+        var = clamp(vh - mh^2, min=0)
+        r_p = sum(var) / (sum(mh^2) + eps)
+        R = min(quantile_q(r_1..r_P), variance_cap)      (linear interpolation, as torch.quantile)
+        scale = 1 if t <= warmup_steps else clamp(1/(1 + alpha*R), min_scale, 1)
+        every tracked p.grad *= scale       (in place)
+
+    Tracked parameters are those that require gradients; frozen ones are ignored. The buffers
+    live on each parameter's device with its dtype: two numbers per element, like Adam.
+
+    Edge cases, chosen so that a step without information changes nothing:
+
+    - a parameter whose ``.grad`` is ``None`` at a step is skipped for that step: its
+      statistics are not updated, it does not enter the quantile and has nothing to scale.
+      The bias correction uses the scaler's step ``t`` for every tensor (the formula above);
+    - a step where every ``.grad`` is ``None`` is a no-op: the step count, the statistics, the
+      last scale and the logger are untouched, and 1.0 is returned;
+    - ``enabled=False`` makes the scaler inert: ``scale_gradients`` returns 1.0 and changes
+      neither the gradients, the statistics, the step count nor the logger;
+    - a noise ratio that is NaN (non-finite gradients poison the averages, as they poison
+      Adam's) is capped like any ratio above ``variance_cap``; :meth:`reset_statistics`
+      recovers.
+
+    :param parameters: the parameters to scale the gradients of (e.g. ``policy.parameters()``);
+        ``None`` leaves the scaler unlinked until :meth:`update_parameters` is called
+    :param beta: decay of the moving averages, in [0, 1)
+    :param alpha: strength of the damping, >= 0
+    :param eps: added to the squared mean of each tensor to avoid division by zero, > 0
+    :param warmup_steps: steps during which statistics accumulate but the scale stays 1
+    :param quantile: which quantile of the per-tensor ratios sets the scale, in [0, 1]
+    :param variance_cap: upper bound on the aggregated ratio ``R``, > 0
+    :param min_scale: lower bound on the scale, in (0, 1]
+    :param enabled: when False the scaler does nothing at all
+    :param logger: an SB3 logger; each step records ``vgs/scale``, ``vgs/noise_ratio`` and
+        ``vgs/step``
+    """
+
+    STATE_FORMAT_VERSION: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        parameters: Iterable[torch.nn.Parameter] | None = None,
+        beta: float = 0.99,
+        alpha: float = 0.1,
+        eps: float = 1e-8,
+        warmup_steps: int = 100,
+        quantile: float = 0.9,
+        variance_cap: float = 50.0,
+        min_scale: float = 0.1,
+        enabled: bool = True,
+        logger: Logger | None = None,
+    ) -> None:
+        config = _validate_config(
+            beta, alpha, eps, warmup_steps, quantile, variance_cap, min_scale, enabled
+        )
+        self.beta: float = config["beta"]
+        self.alpha: float = config["alpha"]
+        self.eps: float = config["eps"]
+        self.warmup_steps: int = config["warmup_steps"]
+        self.quantile: float = config["quantile"]
+        self.variance_cap: float = config["variance_cap"]
+        self.min_scale: float = config["min_scale"]
+        self.enabled: bool = config["enabled"]
+
+        self._step_count: int = 0
+        self._scaling_factor: float = 1.0
+        self._noise_ratio: float = 0.0
+        self._exp_avg: list[torch.Tensor] | None = None
+        self._exp_avg_sq: list[torch.Tensor] | None = None
+        self._parameters: list[torch.Tensor] | None = None
+        self._logger: Logger | None = logger
+        self._legacy_parameters_dropped: bool = False
+        if parameters is not None:
+            self.update_parameters(parameters)
+
+    # ------------------------------------------------------------------ read-only state
+
+    @property
+    def scaling_factor(self) -> float:
+        """The scale applied at the last step (1.0 before the first)."""
+        return self._scaling_factor
+
+    @property
+    def step_count(self) -> int:
+        """Number of steps that updated the statistics (``t`` in the formulas)."""
+        return self._step_count
+
+    @property
+    def noise_ratio(self) -> float:
+        """The aggregated noise-to-signal ratio ``R`` of the last step (0.0 before the first)."""
+        return self._noise_ratio
+
+    @property
+    def legacy_parameters_dropped(self) -> bool:
+        """True when this scaler was unpickled from a state that still held parameter copies.
+
+        Such copies are stale by construction and were discarded; the owner must relink with
+        :meth:`update_parameters` (and may want to tell the user the checkpoint is old).
+        """
+        return self._legacy_parameters_dropped
+
+    @property
+    def logger(self) -> Logger | None:
+        """The SB3 logger receiving ``vgs/*`` metrics, or None. Never pickled."""
+        return self._logger
+
+    @logger.setter
+    def logger(self, logger: Logger | None) -> None:
+        self._logger = logger
+
+    def _config(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in _CONFIG_KEYS}
+
+    # ------------------------------------------------------------------ the step
+
+    def scale_gradients(self) -> float:
+        """Update the statistics from the raw gradients, then scale them in place.
+
+        Call it after ``backward()`` and before gradient clipping and ``optimizer.step()``, so
+        that the statistics see the raw gradients.
+
+        :return: the factor the gradients were multiplied by
+        :raises RuntimeError: if the scaler is enabled but not linked to parameters (as after
+            unpickling): scaling nothing would silently disable it
+        """
+        if not self.enabled:
+            return 1.0
+        params = self._parameters
+        if params is None or self._exp_avg is None or self._exp_avg_sq is None:
+            raise RuntimeError(
+                "VarianceGradientScaler is not linked to any parameters (parameters are never "
+                "saved with it); call update_parameters(policy.parameters()) first"
+            )
+        grads = [param.grad for param in params]
+        exp_avg, exp_avg_sq = self._exp_avg, self._exp_avg_sq
+        if any(grad is None for grad in grads):
+            present = [index for index, grad in enumerate(grads) if grad is not None]
+            if not present:
+                return 1.0
+            grads = [grads[index] for index in present]
+            exp_avg = [exp_avg[index] for index in present]
+            exp_avg_sq = [exp_avg_sq[index] for index in present]
+
+        step = self._step_count + 1
+        beta = self.beta
+        # 1/(1-beta^t); beta**step underflows to 0 for long runs, giving exactly 1.
+        correction = 1.0 / (1.0 - beta**step)
+        with torch.no_grad():
+            torch._foreach_lerp_(exp_avg, grads, 1.0 - beta)
+            torch._foreach_mul_(exp_avg_sq, beta)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta)
+            # sum(mh^2) = correction^2 * ||m||^2, and
+            # sum(clamp(vh - mh^2, 0)) = correction * sum(clamp(v - correction*m^2, 0)),
+            # which needs one temporary per tensor instead of three.
+            signal = _stack_scalars(torch._foreach_norm(exp_avg)).square_()
+            excess = torch._foreach_addcmul(exp_avg_sq, exp_avg, exp_avg, value=-correction)
+            torch._foreach_clamp_min_(excess, 0.0)
+            # Plain sums beat _foreach_norm(ord=1) several times over on CPU.
+            noise = _stack_scalars([tensor.sum() for tensor in excess])
+            del excess
+            ratios = noise.mul_(correction).div_(signal.mul_(correction**2).add_(self.eps))
+            quantile = torch.quantile(ratios, self.quantile).item()
+            # Written so that a NaN ratio is capped as well.
+            noise_ratio = quantile if quantile < self.variance_cap else self.variance_cap
+            if step <= self.warmup_steps:
+                scale = 1.0
+            else:
+                # alpha == 0 switches damping off even for an infinite ratio (0 * inf is NaN).
+                damping = self.alpha * noise_ratio if self.alpha > 0.0 else 0.0
+                scale = min(max(1.0 / (1.0 + damping), self.min_scale), 1.0)
+            if scale != 1.0:
+                torch._foreach_mul_(grads, scale)
+
+        self._step_count = step
+        self._scaling_factor = scale
+        self._noise_ratio = noise_ratio
+        if self._logger is not None:
+            self._logger.record("vgs/scale", scale)
+            self._logger.record("vgs/noise_ratio", noise_ratio)
+            self._logger.record("vgs/step", step)
+        return scale
+
+    # ------------------------------------------------------------------ linking and state
+
+    def update_parameters(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Track ``params`` (those requiring gradients) by identity, keeping the statistics.
+
+        Call it whenever the live parameter objects change: after unpickling, after loading a
+        checkpoint, after the owner rebuilt its policy or optimizer. Existing statistics are
+        kept (moved to the parameters' device and dtype if those changed); without statistics,
+        zero buffers are created.
+
+        :raises ValueError: if the number of trainable parameters or the shape of one differs
+            from the statistics (the message names the first mismatch); nothing is changed
+        """
+        tracked = _trainable(params)
+        if self._exp_avg is None or self._exp_avg_sq is None:
+            with torch.no_grad():
+                self._exp_avg = [torch.zeros_like(param) for param in tracked]
+                self._exp_avg_sq = [torch.zeros_like(param) for param in tracked]
+        else:
+            _check_compatible(tracked, self._exp_avg, "update_parameters")
+            self._exp_avg = self._relocate(self._exp_avg, tracked, copy=False)
+            self._exp_avg_sq = self._relocate(self._exp_avg_sq, tracked, copy=False)
+        self._parameters = tracked
+
+    @staticmethod
+    def _relocate(
+        buffers: list[torch.Tensor], params: list[torch.Tensor], copy: bool
+    ) -> list[torch.Tensor]:
+        """``buffers`` on their parameters' devices and dtypes (copied if ``copy``)."""
+        # Statistics never require gradients, so no detach: without ``copy`` a buffer already
+        # in place is returned as the very same tensor.
+        return [
+            buf.to(device=param.device, dtype=param.dtype, copy=copy)
+            for buf, param in zip(buffers, params, strict=True)
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: format version, config, counters, buffers.
+
+        The buffers are cloned, so the result does not change as training goes on.
+        """
+
+        def clone(buffers: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+            return None if buffers is None else [buf.detach().clone() for buf in buffers]
+
+        return {
+            "format_version": self.STATE_FORMAT_VERSION,
+            "config": self._config(),
+            "step_count": self._step_count,
+            "scaling_factor": self._scaling_factor,
+            "noise_ratio": self._noise_ratio,
+            "exp_avg": clone(self._exp_avg),
+            "exp_avg_sq": clone(self._exp_avg_sq),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` bit for bit (config included); the links are kept.
+
+        Everything is checked before anything changes.
+
+        :raises ValueError: if ``state`` is not a scaler state, comes from a newer format, or
+            (when linked) does not match the tracked parameters in count or shape
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"expected a VarianceGradientScaler state dict, got {type(state)}")
+        version = state.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(
+                f"not a VarianceGradientScaler state dict: format_version is {version!r}"
+            )
+        if version > self.STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"VarianceGradientScaler state format_version {version} is newer than the "
+                f"supported {self.STATE_FORMAT_VERSION}; upgrade dppo-ckpt to load it"
+            )
+        if version < 1:
+            raise ValueError(f"unknown VarianceGradientScaler state format_version {version}")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"VarianceGradientScaler state dict is missing {missing}")
+        config = state["config"]
+        if not isinstance(config, Mapping) or set(config) != set(_CONFIG_KEYS):
+            raise ValueError(
+                f"VarianceGradientScaler state config must have exactly the keys "
+                f"{list(_CONFIG_KEYS)}, got {config!r}"
+            )
+        config = _validate_config(**{key: config[key] for key in _CONFIG_KEYS})
+        step_count = state["step_count"]
+        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
+            raise ValueError(f"step_count must be an int >= 0, got {step_count!r}")
+        scaling_factor = _real("scaling_factor", state["scaling_factor"])
+        noise_ratio = _real("noise_ratio", state["noise_ratio"])
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if (exp_avg is None) != (exp_avg_sq is None):
+            raise ValueError("exp_avg and exp_avg_sq must both be lists of tensors or both None")
+        if exp_avg is not None:
+            if not (isinstance(exp_avg, (list, tuple)) and isinstance(exp_avg_sq, (list, tuple))):
+                raise ValueError("exp_avg and exp_avg_sq must be lists of tensors")
+            if len(exp_avg) != len(exp_avg_sq):
+                raise ValueError(
+                    f"exp_avg has {len(exp_avg)} tensors but exp_avg_sq has {len(exp_avg_sq)}"
+                )
+            for index, (mean, sq) in enumerate(zip(exp_avg, exp_avg_sq, strict=True)):
+                if not (isinstance(mean, torch.Tensor) and isinstance(sq, torch.Tensor)):
+                    raise ValueError(f"statistics {index} are not tensors")
+                if mean.shape != sq.shape:
+                    raise ValueError(
+                        f"statistics {index}: exp_avg shape {tuple(mean.shape)} differs from "
+                        f"exp_avg_sq shape {tuple(sq.shape)}"
+                    )
+            if self._parameters is not None:
+                _check_compatible(self._parameters, list(exp_avg), "load_state_dict")
+
+        if exp_avg is None:
+            new_avg = new_avg_sq = None
+            if self._parameters is not None:
+                with torch.no_grad():
+                    new_avg = [torch.zeros_like(param) for param in self._parameters]
+                    new_avg_sq = [torch.zeros_like(param) for param in self._parameters]
+        elif self._parameters is not None:
+            new_avg = self._relocate([buf.detach() for buf in exp_avg], self._parameters, True)
+            new_avg_sq = self._relocate([b.detach() for b in exp_avg_sq], self._parameters, True)
+        else:
+            new_avg = [buf.detach().clone() for buf in exp_avg]
+            new_avg_sq = [buf.detach().clone() for buf in exp_avg_sq]
+
+        for key, value in config.items():
+            setattr(self, key, value)
+        self._step_count = step_count
+        self._scaling_factor = scaling_factor
+        self._noise_ratio = noise_ratio
+        self._exp_avg = new_avg
+        self._exp_avg_sq = new_avg_sq
+
+    def reset_statistics(self) -> None:
+        """Zero the moving averages and the step count, so warm-up starts again."""
+        if self._exp_avg is not None and self._exp_avg_sq is not None:
+            with torch.no_grad():
+                torch._foreach_zero_(self._exp_avg)
+                torch._foreach_zero_(self._exp_avg_sq)
+        self._step_count = 0
+        self._scaling_factor = 1.0
+        self._noise_ratio = 0.0
+
+    # ------------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The picklable state: everything but the parameters and the logger.
+
+        Pickled parameters come back as copies that no optimizer updates; the owner relinks
+        the live ones with :meth:`update_parameters` after loading.
+        """
+        state = self.__dict__.copy()
+        for key in _UNPICKLED_ATTRIBUTES:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore an unlinked scaler, discarding parameter copies held by older pickles."""
+        state = dict(state)
+        legacy_parameters = state.pop("_parameters", None)
+        state.pop("_logger", None)
+        state.pop("_legacy_parameters_dropped", None)
+        self.__dict__.update(_STATE_DEFAULTS)
+        self.__dict__.update(state)
+        self._parameters = None
+        self._logger = None
+        self._legacy_parameters_dropped = legacy_parameters is not None
+
+    def __repr__(self) -> str:
+        config = ", ".join(f"{key}={getattr(self, key)!r}" for key in _CONFIG_KEYS)
+        if self._parameters is None:
+            link = "unlinked"
+        else:
+            elements = sum(param.numel() for param in self._parameters)
+            link = f"{len(self._parameters)} tensors, {elements} elements"
+        return (
+            f"{type(self).__name__}({config}; step_count={self._step_count}, "
+            f"scaling_factor={self._scaling_factor:.6g}, noise_ratio={self._noise_ratio:.6g}, "
+            f"{link})"
+        )
