@@ -279,6 +279,11 @@ class VarianceGradientScaler:
         return self._legacy_parameters_dropped
 
     @property
+    def parameters(self) -> tuple[torch.Tensor, ...] | None:
+        """The tracked parameter objects (the live ones, by identity), or None when unlinked."""
+        return None if self._parameters is None else tuple(self._parameters)
+
+    @property
     def logger(self) -> Logger | None:
         """The SB3 logger receiving ``vgs/*`` metrics, or None. Never pickled."""
         return self._logger
