@@ -1,0 +1,16 @@
+"""Shared pytest configuration: hypothesis profiles.
+
+``ci`` (loaded when the ``CI`` environment variable is set) runs more examples and prints the
+seed blob of a failure so it can be replayed; ``dev`` keeps local runs quick.
+``HYPOTHESIS_PROFILE`` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True)
+settings.register_profile("dev", max_examples=40, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
