@@ -293,9 +293,7 @@ class DistributionalPPO(PPO):
                 if self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl:
                     continue_training = False
                     if self.verbose >= 1:
-                        print(
-                            f"Early stopping at step {epoch} due to reaching max kl: {approx_kl_div:.2f}"
-                        )
+                        print(f"Early stopping at step {epoch}: approx_kl {approx_kl_div:.2f}")
                     break
 
                 self.policy.optimizer.zero_grad()

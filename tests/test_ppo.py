@@ -77,7 +77,9 @@ def test_vgs_update_parameters_works_correctly(trained):
     assert [id(p) for p in clone._parameters] == [id(p) for p in model.policy.parameters()]
     after = clone.state_dict()
     for a, b in zip(
-        before["exp_avg"] + before["exp_avg_sq"], after["exp_avg"] + after["exp_avg_sq"]
+        before["exp_avg"] + before["exp_avg_sq"],
+        after["exp_avg"] + after["exp_avg_sq"],
+        strict=True,
     ):
         assert a.numpy().tobytes() == b.numpy().tobytes()
 
@@ -113,9 +115,12 @@ def test_vgs_functionality_after_load(trained):
     assert scaler.step_count == step_before + updates  # every minibatch went through the scaler
     assert scaler is loaded._variance_gradient_scaler
     assert any(
-        not th.equal(a, b) for a, b in zip(exp_avg_before, scaler.state_dict()["exp_avg"])
+        not th.equal(a, b)
+        for a, b in zip(exp_avg_before, scaler.state_dict()["exp_avg"], strict=True)
     ), "statistics must advance after load"
-    assert any(not th.equal(a, p) for a, p in zip(params_before, loaded.policy.parameters(), strict=True))
+    assert any(
+        not th.equal(a, p) for a, p in zip(params_before, loaded.policy.parameters(), strict=True)
+    )
     assert scaler.scaling_factor < 1.0  # past warm-up, scaling acts on the live gradients
 
 
@@ -193,9 +198,7 @@ def test_rebuilt_policy_relinks_scaler_and_keeps_statistics(trained):
     stats = scaler_state_bytes(loaded)
     # A policy rebuilt in place (new parameter objects, new optimizer over them).
     old_policy = loaded.policy
-    loaded.policy = type(old_policy)(
-        **old_policy._get_constructor_parameters(), lr_schedule=loaded.lr_schedule
-    )
+    loaded.policy = type(old_policy)(**old_policy._get_constructor_parameters())
     loaded.policy.load_state_dict(old_policy.state_dict())
     assert _ids(loaded._variance_gradient_scaler._parameters) != _ids(loaded.policy.parameters())
     loaded._check_parameter_links()
