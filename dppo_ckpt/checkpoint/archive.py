@@ -1,0 +1,736 @@
+"""Open a stable-baselines3 checkpoint zip as untrusted input, within explicit limits.
+
+An SB3 checkpoint is a zip holding
+
+- ``data``: JSON of the algorithm's attributes; attributes that are not JSON-serialisable are
+  stored as ``{":type:": ..., ":serialized:": base64(cloudpickle bytes)}``;
+- ``policy.pth``, ``policy.optimizer.pth``, ``pytorch_variables.pth``: ``torch.save`` archives,
+  themselves zips (``<prefix>/data.pkl``, ``<prefix>/data/0``, ``<prefix>/byteorder``, ...);
+- ``_stable_baselines3_version`` and ``system_info.txt``: text.
+
+This module reads all of that without importing torch and without executing any pickle. It
+refuses malformed or hostile zips (path traversal, duplicate names, zip bombs, corruption)
+with an :class:`ArchiveError` carrying a one-line reason. Sizes declared in the zip headers
+are checked up front *and* every read is streamed through a counting reader, so a header that
+lies cannot make a read exceed the limits.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import posixpath
+import re
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO
+
+__all__ = [
+    "DATA_MEMBER",
+    "SERIALIZED_KEY",
+    "ArchiveError",
+    "CheckpointArchive",
+    "CheckpointError",
+    "Limits",
+    "MemberInfo",
+    "ZipMembers",
+    "is_zip_bytes",
+    "open_checkpoint",
+    "open_torch_archive",
+    "read_checkpoint_bytes",
+    "torch_data_pkl_name",
+]
+
+_KiB = 1024
+_MiB = 1024 * _KiB
+_GiB = 1024 * _MiB
+
+#: Name of the JSON member holding the algorithm's attributes.
+DATA_MEMBER = "data"
+#: Key SB3 uses for base64-encoded cloudpickle payloads inside ``data``.
+SERIALIZED_KEY = ":serialized:"
+
+_ZIP_LOCAL_HEADER_MAGIC = b"PK\x03\x04"
+_ZIP_EMPTY_ARCHIVE_MAGIC = b"PK\x05\x06"
+_SUPPORTED_COMPRESSION = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflated",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
+_DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
+# Spool inner torch archives in memory up to this size, on disk beyond it.
+_SPOOL_MAX_MEMORY = 64 * _MiB
+_CHUNK = 1 * _MiB
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised for a checkpoint that cannot be used as given.
+
+    :param reason: one line saying what is wrong with the input (no traceback needed).
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = " ".join(str(reason).split())
+        super().__init__(self.reason)
+
+
+class ArchiveError(CheckpointError):
+    """The file is not a usable checkpoint zip: missing, unreadable, not a zip, truncated,
+    corrupt (CRC), over a limit, hostile member names, or bad ``data`` JSON / base64.
+
+    Commands map it to exit code 2 ("the input could not be used").
+
+    :param reason: one line saying what is wrong.
+    :param path: the file concerned, when known; prefixed to the message.
+    :param member: the zip member concerned, when there is one.
+    """
+
+    def __init__(self, reason: str, *, path: str | None = None, member: str | None = None) -> None:
+        self.path = path
+        self.member = member
+        super().__init__(reason)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}" if self.path else self.reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits applied to every zip read, the checkpoint and the ``.pth`` zips in it.
+
+    The defaults admit a policy of a few hundred MB (its Adam state is twice that) and refuse
+    zip bombs: SB3 stores members uncompressed, so a high compression ratio on a large member
+    means the file was built to inflate.
+
+    :param max_members: most members one zip may hold (SB3 writes 6; a torch archive holds
+        one member per tensor storage plus a handful of records).
+    :param max_member_bytes: largest uncompressed size of a single member.
+    :param max_total_bytes: largest sum of uncompressed member sizes of one zip.
+    :param max_compression_ratio: largest uncompressed/compressed ratio of a member, checked
+        for members larger than ``ratio_floor_bytes``.
+    :param ratio_floor_bytes: members up to this size are exempt from the ratio check (small
+        JSON or zero-filled records compress well and cannot bomb anything).
+    :param max_file_bytes: largest checkpoint file accepted (``safe_load`` reads it whole).
+    """
+
+    max_members: int = 4096
+    max_member_bytes: int = 1 * _GiB
+    max_total_bytes: int = 2 * _GiB
+    max_compression_ratio: float = 100.0
+    ratio_floor_bytes: int = 1 * _MiB
+    max_file_bytes: int = 2 * _GiB
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_members",
+            "max_member_bytes",
+            "max_total_bytes",
+            "max_compression_ratio",
+            "max_file_bytes",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)!r}")
+        if self.ratio_floor_bytes < 0:
+            raise ValueError("Limits.ratio_floor_bytes must be >= 0")
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """One zip member as declared by the central directory (sizes are not trusted for reads).
+
+    :param name: member name.
+    :param compressed_size: declared compressed size in bytes.
+    :param uncompressed_size: declared uncompressed size in bytes.
+    :param compress_type: zip compression method number (0 stored, 8 deflated, ...).
+    :param crc: declared CRC-32 of the uncompressed data.
+    """
+
+    name: str
+    compressed_size: int
+    uncompressed_size: int
+    compress_type: int
+    crc: int
+
+    @property
+    def compression(self) -> str:
+        """Human name of the compression method."""
+        return _SUPPORTED_COMPRESSION.get(self.compress_type, f"method {self.compress_type}")
+
+    @property
+    def ratio(self) -> float:
+        """Declared uncompressed/compressed size ratio."""
+        return self.uncompressed_size / max(self.compressed_size, 1)
+
+
+def _check_member_name(raw_name: str, name: str, label: str) -> None:
+    """Refuse names that could escape an extraction directory or mean different files to
+    different zip readers."""
+    if not name:
+        raise ArchiveError("member with an empty name", path=label)
+    if raw_name != name or any(ord(ch) < 0x20 for ch in raw_name):
+        raise ArchiveError(f"member name {raw_name!r} contains control characters", path=label)
+    if "\\" in name:
+        raise ArchiveError(f"member name {name!r} contains a backslash", path=label, member=name)
+    if name.startswith("/"):
+        raise ArchiveError(f"member name {name!r} is an absolute path", path=label, member=name)
+    if _DRIVE_LETTER.match(name):
+        raise ArchiveError(f"member name {name!r} has a drive letter", path=label, member=name)
+    if ".." in name.split("/"):
+        raise ArchiveError(
+            f"member name {name!r} contains a '..' component", path=label, member=name
+        )
+
+
+class _BoundedReader(io.RawIOBase):
+    """Read one member through a byte counter; never yields more than ``limit`` bytes.
+
+    Zip errors surfacing during the read (CRC mismatch, bad compressed data, short data) are
+    turned into :class:`ArchiveError` naming the member.
+    """
+
+    def __init__(self, raw: IO[bytes], *, limit: int, declared: int, member: str, label: str):
+        super().__init__()
+        self._raw = raw
+        self._limit = limit
+        self._declared = declared
+        self._member = member
+        self._label = label
+        self._count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        # Ask for one byte more than the limit allows so an oversized member is detected.
+        want = min(len(view), self._limit + 1 - self._count)
+        if want <= 0:
+            want = 1
+        try:
+            chunk = self._raw.read(want)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+            raise self._error(_describe_read_error(exc)) from None
+        except RuntimeError as exc:  # encrypted members, lzma/bz2 internals
+            raise self._error(f"cannot read member: {exc}") from None
+        n = len(chunk)
+        self._count += n
+        if self._count > self._limit:
+            raise self._error(
+                f"member inflates beyond {self._limit} bytes "
+                f"(declared {self._declared}); refusing to read further"
+            )
+        if n == 0 and self._count != self._declared:
+            raise self._error(
+                f"member is {self._count} bytes long but declares {self._declared} (truncated?)"
+            )
+        view[:n] = chunk
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+    def _error(self, reason: str) -> ArchiveError:
+        return ArchiveError(
+            f"member {self._member!r}: {reason}", path=self._label, member=self._member
+        )
+
+
+def _describe_read_error(exc: BaseException) -> str:
+    text = str(exc)
+    if "CRC" in text:
+        return "CRC mismatch: the file is corrupt"
+    if isinstance(exc, zlib.error):
+        return f"corrupt compressed data ({text})"
+    if isinstance(exc, EOFError):
+        return "unexpected end of data: the file is truncated"
+    return f"cannot read member: {text or type(exc).__name__}"
+
+
+class ZipMembers:
+    """A zip opened with :class:`Limits`: a validated member table and bounded reads.
+
+    Used for the checkpoint itself (:class:`CheckpointArchive`) and for the torch archives
+    nested inside it. Construction validates every member name, the member count and the
+    declared sizes; reads are bounded and surface CRC errors.
+
+    :param fileobj: a seekable binary file holding the zip.
+    :param limits: limits to enforce.
+    :param label: name used in error messages (the path, or ``outer.zip:policy.pth``).
+    :param owns_file: close ``fileobj`` on :meth:`close`.
+    """
+
+    def __init__(
+        self, fileobj: BinaryIO, limits: Limits, label: str, *, owns_file: bool = False
+    ) -> None:
+        self.limits = limits
+        self.label = label
+        self._fileobj = fileobj
+        self._owns_file = owns_file
+        self._zip: zipfile.ZipFile | None = None
+        try:
+            self._zip = _open_zip(fileobj, limits, label)
+            self._infos = self._validate(self._zip.infolist())
+        except BaseException:
+            self.close()
+            raise
+        self.members: tuple[MemberInfo, ...] = tuple(
+            MemberInfo(
+                name=info.filename,
+                compressed_size=info.compress_size,
+                uncompressed_size=info.file_size,
+                compress_type=info.compress_type,
+                crc=info.CRC,
+            )
+            for info in self._infos.values()
+        )
+
+    def _validate(self, infos: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
+        limits, label = self.limits, self.label
+        if len(infos) > limits.max_members:
+            raise ArchiveError(
+                f"{len(infos)} members, more than the limit of {limits.max_members}", path=label
+            )
+        table: dict[str, zipfile.ZipInfo] = {}
+        total = 0
+        for info in infos:
+            name = info.filename
+            _check_member_name(info.orig_filename, name, label)
+            if name in table:
+                raise ArchiveError(f"duplicate member name {name!r}", path=label, member=name)
+            if info.flag_bits & 0x1:
+                raise ArchiveError(f"member {name!r} is encrypted", path=label, member=name)
+            if info.compress_type not in _SUPPORTED_COMPRESSION:
+                raise ArchiveError(
+                    f"member {name!r} uses unsupported compression method {info.compress_type}",
+                    path=label,
+                    member=name,
+                )
+            if info.file_size > limits.max_member_bytes:
+                raise ArchiveError(
+                    f"member {name!r} declares {info.file_size} bytes, more than the limit of "
+                    f"{limits.max_member_bytes}",
+                    path=label,
+                    member=name,
+                )
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > limits.ratio_floor_bytes and ratio > limits.max_compression_ratio:
+                raise ArchiveError(
+                    f"member {name!r} has compression ratio {ratio:.0f}:1, more than the limit "
+                    f"of {limits.max_compression_ratio:.0f}:1 (zip bomb?)",
+                    path=label,
+                    member=name,
+                )
+            total += info.file_size
+            if total > limits.max_total_bytes:
+                raise ArchiveError(
+                    f"members declare more than {limits.max_total_bytes} bytes in total",
+                    path=label,
+                )
+            table[name] = info
+        return table
+
+    # -- member access -------------------------------------------------------------------
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def names(self) -> tuple[str, ...]:
+        """Member names in central-directory order."""
+        return tuple(self._infos)
+
+    def member(self, name: str) -> MemberInfo:
+        """The :class:`MemberInfo` of ``name`` (:class:`ArchiveError` if absent)."""
+        for info in self.members:
+            if info.name == name:
+                return info
+        raise ArchiveError(f"no member {name!r}", path=self.label, member=name)
+
+    def open_member(self, name: str) -> io.BufferedReader:
+        """Open ``name`` as a stream that never yields more than the limits allow.
+
+        Reading raises :class:`ArchiveError` on CRC mismatch, corrupt or truncated data.
+        """
+        info = self._infos.get(name)
+        if info is None:
+            raise ArchiveError(f"no member {name!r}", path=self.label, member=name)
+        if self._zip is None:
+            raise ArchiveError("archive is closed", path=self.label)
+        try:
+            raw = self._zip.open(info)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+            raise ArchiveError(
+                f"member {name!r}: {_describe_read_error(exc)}", path=self.label, member=name
+            ) from None
+        except (RuntimeError, NotImplementedError) as exc:
+            raise ArchiveError(
+                f"member {name!r}: cannot open ({exc})", path=self.label, member=name
+            ) from None
+        limit = min(info.file_size, self.limits.max_member_bytes)
+        reader = _BoundedReader(
+            raw, limit=limit, declared=info.file_size, member=name, label=self.label
+        )
+        return io.BufferedReader(reader, buffer_size=_CHUNK)
+
+    def read_member(self, name: str) -> bytes:
+        """Read the whole of ``name`` (bounded by the limits, CRC checked)."""
+        with self.open_member(name) as stream:
+            return stream.read()
+
+    def spool_member(self, name: str) -> IO[bytes]:
+        """Copy ``name`` into a seekable temporary file (memory up to 64 MiB, disk beyond)."""
+        spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX_MEMORY)  # noqa: SIM115
+        try:
+            with self.open_member(name) as stream:
+                while chunk := stream.read(_CHUNK):
+                    spool.write(chunk)
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
+
+    def read_raw(self) -> bytes:
+        """The whole zip file as bytes, read afresh and bounded by ``limits.max_file_bytes``."""
+        if self._fileobj is None:
+            raise ArchiveError("archive is closed", path=self.label)
+        self._fileobj.seek(0)
+        raw = self._fileobj.read(self.limits.max_file_bytes + 1)
+        if len(raw) > self.limits.max_file_bytes:
+            raise ArchiveError(
+                f"more than the limit of {self.limits.max_file_bytes} bytes", path=self.label
+            )
+        return raw
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the zip and, when owned, the underlying file."""
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+        if self._owns_file and self._fileobj is not None:
+            self._fileobj.close()
+        self._fileobj = None  # type: ignore[assignment]
+
+    def __enter__(self) -> ZipMembers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_declared_member_count(fileobj: BinaryIO, limits: Limits, label: str) -> None:
+    """Refuse an oversized central directory before ``zipfile`` parses all of it."""
+    end_record = getattr(zipfile, "_EndRecData", None)
+    index = getattr(zipfile, "_ECD_ENTRIES_TOTAL", None)
+    if end_record is None or index is None:
+        return  # the member count is still checked after parsing
+    try:
+        record = end_record(fileobj)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        record = None  # let ZipFile report the damage
+    finally:
+        fileobj.seek(0)
+    if record and record[index] > limits.max_members:
+        raise ArchiveError(
+            f"{record[index]} members, more than the limit of {limits.max_members}", path=label
+        )
+
+
+def _open_zip(fileobj: BinaryIO, limits: Limits, label: str) -> zipfile.ZipFile:
+    """``zipfile.ZipFile(fileobj)`` with its many failure modes turned into one-line reasons."""
+    try:
+        fileobj.seek(0)
+        head = fileobj.read(4)
+        fileobj.seek(0)
+    except OSError as exc:
+        raise ArchiveError(f"cannot read: {exc.strerror or exc}", path=label) from None
+    if not head:
+        raise ArchiveError("empty file, not a zip archive", path=label)
+    _check_declared_member_count(fileobj, limits, label)
+    try:
+        return zipfile.ZipFile(fileobj)
+    except zipfile.BadZipFile as exc:
+        if head == _ZIP_LOCAL_HEADER_MAGIC:
+            raise ArchiveError(f"truncated or damaged zip archive ({exc})", path=label) from None
+        raise ArchiveError("not a zip archive", path=label) from None
+    except (OSError, EOFError, ValueError, NotImplementedError, OverflowError) as exc:
+        raise ArchiveError(f"damaged zip archive ({exc})", path=label) from None
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            # json.loads would silently keep the last one; a reader that keeps the first
+            # would see a different checkpoint.
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+class CheckpointArchive(ZipMembers):
+    """A stable-baselines3 checkpoint zip, validated against :class:`Limits`.
+
+    Obtain one with :func:`open_checkpoint`; use it as a context manager so the file is closed.
+    Nothing here imports torch or unpickles anything.
+
+    Attributes: ``path`` (the file, or ``"<memory>"``), ``limits``, ``members``
+    (:class:`MemberInfo` in central-directory order).
+    """
+
+    def __init__(
+        self, fileobj: BinaryIO, limits: Limits, path: str, *, owns_file: bool = False
+    ) -> None:
+        super().__init__(fileobj, limits, path, owns_file=owns_file)
+        self.path = path
+        self._data: dict[str, Any] | None = None
+        if DATA_MEMBER not in self:
+            self.close()
+            raise ArchiveError("no 'data' member: not a stable-baselines3 checkpoint", path=path)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The ``data`` member parsed as a JSON object (parsed once, then cached).
+
+        :raises ArchiveError: invalid UTF-8, invalid JSON, duplicate keys, too deeply nested,
+            or a top level that is not an object.
+        """
+        if self._data is None:
+            raw = self.read_member(DATA_MEMBER)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ArchiveError(
+                    f"'data' is not valid UTF-8 (byte {exc.start})", path=self.path, member="data"
+                ) from None
+            try:
+                parsed = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+            except RecursionError:
+                raise ArchiveError(
+                    "'data' JSON is nested too deeply", path=self.path, member="data"
+                ) from None
+            except ValueError as exc:
+                raise ArchiveError(
+                    f"'data' is not valid JSON ({exc})", path=self.path, member="data"
+                ) from None
+            if not isinstance(parsed, dict):
+                raise ArchiveError(
+                    f"'data' must be a JSON object, found {type(parsed).__name__}",
+                    path=self.path,
+                    member="data",
+                )
+            self._data = parsed
+        return self._data
+
+    def serialized_entries(self) -> dict[str, bytes]:
+        """Base64-decoded ``:serialized:`` payloads of ``data``, by attribute name.
+
+        An entry is serialised exactly when SB3's loader would unpickle it: its value is a
+        JSON object with a ``:serialized:`` key.
+
+        :raises ArchiveError: the payload is not a string or not valid base64.
+        """
+        entries: dict[str, bytes] = {}
+        for key, value in self.data.items():
+            if not (isinstance(value, dict) and SERIALIZED_KEY in value):
+                continue
+            encoded = value[SERIALIZED_KEY]
+            if not isinstance(encoded, str):
+                raise ArchiveError(
+                    f"entry {key!r}: ':serialized:' holds {type(encoded).__name__}, not a string",
+                    path=self.path,
+                    member="data",
+                )
+            try:
+                entries[key] = base64.b64decode(encoded.encode("ascii"), validate=True)
+            except (binascii.Error, UnicodeEncodeError) as exc:
+                raise ArchiveError(
+                    f"entry {key!r}: ':serialized:' is not valid base64 ({exc})",
+                    path=self.path,
+                    member="data",
+                ) from None
+        return entries
+
+    def text_member(self, name: str) -> str:
+        """A text member (``_stable_baselines3_version``, ``system_info.txt``) as UTF-8.
+
+        :raises ArchiveError: missing member or invalid UTF-8.
+        """
+        raw = self.read_member(name)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ArchiveError(
+                f"member {name!r} is not valid UTF-8 (byte {exc.start})",
+                path=self.path,
+                member=name,
+            ) from None
+
+    @property
+    def sb3_version(self) -> str | None:
+        """The SB3 version that wrote the file, or ``None`` when the member is absent."""
+        if "_stable_baselines3_version" not in self:
+            return None
+        return self.text_member("_stable_baselines3_version").strip()
+
+    def pth_members(self) -> tuple[str, ...]:
+        """Members SB3's loader passes to ``torch.load``: those whose extension is ``.pth``."""
+        return tuple(n for n in self.names() if posixpath.splitext(n)[1] == ".pth")
+
+    def pth_is_zip(self, name: str) -> bool:
+        """Whether the ``.pth`` member is a zip-format torch archive (else a legacy stream)."""
+        with self.open_member(name) as stream:
+            return _is_zip_head(stream.read(4))
+
+    def open_pth(self, name: str) -> ZipMembers:
+        """Open the torch archive stored in member ``name`` with the same limits.
+
+        :raises ArchiveError: the member is not a zip, or the inner zip breaks a rule.
+        """
+        spool = self.spool_member(name)
+        return ZipMembers(spool, self.limits, f"{self.path}:{name}", owns_file=True)  # type: ignore[arg-type]
+
+    def pth_pickles(self, name: str) -> dict[str, bytes]:
+        """Every pickle (``*.pkl`` member) of the torch archive in ``name``, by inner name.
+
+        ``torch.load`` unpickles ``<prefix>/data.pkl``; the other ``.pkl`` names are returned
+        too so that nothing pickled inside goes unscanned.
+        """
+        with self.open_pth(name) as inner:
+            return _torch_pickles(inner)
+
+    def pth_data_pkl(self, name: str) -> bytes:
+        """The ``data.pkl`` bytes that ``torch.load`` would unpickle from member ``name``.
+
+        Like torch's reader, the record prefix is taken from the first member's directory.
+        """
+        with self.open_pth(name) as inner:
+            return inner.read_member(torch_data_pkl_name(inner))
+
+    def iter_pth(self) -> Iterator[tuple[str, ZipMembers | None]]:
+        """Yield ``(name, inner)`` for every ``.pth`` member; ``inner`` is ``None`` for a
+        legacy (non-zip) stream. Each inner archive is closed when the next is yielded."""
+        for name in self.pth_members():
+            if not self.pth_is_zip(name):
+                yield name, None
+                continue
+            with self.open_pth(name) as inner:
+                yield name, inner
+
+
+def _is_zip_head(head: bytes) -> bool:
+    return head[:4] in (_ZIP_LOCAL_HEADER_MAGIC, _ZIP_EMPTY_ARCHIVE_MAGIC)
+
+
+def torch_data_pkl_name(inner: ZipMembers) -> str:
+    """Name of the ``data.pkl`` record ``torch.load`` reads from a torch zip archive.
+
+    :raises ArchiveError: the archive has no member in a subdirectory, or no ``data.pkl``.
+    """
+    names = inner.names()
+    if not names or "/" not in names[0]:
+        raise ArchiveError(
+            "not a torch archive: first record is not in a directory", path=inner.label
+        )
+    candidate = names[0].split("/", 1)[0] + "/data.pkl"
+    if candidate not in inner:
+        raise ArchiveError(f"not a torch archive: no {candidate!r}", path=inner.label)
+    return candidate
+
+
+def _torch_pickles(inner: ZipMembers) -> dict[str, bytes]:
+    torch_data_pkl_name(inner)  # refuse archives torch itself would not read
+    return {n: inner.read_member(n) for n in inner.names() if n.endswith(".pkl")}
+
+
+def open_torch_archive(data: bytes, limits: Limits, label: str) -> ZipMembers:
+    """Open a torch zip archive held in memory (e.g. a tensor blob nested in a pickle)."""
+    return ZipMembers(io.BytesIO(data), limits, label, owns_file=True)
+
+
+def is_zip_bytes(data: bytes) -> bool:
+    """Whether ``data`` starts like a zip archive (the test ``torch.load`` itself applies)."""
+    return _is_zip_head(data[:4])
+
+
+def open_checkpoint(
+    source: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO,
+    limits: Limits | None = None,
+) -> CheckpointArchive:
+    """Open an SB3 checkpoint zip as untrusted input.
+
+    :param source: a path, the file's bytes, or a seekable binary file object (not closed by
+        the archive).
+    :param limits: resource limits (defaults to :class:`Limits`).
+    :return: the open archive; use it as a context manager.
+    :raises ArchiveError: missing or unreadable file, not a regular file, too large, not a
+        zip, truncated or damaged zip, a member name with ``..``, an absolute path, a
+        backslash or a drive letter, duplicate names, too many members, a member or total
+        size over the limits, a compression ratio over the limit, encrypted members, or no
+        ``data`` member.
+    """
+    limits = limits if limits is not None else Limits()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) > limits.max_file_bytes:
+            raise ArchiveError(
+                f"{len(source)} bytes, more than the limit of {limits.max_file_bytes}",
+                path="<memory>",
+            )
+        return CheckpointArchive(io.BytesIO(bytes(source)), limits, "<memory>", owns_file=True)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        fileobj = _open_regular_file(path, limits)
+        return CheckpointArchive(fileobj, limits, path, owns_file=True)
+    label = str(getattr(source, "name", "<stream>"))
+    return CheckpointArchive(source, limits, label, owns_file=False)
+
+
+def _open_regular_file(path: str, limits: Limits) -> BinaryIO:
+    try:
+        fileobj = open(path, "rb")  # noqa: SIM115 - owned and closed by the archive
+    except FileNotFoundError:
+        raise ArchiveError("no such file", path=path) from None
+    except IsADirectoryError:
+        raise ArchiveError("is a directory, not a checkpoint file", path=path) from None
+    except PermissionError:
+        raise ArchiveError("cannot read: permission denied", path=path) from None
+    except OSError as exc:
+        raise ArchiveError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    try:
+        info = os.fstat(fileobj.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ArchiveError("not a regular file", path=path)
+        if info.st_size > limits.max_file_bytes:
+            raise ArchiveError(
+                f"{info.st_size} bytes, more than the limit of {limits.max_file_bytes}", path=path
+            )
+    except BaseException:
+        fileobj.close()
+        raise
+    return fileobj
+
+
+def read_checkpoint_bytes(source: str | os.PathLike[str], limits: Limits | None = None) -> bytes:
+    """Read a checkpoint file whole, refusing files larger than ``limits.max_file_bytes``.
+
+    Loading from these bytes (rather than the path) guarantees that what was scanned is what
+    gets loaded, even if the file changes in between.
+    """
+    limits = limits if limits is not None else Limits()
+    path = os.fspath(source)
+    with _open_regular_file(path, limits) as fileobj:
+        data = fileobj.read(limits.max_file_bytes + 1)
+    if len(data) > limits.max_file_bytes:
+        raise ArchiveError(f"more than the limit of {limits.max_file_bytes} bytes", path=path)
+    return data

@@ -1,0 +1,433 @@
+"""The checkpoint zip as untrusted input: limits, hostile names, corruption, data and entries."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dppo_ckpt.checkpoint.archive import (
+    ArchiveError,
+    CheckpointArchive,
+    CheckpointError,
+    Limits,
+    _BoundedReader,
+    open_checkpoint,
+    read_checkpoint_bytes,
+)
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def zip_bytes(members: list[tuple[str, bytes]], compression: int = zipfile.ZIP_STORED) -> bytes:
+    """A zip holding ``members`` exactly as named (duplicates and odd names included)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, payload in members:
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = compression
+            archive.writestr(info, payload)
+    return buffer.getvalue()
+
+
+def entry(payload: bytes) -> dict[str, str]:
+    """A ``data`` value the way SB3 stores a non-JSON attribute."""
+    return {":type:": "<class 'object'>", ":serialized:": base64.b64encode(payload).decode()}
+
+
+def checkpoint_bytes(data: object = None, extra: list[tuple[str, bytes]] | None = None) -> bytes:
+    """A minimal checkpoint-shaped zip with the given ``data`` (a dict is JSON-encoded)."""
+    if data is None:
+        data = {"verbose": 0, "policy_class": entry(b"\x80\x05N.")}
+    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return zip_bytes([("data", raw), ("_stable_baselines3_version", b"2.9.2"), *(extra or [])])
+
+
+def write(tmp_path: Path, name: str, payload: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(payload)
+    return path
+
+
+def member_data_offset(raw: bytes, name: str) -> int:
+    """Offset of the first byte of a stored member's data in the zip file."""
+    with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+        info = archive.getinfo(name)
+    name_len, extra_len = struct.unpack(
+        "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
+    )
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def assert_refused(source: object, match: str, limits: Limits | None = None) -> ArchiveError:
+    """Opening ``source`` (and using it) raises ArchiveError whose one-line reason matches."""
+    with (
+        pytest.raises(ArchiveError, match=match) as caught,
+        open_checkpoint(source, limits) as archive,  # type: ignore[arg-type]
+    ):
+        archive.data  # noqa: B018 - parsing is part of using the file
+        archive.serialized_entries()
+    assert "\n" not in str(caught.value)
+    assert isinstance(caught.value, CheckpointError)
+    return caught.value
+
+
+# -- a real checkpoint ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ppo_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real SB3 PPO checkpoint (Pendulum-v1)."""
+    import torch
+    from stable_baselines3 import PPO
+
+    torch.set_num_threads(1)
+    model = PPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, n_epochs=1, seed=0)
+    model.learn(64)
+    path = tmp_path_factory.mktemp("archive") / "ppo.zip"
+    model.save(path)
+    return path
+
+
+def test_real_checkpoint_members_data_and_entries(ppo_zip: Path) -> None:
+    with open_checkpoint(ppo_zip) as archive, zipfile.ZipFile(ppo_zip) as reference:
+        assert isinstance(archive, CheckpointArchive)
+        assert [m.name for m in archive.members] == reference.namelist()
+        for info in archive.members:
+            payload = archive.read_member(info.name)
+            assert payload == reference.read(info.name)
+            assert info.uncompressed_size == len(payload)
+            assert info.crc == zlib.crc32(payload)
+            assert info.compression == "stored"
+        assert archive.data["n_steps"] == 64
+        entries = archive.serialized_entries()
+        assert {"policy_class", "observation_space", "action_space", "lr_schedule"} <= set(entries)
+        assert all(payload[:1] == b"\x80" for payload in entries.values())  # pickle PROTO
+        assert archive.sb3_version == archive.text_member("_stable_baselines3_version").strip()
+        assert "Python" in archive.text_member("system_info.txt")
+        assert set(archive.pth_members()) == {
+            "policy.pth",
+            "policy.optimizer.pth",
+            "pytorch_variables.pth",
+        }
+
+
+def test_real_checkpoint_inner_torch_archives(ppo_zip: Path) -> None:
+    with open_checkpoint(ppo_zip) as archive:
+        for name in archive.pth_members():
+            assert archive.pth_is_zip(name)
+            pickles = archive.pth_pickles(name)
+            data_pkl = archive.pth_data_pkl(name)
+            assert list(pickles) == ["archive/data.pkl"]
+            assert pickles["archive/data.pkl"] == data_pkl
+            assert data_pkl[:1] == b"\x80" and data_pkl.endswith(b".")
+            with archive.open_pth(name) as inner:
+                assert "archive/byteorder" in inner
+                assert inner.read_member("archive/byteorder") == b"little"
+
+
+def test_open_member_streams_in_pieces(ppo_zip: Path) -> None:
+    with open_checkpoint(ppo_zip) as archive:
+        expected = archive.read_member("policy.pth")
+        with archive.open_member("policy.pth") as stream:
+            pieces = []
+            while piece := stream.read(1000):
+                pieces.append(piece)
+        assert len(pieces) > 1
+        assert b"".join(pieces) == expected
+
+
+def test_archive_accepts_bytes_and_file_objects(ppo_zip: Path) -> None:
+    raw = read_checkpoint_bytes(ppo_zip)
+    with open_checkpoint(raw) as from_bytes:
+        assert from_bytes.path == "<memory>"
+        assert from_bytes.read_raw() == raw
+        data = from_bytes.data
+    with open(ppo_zip, "rb") as handle:
+        with open_checkpoint(handle) as from_file:
+            assert from_file.data == data
+        assert not handle.closed  # a caller's file object stays the caller's
+
+
+def test_closing_releases_the_file(ppo_zip: Path) -> None:
+    with open_checkpoint(ppo_zip) as archive:
+        pass
+    with pytest.raises(ArchiveError, match="closed"):
+        archive.read_member("data")
+
+
+def test_missing_member(ppo_zip: Path) -> None:
+    with open_checkpoint(ppo_zip) as archive, pytest.raises(ArchiveError, match="no member"):
+        archive.read_member("nope")
+
+
+# -- files that are not checkpoints -----------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    error = assert_refused(tmp_path / "absent.zip", "no such file")
+    assert error.path == str(tmp_path / "absent.zip")
+
+
+def test_directory(tmp_path: Path) -> None:
+    assert_refused(tmp_path, "directory")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    assert_refused(write(tmp_path, "empty.zip", b""), "empty file")
+
+
+def test_not_a_zip(tmp_path: Path) -> None:
+    assert_refused(write(tmp_path, "text.zip", b"hello, I am not a zip\n" * 50), "not a zip")
+
+
+def test_zip_without_data(tmp_path: Path) -> None:
+    raw = zip_bytes([("policy.pth", b"x"), ("_stable_baselines3_version", b"2.9.2")])
+    assert_refused(write(tmp_path, "nodata.zip", raw), "no 'data' member")
+
+
+def test_truncated(ppo_zip: Path, tmp_path: Path) -> None:
+    raw = ppo_zip.read_bytes()
+    for cut in (len(raw) // 2, len(raw) - 10, 100):
+        assert_refused(write(tmp_path, f"cut{cut}.zip", raw[:cut]), "truncated")
+
+
+def test_file_larger_than_the_limit(ppo_zip: Path) -> None:
+    assert_refused(ppo_zip, "more than the limit", Limits(max_file_bytes=1000))
+    with pytest.raises(ArchiveError, match="more than the limit"):
+        read_checkpoint_bytes(ppo_zip, Limits(max_file_bytes=1000))
+
+
+# -- corruption -------------------------------------------------------------------------------
+
+
+def test_bit_flip_in_data_is_a_crc_error(ppo_zip: Path, tmp_path: Path) -> None:
+    raw = bytearray(ppo_zip.read_bytes())
+    raw[member_data_offset(bytes(raw), "data") + 40] ^= 0x01
+    path = write(tmp_path, "flipped.zip", bytes(raw))
+    error = assert_refused(path, "CRC mismatch")
+    assert error.member == "data"
+
+
+def test_bit_flip_in_a_pth_is_a_crc_error(ppo_zip: Path, tmp_path: Path) -> None:
+    raw = bytearray(ppo_zip.read_bytes())
+    raw[member_data_offset(bytes(raw), "policy.pth") + 2000] ^= 0x10
+    with open_checkpoint(bytes(raw)) as archive:
+        archive.data  # noqa: B018 - the other members are intact
+        with pytest.raises(ArchiveError, match="'policy.pth': CRC mismatch"):
+            archive.pth_pickles("policy.pth")
+
+
+def test_lying_size_header_is_caught_while_reading(tmp_path: Path) -> None:
+    payload = json.dumps({"verbose": 0, "pad": "x" * 5000}).encode()
+    raw = bytearray(zip_bytes([("data", payload)], compression=zipfile.ZIP_DEFLATED))
+    # Declare 100 bytes instead of the real size, in the local and the central header.
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as archive:
+        info = archive.getinfo("data")
+    struct.pack_into("<I", raw, info.header_offset + 22, 100)
+    central = bytes(raw).rindex(b"PK\x01\x02")
+    struct.pack_into("<I", raw, central + 24, 100)
+    with open_checkpoint(bytes(raw)) as archive:
+        assert archive.member("data").uncompressed_size == 100
+        with pytest.raises(ArchiveError, match="member 'data'"):
+            archive.read_member("data")
+
+
+def test_counting_reader_stops_at_the_limit() -> None:
+    # A source that yields more than it declared (what a lying header would do to a reader
+    # that trusted it) is cut off at the limit.
+    source = io.BytesIO(b"z" * 10_000)
+    reader = io.BufferedReader(
+        _BoundedReader(source, limit=4096, declared=4096, member="data", label="x.zip")
+    )
+    with pytest.raises(ArchiveError, match="inflates beyond 4096 bytes"):
+        reader.read()
+    short = io.BufferedReader(
+        _BoundedReader(io.BytesIO(b"z" * 10), limit=100, declared=100, member="data", label="x")
+    )
+    with pytest.raises(ArchiveError, match="truncated"):
+        short.read()
+
+
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_corruption_gives_archive_errors_only(ppo_zip: Path, data: st.DataObject) -> None:
+    raw = bytearray(ppo_zip.read_bytes())
+    positions = data.draw(st.lists(st.integers(0, len(raw) - 1), min_size=1, max_size=8))
+    for position in positions:
+        raw[position] ^= data.draw(st.integers(1, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    try:
+        with open_checkpoint(bytes(raw)) as archive:
+            for info in archive.members:
+                archive.read_member(info.name)
+            archive.serialized_entries()
+            for name in archive.pth_members():
+                if archive.pth_is_zip(name):
+                    archive.pth_pickles(name)
+    except ArchiveError as error:
+        assert error.reason and "\n" not in error.reason
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+
+def test_zip_bomb_by_compression_ratio(tmp_path: Path) -> None:
+    bomb = zip_bytes(
+        [("data", b"{}"), ("policy.pth", b"\0" * (8 * 1024 * 1024))],
+        compression=zipfile.ZIP_DEFLATED,
+    )
+    assert len(bomb) < 100_000
+    error = assert_refused(write(tmp_path, "bomb.zip", bomb), r"compression ratio \d+:1")
+    assert error.member == "policy.pth"
+
+
+def test_small_members_are_exempt_from_the_ratio_check() -> None:
+    members = [("data", b"{}"), ("pad", b"\0" * 100_000)]
+    with open_checkpoint(zip_bytes(members, compression=zipfile.ZIP_DEFLATED)) as archive:
+        assert archive.member("pad").ratio > 100
+        assert archive.read_member("pad") == b"\0" * 100_000
+
+
+def test_member_and_total_size_limits() -> None:
+    raw = checkpoint_bytes(extra=[("big", b"x" * 5000), ("big2", b"y" * 5000)])
+    assert_refused(raw, "'big' declares 5000 bytes", Limits(max_member_bytes=4000))
+    assert_refused(raw, "in total", Limits(max_total_bytes=8000))
+    with open_checkpoint(raw, Limits(max_member_bytes=5000, max_total_bytes=11_000)) as archive:
+        assert archive.read_member("big2") == b"y" * 5000
+
+
+def test_too_many_members() -> None:
+    raw = checkpoint_bytes(extra=[(f"m{i}", b"") for i in range(10)])
+    assert_refused(raw, "12 members, more than the limit of 5", Limits(max_members=5))
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_members"):
+        Limits(max_members=0)
+
+
+def test_default_limits_admit_a_large_policy_and_refuse_a_bomb() -> None:
+    limits = Limits()
+    policy_bytes = 300 * 1024 * 1024
+    assert limits.max_member_bytes >= 2 * policy_bytes  # its Adam state is twice the policy
+    assert limits.max_total_bytes >= 3 * policy_bytes
+    assert limits.max_compression_ratio <= 200
+
+
+# -- hostile member names ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("../evil.pth", "'..' component"),
+        ("sub/../../evil", "'..' component"),
+        ("/etc/evil", "absolute path"),
+        ("sub\\evil.pth", "backslash"),
+        ("C:evil.pth", "drive letter"),
+        ("evil\x01.pth", "control characters"),
+    ],
+)
+def test_hostile_member_names(name: str, reason: str) -> None:
+    assert_refused(checkpoint_bytes(extra=[(name, b"x")]), reason)
+
+
+def test_duplicate_member_names() -> None:
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        raw = checkpoint_bytes(extra=[("data", b'{"evil": 1}')])
+    assert_refused(raw, "duplicate member name 'data'")
+
+
+def test_encrypted_member() -> None:
+    raw = bytearray(zip_bytes([("data", b"{}"), ("policy.pth", b"x")]))
+    # Set the "encrypted" flag bit in every local and central header.
+    for magic, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = 0
+        while (start := bytes(raw).find(magic, start)) >= 0:
+            raw[start + flag_offset] |= 0x1
+            start += 4
+    assert_refused(bytes(raw), "member 'data' is encrypted")
+
+
+def test_hostile_names_inside_a_pth() -> None:
+    inner = zip_bytes([("archive/data.pkl", b"\x80\x02N."), ("../escape", b"x")])
+    with (
+        open_checkpoint(checkpoint_bytes(extra=[("policy.pth", inner)])) as archive,
+        pytest.raises(ArchiveError, match="'..' component") as caught,
+    ):
+        archive.pth_pickles("policy.pth")
+    assert "policy.pth" in str(caught.value)
+
+
+def test_pth_that_is_not_a_zip() -> None:
+    with open_checkpoint(checkpoint_bytes(extra=[("policy.pth", b"\x80\x02N." * 10)])) as archive:
+        assert archive.pth_members() == ("policy.pth",)
+        assert not archive.pth_is_zip("policy.pth")
+        with pytest.raises(ArchiveError, match="not a zip"):
+            archive.pth_pickles("policy.pth")
+
+
+def test_pth_members_follow_sb3s_rule() -> None:
+    extra = [(n, b"x") for n in ("a.pth", "dir/b.pth", ".pth", "c.PTH", "d.pth.bak")]
+    with open_checkpoint(checkpoint_bytes(extra=extra)) as archive:
+        assert archive.pth_members() == ("a.pth", "dir/b.pth")
+
+
+# -- the data member --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"a": 1,}', "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object, found list"),
+        (b'"text"', "must be a JSON object, found str"),
+        (b'{"a": "\xff\xfe"}', "not valid UTF-8"),
+        (b'{"a": 1, "a": 2}', "duplicate key 'a'"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ],
+)
+def test_bad_data_json(payload: bytes, reason: str) -> None:
+    error = assert_refused(checkpoint_bytes(payload), reason)
+    assert error.member == "data"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ({":serialized:": "not base64!"}, "entry 'x': ':serialized:' is not valid base64"),
+        ({":serialized:": "QUJDR"}, "not valid base64"),  # bad length
+        ({":serialized:": "gAVOLg\u00e9=="}, "not valid base64"),  # non-ASCII
+        ({":serialized:": 42}, "holds int, not a string"),
+    ],
+)
+def test_bad_serialized_entries(value: dict[str, object], reason: str) -> None:
+    assert_refused(checkpoint_bytes({"x": value}), reason)
+
+
+def test_serialized_entries_match_sb3s_rule() -> None:
+    data = {
+        "plain": {"a": 1},  # a dict without ':serialized:' is plain JSON
+        "pickled": entry(b"\x80\x05K\x01."),
+        "number": 3,
+    }
+    with open_checkpoint(checkpoint_bytes(data)) as archive:
+        assert archive.serialized_entries() == {"pickled": b"\x80\x05K\x01."}
+        assert archive.data["plain"] == {"a": 1}
+
+
+def test_text_member_must_be_utf8() -> None:
+    raw = checkpoint_bytes(extra=[("system_info.txt", b"\xff\xfe")])
+    with open_checkpoint(raw) as archive, pytest.raises(ArchiveError, match="UTF-8"):
+        archive.text_member("system_info.txt")
