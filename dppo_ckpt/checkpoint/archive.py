@@ -45,6 +45,7 @@ __all__ = [
     "open_checkpoint",
     "open_torch_archive",
     "read_checkpoint_bytes",
+    "torch_archive_pickles",
     "torch_data_pkl_name",
 ]
 
@@ -608,7 +609,7 @@ class CheckpointArchive(ZipMembers):
         too so that nothing pickled inside goes unscanned.
         """
         with self.open_pth(name) as inner:
-            return _torch_pickles(inner)
+            return torch_archive_pickles(inner)
 
     def pth_data_pkl(self, name: str) -> bytes:
         """The ``data.pkl`` bytes that ``torch.load`` would unpickle from member ``name``.
@@ -649,7 +650,11 @@ def torch_data_pkl_name(inner: ZipMembers) -> str:
     return candidate
 
 
-def _torch_pickles(inner: ZipMembers) -> dict[str, bytes]:
+def torch_archive_pickles(inner: ZipMembers) -> dict[str, bytes]:
+    """Every pickle (``*.pkl`` member) of a torch zip archive, by inner name.
+
+    :raises ArchiveError: the archive is not laid out as ``torch.load`` expects.
+    """
     torch_data_pkl_name(inner)  # refuse archives torch itself would not read
     return {n: inner.read_member(n) for n in inner.names() if n.endswith(".pkl")}
 
