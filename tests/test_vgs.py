@@ -1,0 +1,846 @@
+"""Tests for dppo_ckpt.vgs: the scaler against a plain-Python float64 reference, its state,
+its pickling rules and its parameter links.
+
+Tolerances. The reference runs in float64; the scaler keeps its statistics in the parameters'
+dtype. With float64 parameters both evaluate the same formulas in the same precision and agree
+to ~1e-12 or better, so we demand ``rel 1e-9``. With float32 parameters (the usual case) every
+update rounds each average at unit roundoff u = 6e-8 and the moving average shrinks old errors,
+so over the <= 12 steps of a stream the averages stay within a few u of the float64 ones: we
+allow ``rel 1e-6``, plus an absolute floor of ``1e-6 * max|g|`` (``max g^2`` for the squares)
+because ``m`` may cancel to almost zero, where only its absolute error (a few u * max|g|) is
+meaningful, plus 1e-37 for values below float32's normal range. Over 3000 random streams the
+largest float32 error seen was about a tenth of this bound. The aggregated ratio computed from
+float32 averages can differ from the float64 one by more than that when a tensor's mean is tiny
+next to its spread (``sum(mh^2)`` then inherits the absolute error of ``m``), so for float32 the
+scale and ``R`` are checked against the reference applied to the scaler's own averages (whose
+accuracy the buffer check establishes): ``rel 1e-6`` (``R`` also ``abs 1e-6``, as it can be ~0).
+With ``alpha <= 1`` the scale then errs by at most ~k*u*(1+R)*alpha/(1+alpha*R) <= k*u for the k
+~ 5 roundings of the aggregation; the largest error seen was 1.2e-7.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import event, given
+from hypothesis import strategies as st
+from stable_baselines3.common.logger import KVWriter, Logger
+
+from dppo_ckpt.vgs import VarianceGradientScaler
+
+# --------------------------------------------------------------------------------------------
+# A naive reference: plain Python floats (float64), one element at a time
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_quantile(values: list[float], q: float) -> float:
+    """The q-quantile with linear interpolation between order statistics (NumPy's default)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+@dataclass
+class _Outcome:
+    """What one reference step did, and which regime it was in."""
+
+    scale: float
+    noise_ratio: float
+    warmup: bool
+    capped: bool  # the raw quantile exceeded variance_cap
+    floored: bool  # 1/(1 + alpha*R) fell below min_scale
+    skipped: int  # tensors whose gradient was None
+
+
+@dataclass
+class _Reference:
+    """The VGS of DESIGN.md written out literally, element by element."""
+
+    sizes: list[int]
+    beta: float = 0.99
+    alpha: float = 0.1
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    quantile: float = 0.9
+    variance_cap: float = 50.0
+    min_scale: float = 0.1
+    t: int = 0
+    m: list[list[float]] = field(default_factory=list)
+    v: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.m = [[0.0] * n for n in self.sizes]
+        self.v = [[0.0] * n for n in self.sizes]
+
+    def ratio(
+        self, index: int, m: list[float] | None = None, v: list[float] | None = None
+    ) -> float:
+        """r_p of tensor ``index`` at the current step (optionally from other averages)."""
+        m = self.m[index] if m is None else m
+        v = self.v[index] if v is None else v
+        correction = 1.0 - self.beta**self.t
+        variance = signal = 0.0
+        for m_k, v_k in zip(m, v, strict=True):
+            mh, vh = m_k / correction, v_k / correction
+            variance += max(vh - mh * mh, 0.0)
+            signal += mh * mh
+        return variance / (signal + self.eps)
+
+    def finish(self, ratios: list[float], skipped: int) -> _Outcome:
+        """Aggregate per-tensor ratios into R and the scale, as at step ``self.t``."""
+        raw = _linear_quantile(ratios, self.quantile)
+        noise_ratio = min(raw, self.variance_cap)
+        unclamped = 1.0 / (1.0 + self.alpha * noise_ratio)
+        warmup = self.t <= self.warmup_steps
+        scale = 1.0 if warmup else min(max(unclamped, self.min_scale), 1.0)
+        return _Outcome(
+            scale=scale,
+            noise_ratio=noise_ratio,
+            warmup=warmup,
+            capped=raw > self.variance_cap,
+            floored=unclamped < self.min_scale,
+            skipped=skipped,
+        )
+
+    def step(self, grads: list[list[float] | None]) -> _Outcome | None:
+        """One step on flattened gradients (None: no gradient); None if nothing happened."""
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return None
+        self.t += 1
+        b = self.beta
+        for i in present:
+            g, m, v = grads[i], self.m[i], self.v[i]
+            assert g is not None
+            for k, g_k in enumerate(g):
+                m[k] = b * m[k] + (1.0 - b) * g_k
+                v[k] = b * v[k] + (1.0 - b) * g_k * g_k
+        return self.finish([self.ratio(i) for i in present], len(grads) - len(present))
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+# Below float32's smallest normal number (1.2e-38) there is no relative precision left: the
+# tiniest gradients hypothesis draws square to zero in float32 but not in float64.
+_F32_TINY = 1e-37
+
+
+def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32) -> list[Any]:
+    return [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in shapes]
+
+
+def _flat(tensor: torch.Tensor) -> list[float]:
+    return tensor.detach().double().flatten().tolist()
+
+
+def _assert_close(actual: Any, expected: Any, rel: float, abs_: float, what: str) -> None:
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    bound = rel * np.abs(expected) + abs_
+    error = np.abs(actual - expected)
+    assert np.all(error <= bound), f"{what}: max error {error.max()} exceeds bound"
+
+
+def _set_grads(params: list[Any], grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Give each parameter a fresh gradient; return the originals (copies) for comparison."""
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = None if grad is None else grad.clone()
+    return [None if grad is None else grad.clone() for grad in grads]
+
+
+def _step_and_check_in_place(
+    scaler: VarianceGradientScaler, params: list[Any], grads: list[torch.Tensor | None]
+) -> float:
+    """Run one step and check every live gradient was multiplied in place by the scale."""
+    originals = _set_grads(params, grads)
+    live = [param.grad for param in params]
+    scale = scaler.scale_gradients()
+    for param, before, tensor in zip(params, originals, live, strict=True):
+        if before is None:
+            assert param.grad is None
+            continue
+        assert param.grad is tensor, "the gradient tensor was replaced instead of scaled"
+        assert torch.equal(param.grad, before * scale)
+    return scale
+
+
+@dataclass
+class _Stream:
+    shapes: list[tuple[int, ...]]
+    config: dict[str, Any]
+    steps: list[list[torch.Tensor | None]]
+
+
+def _run_against_reference(stream: _Stream, dtype: torch.dtype) -> list[_Outcome]:
+    """Drive scaler and reference with the same gradients, checking every step."""
+    params = _params(stream.shapes, dtype)
+    scaler = VarianceGradientScaler(params, **stream.config)
+    reference = _Reference([math.prod(s) for s in stream.shapes], **stream.config)
+    exact = dtype == torch.float64
+    outcomes: list[_Outcome] = []
+    max_abs_grad = [0.0] * len(params)
+    for grads in stream.steps:
+        grads = [None if g is None else g.to(dtype) for g in grads]
+        for i, g in enumerate(grads):
+            if g is not None and g.numel():
+                max_abs_grad[i] = max(max_abs_grad[i], float(g.abs().max()))
+        before = scaler.state_dict()
+        scale = _step_and_check_in_place(scaler, params, grads)
+        outcome = reference.step([None if g is None else _flat(g) for g in grads])
+        if outcome is None:
+            # No gradient at all: nothing may change.
+            assert scale == 1.0
+            _assert_same_state(scaler.state_dict(), before)
+            continue
+        outcomes.append(outcome)
+        assert scaler.step_count == reference.t
+        assert scaler.scaling_factor == scale
+
+        assert scaler._exp_avg is not None and scaler._exp_avg_sq is not None
+        for i in range(len(params)):
+            m, v = _flat(scaler._exp_avg[i]), _flat(scaler._exp_avg_sq[i])
+            if exact:
+                _assert_close(m, reference.m[i], 1e-9, 1e-300, f"exp_avg[{i}]")
+                _assert_close(v, reference.v[i], 1e-9, 1e-300, f"exp_avg_sq[{i}]")
+            else:
+                floor = 1e-6 * max_abs_grad[i]
+                _assert_close(m, reference.m[i], 1e-6, floor + _F32_TINY, f"exp_avg[{i}]")
+                v_floor = floor * max_abs_grad[i] + _F32_TINY
+                _assert_close(v, reference.v[i], 1e-6, v_floor, f"exp_avg_sq[{i}]")
+
+        if exact:
+            expected = outcome
+        else:
+            # The reference's aggregation applied to the scaler's own float32 averages.
+            present = [i for i, g in enumerate(grads) if g is not None]
+            ratios = [
+                reference.ratio(i, _flat(scaler._exp_avg[i]), _flat(scaler._exp_avg_sq[i]))
+                for i in present
+            ]
+            expected = reference.finish(ratios, outcome.skipped)
+        tolerance = 1e-9 if exact else 1e-6
+        _assert_close(scale, expected.scale, tolerance, 0.0, "scale")
+        # R can be ~0 (pure signal); there its absolute error ~u is what matters.
+        _assert_close(scaler.noise_ratio, expected.noise_ratio, tolerance, tolerance, "R")
+    return outcomes
+
+
+def _assert_same_state(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Bit-for-bit equality of two state dicts (values, dtypes and raw bytes of tensors)."""
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        if key in ("exp_avg", "exp_avg_sq") and expected[key] is not None:
+            assert len(actual[key]) == len(expected[key])
+            for a, e in zip(actual[key], expected[key], strict=True):
+                assert a.dtype == e.dtype and a.shape == e.shape
+                assert torch.equal(a, e)
+                assert a.numpy().tobytes() == e.numpy().tobytes()
+        else:
+            assert actual[key] == expected[key], key
+
+
+# --------------------------------------------------------------------------------------------
+# Matching the reference
+# --------------------------------------------------------------------------------------------
+
+_SHAPES = st.lists(st.lists(st.integers(1, 4), max_size=3).map(tuple), min_size=1, max_size=4)
+
+
+@st.composite
+def _streams(draw: st.DrawFn) -> _Stream:
+    """Several tensors, up to 12 steps, some gradients None, configs that reach every regime."""
+    shapes = draw(_SHAPES)
+    config = {
+        "beta": draw(st.sampled_from([0.0, 0.5, 0.9, 0.99]) | st.floats(0.0, 0.999)),
+        "alpha": draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 1.0)),
+        "eps": draw(st.sampled_from([1e-8, 1e-3, 1.0])),
+        "warmup_steps": draw(st.integers(0, 4)),
+        "quantile": draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0)),
+        "variance_cap": draw(st.sampled_from([0.1, 1.0, 50.0]) | st.floats(0.05, 100.0)),
+        "min_scale": draw(st.sampled_from([0.1, 0.5, 0.9, 1.0]) | st.floats(0.05, 1.0)),
+    }
+    n_steps = draw(st.integers(1, 12))
+    p_missing = draw(st.sampled_from([0.0, 0.0, 0.2, 0.6]))
+    # Per tensor: a mean and a spread, so that ratios range from ~0 (pure signal) to large
+    # (pure noise), and a magnitude, so that tensors differ in scale by orders of magnitude.
+    profile = [
+        (
+            draw(st.floats(-2.0, 2.0)),
+            draw(st.sampled_from([0.0, 0.1, 1.0, 3.0])),
+            10.0 ** draw(st.integers(-3, 3)),
+        )
+        for _ in shapes
+    ]
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    steps = []
+    for _ in range(n_steps):
+        grads: list[torch.Tensor | None] = []
+        for shape, (mean, spread, magnitude) in zip(shapes, profile, strict=True):
+            if rng.random() < p_missing:
+                grads.append(None)
+                continue
+            values = magnitude * (mean + spread * rng.standard_normal(shape))
+            grads.append(torch.from_numpy(np.asarray(values, dtype=np.float32)))
+        steps.append(grads)
+    return _Stream(shapes, config, steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@given(stream=_streams())
+def test_matches_reference_on_random_streams(stream: _Stream, dtype: torch.dtype) -> None:
+    for outcome in _run_against_reference(stream, dtype):
+        # Reported by --hypothesis-show-statistics; the regime tests below guarantee coverage.
+        flags = [("warmup", outcome.warmup), ("capped", outcome.capped)]
+        flags.append(("floored", outcome.floored and not outcome.warmup))
+        event("+".join(name for name, hit in flags if hit) or "free")
+        if outcome.skipped:
+            event("some gradients None")
+
+
+def _regime_stream(name: str) -> _Stream:
+    """A hand-made stream for one regime; the test asserts the regime is really reached."""
+    rng = np.random.default_rng(7)
+    shapes = [(3, 4), (5,), (), (2, 2, 2)]
+
+    def grads(mean: float, spread: float) -> list[torch.Tensor | None]:
+        return [
+            torch.from_numpy(np.asarray(mean + spread * rng.standard_normal(s), dtype=np.float32))
+            for s in shapes
+        ]
+
+    base = dict(beta=0.9, alpha=0.5, eps=1e-8, warmup_steps=2, quantile=0.75)
+    if name == "free":  # mostly signal: 0 < R < cap, min_scale < scale < 1
+        return _Stream(
+            shapes,
+            dict(base, variance_cap=50.0, min_scale=0.1),
+            [grads(1.0, 0.5) for _ in range(8)],
+        )
+    if name == "capped":  # pure noise: the raw quantile exceeds the cap
+        return _Stream(
+            shapes, dict(base, variance_cap=1.0, min_scale=0.1), [grads(0.0, 1.0) for _ in range(8)]
+        )
+    if name == "floored":  # pure noise, strong damping: 1/(1 + alpha*R) < min_scale
+        return _Stream(
+            shapes,
+            dict(base, alpha=1.0, variance_cap=50.0, min_scale=0.6),
+            [grads(0.0, 1.0) for _ in range(8)],
+        )
+    if name == "missing":  # some gradients None at some steps, one step with none at all
+        steps = [grads(0.5, 1.0) for _ in range(8)]
+        steps[3][1] = steps[3][2] = None
+        steps[5] = [None] * len(shapes)
+        steps[6][0] = None
+        return _Stream(shapes, dict(base, variance_cap=50.0, min_scale=0.1), steps)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("regime", ["free", "capped", "floored", "missing"])
+def test_each_regime_is_reached_and_matches_reference(regime: str, dtype: torch.dtype) -> None:
+    stream = _regime_stream(regime)
+    outcomes = _run_against_reference(stream, dtype)
+    assert [o.warmup for o in outcomes[:3]] == [True, True, False]  # warmup_steps=2
+    after = outcomes[2:]
+    if regime == "free":
+        assert all(not o.capped and not o.floored for o in after)
+        assert all(o.noise_ratio > 0 and stream.config["min_scale"] < o.scale < 1 for o in after)
+    elif regime == "capped":
+        assert all(o.capped and o.noise_ratio == stream.config["variance_cap"] for o in after)
+        assert all(not o.floored and o.scale < 1 for o in after)
+    elif regime == "floored":
+        assert all(o.floored and o.scale == stream.config["min_scale"] for o in after)
+    else:
+        assert len(outcomes) == len(stream.steps) - 1  # the all-None step did not count
+        assert any(o.skipped for o in outcomes)
+
+
+def test_quantile_interpolates_linearly_between_tensors() -> None:
+    # Four single-element tensors with ratios known in closed form. With beta = 0.5 and
+    # gradients a then b: m = .25a + .5b, v = .25a^2 + .5b^2, 1 - beta^2 = .75, so
+    # mh = (a + 2b)/3, vh = (a^2 + 2b^2)/3 and var = vh - mh^2 = 2(a - b)^2/9.
+    params = _params([(), (), (), ()])
+    scaler = VarianceGradientScaler(params, beta=0.5, eps=1e-300, warmup_steps=0, quantile=0.3)
+    first = [torch.tensor(x) for x in (1.0, 1.0, 1.0, 1.0)]
+    second = [torch.tensor(x) for x in (1.0, 4.0, -2.0, 0.25)]
+    ratios = []
+    for a, b in zip(first, second, strict=True):
+        a, b = float(a), float(b)
+        ratios.append((2 * (a - b) ** 2 / 9) / ((a + 2 * b) / 3) ** 2)
+    _step_and_check_in_place(scaler, params, first)
+    _step_and_check_in_place(scaler, params, second)
+    expected = float(torch.quantile(torch.tensor(ratios, dtype=torch.float64), 0.3))
+    assert expected == pytest.approx(_linear_quantile(ratios, 0.3), rel=1e-12)
+    assert scaler.noise_ratio == pytest.approx(expected, rel=1e-5)
+    assert scaler.scaling_factor == pytest.approx(1 / (1 + 0.1 * expected), rel=1e-6)
+
+
+def test_variance_is_clamped_element_wise_before_summing() -> None:
+    # Averages from real gradients always have vh >= mh^2 (Jensen), so only restored
+    # statistics where one element has v < m^2 show that the clamp acts per element: summed
+    # unclamped, element 0's negative variance would outweigh element 1's positive one.
+    f64 = torch.float64
+    params = _params([(2,)], f64)
+    config = dict(beta=0.5, alpha=1.0, eps=1e-12, warmup_steps=0)
+    scaler = VarianceGradientScaler(params, **config)
+    state = scaler.state_dict()
+    state.update(step_count=3, exp_avg=[torch.tensor([2.0, 0.1], dtype=f64)])
+    state["exp_avg_sq"] = [torch.tensor([0.0, 1.0], dtype=f64)]
+    scaler.load_state_dict(state)
+    reference = _Reference([2], **config)
+    reference.t, reference.m, reference.v = 3, [[2.0, 0.1]], [[0.0, 1.0]]
+
+    scale = _step_and_check_in_place(scaler, params, [torch.zeros(2, dtype=f64)])
+    outcome = reference.step([[0.0, 0.0]])
+    assert outcome is not None
+    assert 0.6 < outcome.scale < 0.8  # unclamped, the ratio would be negative and scale 1
+    assert scale == pytest.approx(outcome.scale, rel=1e-12)
+    assert scaler.noise_ratio == pytest.approx(outcome.noise_ratio, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# The step: in place, frozen parameters, missing gradients, disabled, unlinked
+# --------------------------------------------------------------------------------------------
+
+
+def _noisy_grads(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor | None]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for shape in shapes]
+
+
+def test_live_gradients_are_scaled_in_place() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    scaler = VarianceGradientScaler(net.parameters(), warmup_steps=1, alpha=1.0)
+    scales = []
+    for seed in range(4):
+        net.zero_grad(set_to_none=False)
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
+        net(x).pow(2).sum().backward()
+        ids = [id(p.grad) for p in net.parameters()]
+        before = [p.grad.clone() for p in net.parameters()]
+        scales.append(scaler.scale_gradients())
+        assert [id(p.grad) for p in net.parameters()] == ids
+        for p, b in zip(net.parameters(), before, strict=True):
+            assert torch.equal(p.grad, b * scales[-1])
+    assert scales[0] == 1.0 and all(s < 1.0 for s in scales[1:])
+
+
+def test_frozen_parameters_are_not_tracked_and_not_scaled() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    scaler = VarianceGradientScaler(net.parameters(), warmup_steps=0, alpha=1.0)
+    assert scaler.parameters is not None
+    assert [id(p) for p in scaler.parameters] == [id(p) for p in net[1].parameters()]
+    assert scaler._exp_avg is not None and len(scaler._exp_avg) == 2
+    frozen_grad = torch.ones(4, 3)
+    net[0].weight.grad = frozen_grad
+    for seed in range(3):
+        for p, g in zip(net[1].parameters(), _noisy_grads([(2, 4), (2,)], seed), strict=True):
+            p.grad = g
+        scale = scaler.scale_gradients()
+    assert scale < 1.0
+    assert net[0].weight.grad is frozen_grad and torch.equal(frozen_grad, torch.ones(4, 3))
+
+
+def test_step_with_no_gradient_at_all_changes_nothing() -> None:
+    params = _params([(2, 3), (3,)])
+    scaler = VarianceGradientScaler(params, warmup_steps=0, alpha=1.0)
+    _step_and_check_in_place(scaler, params, _noisy_grads([(2, 3), (3,)], 0))
+    _step_and_check_in_place(scaler, params, _noisy_grads([(2, 3), (3,)], 1))
+    before = scaler.state_dict()
+    assert before["scaling_factor"] < 1.0
+    for p in params:
+        p.grad = None
+    assert scaler.scale_gradients() == 1.0
+    _assert_same_state(scaler.state_dict(), before)
+
+
+def test_disabled_scaler_is_inert() -> None:
+    params = _params([(2, 3), (3,)])
+    scaler = VarianceGradientScaler(params, warmup_steps=0, alpha=1.0, enabled=False)
+    logger, memory = _memory_logger()
+    scaler.logger = logger
+    before = scaler.state_dict()
+    for seed in range(3):
+        grads = _noisy_grads([(2, 3), (3,)], seed)
+        _set_grads(params, grads)
+        assert scaler.scale_gradients() == 1.0
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
+        logger.dump(seed)
+    _assert_same_state(scaler.state_dict(), before)
+    assert memory.rows == [{}, {}, {}]
+
+
+def test_unlinked_scaler_refuses_to_step() -> None:
+    scaler = VarianceGradientScaler(None)
+    assert scaler.parameters is None and scaler._exp_avg is None
+    with pytest.raises(RuntimeError, match="update_parameters"):
+        scaler.scale_gradients()
+    unpickled = pickle.loads(pickle.dumps(VarianceGradientScaler(_params([(2,)]))))
+    with pytest.raises(RuntimeError, match="not linked"):
+        unpickled.scale_gradients()
+    # A disabled scaler needs no parameters.
+    assert VarianceGradientScaler(None, enabled=False).scale_gradients() == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Pickling
+# --------------------------------------------------------------------------------------------
+
+
+class _CapturedState:
+    """Stands in for the scaler class when unpickling, to see the raw pickled state."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+class _CapturingUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("dppo_ckpt.vgs", "VarianceGradientScaler"):
+            return _CapturedState
+        return super().find_class(module, name)
+
+
+def _trained_scaler(steps: int = 5) -> tuple[VarianceGradientScaler, list[Any]]:
+    shapes = [(4, 3), (4,), ()]
+    params = _params(shapes)
+    scaler = VarianceGradientScaler(params, warmup_steps=2, alpha=0.5, logger=_memory_logger()[0])
+    for seed in range(steps):
+        _step_and_check_in_place(scaler, params, _noisy_grads(shapes, seed))
+    return scaler, params
+
+
+def test_pickle_holds_neither_parameters_nor_logger() -> None:
+    scaler, params = _trained_scaler()
+    assert scaler.logger is not None
+    data = pickle.dumps(scaler)
+    assert b"_parameters" not in data and b"_logger" not in data
+
+    raw = _CapturingUnpickler(io.BytesIO(data)).load().state
+    assert "_parameters" not in raw and "_logger" not in raw
+    assert "_legacy_parameters_dropped" not in raw
+    assert raw["_step_count"] == 5 and len(raw["_exp_avg"]) == 3
+
+    restored = pickle.loads(data)
+    assert restored._parameters is None and restored.parameters is None
+    assert restored._logger is None and restored.logger is None
+    assert restored.legacy_parameters_dropped is False
+    # The original is untouched by pickling.
+    assert scaler.parameters is not None and scaler.logger is not None
+
+
+def test_unpickled_scaler_relinks_by_identity_with_bit_identical_statistics() -> None:
+    scaler, params = _trained_scaler()
+    before = scaler.state_dict()
+    restored = pickle.loads(pickle.dumps(scaler))
+    _assert_same_state(restored.state_dict(), before)
+
+    restored.update_parameters(params)
+    assert restored.parameters is not None
+    assert {id(p) for p in restored.parameters} == {id(p) for p in params}
+    assert [id(p) for p in restored.parameters] == [id(p) for p in params]
+    _assert_same_state(restored.state_dict(), before)
+
+    # Both now continue identically on the same gradients.
+    grads = _noisy_grads([(4, 3), (4,), ()], 99)
+    assert _step_and_check_in_place(scaler, params, grads) == _step_and_check_in_place(
+        restored, params, grads
+    )
+    _assert_same_state(restored.state_dict(), scaler.state_dict())
+
+
+def test_legacy_pickle_drops_parameter_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    scaler, params = _trained_scaler()
+
+    def legacy_getstate(self: VarianceGradientScaler) -> dict[str, Any]:
+        # What old versions pickled: everything, parameters and logger included.
+        return dict(self.__dict__)
+
+    monkeypatch.setattr(VarianceGradientScaler, "__getstate__", legacy_getstate)
+    data = pickle.dumps(scaler)
+    monkeypatch.undo()
+    assert b"_parameters" in data  # really a legacy pickle
+
+    restored = pickle.loads(data)
+    assert restored._parameters is None and restored._logger is None
+    assert restored.legacy_parameters_dropped is True
+    _assert_same_state(restored.state_dict(), scaler.state_dict())
+    # Re-pickling a relinked legacy scaler gives a clean pickle and no legacy flag.
+    restored.update_parameters(params)
+    clean = pickle.loads(pickle.dumps(restored))
+    assert clean.legacy_parameters_dropped is False
+
+
+def test_legacy_pickle_with_no_parameters_is_not_flagged() -> None:
+    scaler = VarianceGradientScaler(None)
+    state = dict(scaler.__dict__)  # _parameters is None here
+    restored = VarianceGradientScaler.__new__(VarianceGradientScaler)
+    restored.__setstate__(state)
+    assert restored.legacy_parameters_dropped is False
+    # An old pickle missing newer attributes still unpickles to a usable scaler.
+    restored = VarianceGradientScaler.__new__(VarianceGradientScaler)
+    restored.__setstate__({"beta": 0.9, "_parameters": [torch.zeros(2)]})
+    assert restored.beta == 0.9 and restored.step_count == 0
+    assert restored.legacy_parameters_dropped is True
+    restored.update_parameters(_params([(2,)]))
+    assert restored._exp_avg is not None and torch.equal(restored._exp_avg[0], torch.zeros(2))
+
+
+def test_deepcopy_follows_the_pickling_rules() -> None:
+    scaler, _ = _trained_scaler()
+    duplicate = copy.deepcopy(scaler)
+    assert duplicate.parameters is None and duplicate.logger is None
+    _assert_same_state(duplicate.state_dict(), scaler.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# state_dict / load_state_dict / reset_statistics
+# --------------------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_is_bit_for_bit() -> None:
+    scaler, params = _trained_scaler()
+    state = scaler.state_dict()
+    assert state["format_version"] == VarianceGradientScaler.STATE_FORMAT_VERSION == 1
+    assert state["config"] == {
+        "beta": 0.99,
+        "alpha": 0.5,
+        "eps": 1e-8,
+        "warmup_steps": 2,
+        "quantile": 0.9,
+        "variance_cap": 50.0,
+        "min_scale": 0.1,
+        "enabled": True,
+    }
+    assert state["step_count"] == 5 and state["scaling_factor"] == scaler.scaling_factor
+    assert state["noise_ratio"] == scaler.noise_ratio
+    # Cloned, not aliased.
+    assert scaler._exp_avg is not None
+    assert all(a is not b for a, b in zip(state["exp_avg"], scaler._exp_avg, strict=True))
+
+    fresh = VarianceGradientScaler(params)  # default config, different from the saved one
+    fresh.load_state_dict(state)
+    _assert_same_state(fresh.state_dict(), state)
+    assert fresh.alpha == 0.5 and fresh.warmup_steps == 2
+    assert fresh.step_count == 5 and fresh.scaling_factor == scaler.scaling_factor
+
+    # Mutating the loaded dict afterwards does not reach the scaler.
+    state["exp_avg"][0].add_(1.0)
+    assert not torch.equal(fresh._exp_avg[0], state["exp_avg"][0])
+
+    grads = _noisy_grads([(4, 3), (4,), ()], 123)
+    assert _step_and_check_in_place(scaler, params, grads) == _step_and_check_in_place(
+        fresh, params, grads
+    )
+    _assert_same_state(fresh.state_dict(), scaler.state_dict())
+
+
+def test_load_state_dict_into_unlinked_scaler_then_link() -> None:
+    scaler, params = _trained_scaler()
+    state = scaler.state_dict()
+    fresh = VarianceGradientScaler(None)
+    fresh.load_state_dict(state)
+    fresh.update_parameters(params)
+    _assert_same_state(fresh.state_dict(), state)
+
+
+def test_load_state_dict_refuses_newer_and_malformed_states() -> None:
+    scaler, params = _trained_scaler()
+    state = scaler.state_dict()
+    fresh = VarianceGradientScaler(params)
+    untouched = fresh.state_dict()
+    with pytest.raises(ValueError, match="format_version 2 is newer"):
+        fresh.load_state_dict({**state, "format_version": 2})
+    with pytest.raises(ValueError, match="format_version"):
+        fresh.load_state_dict({k: v for k, v in state.items() if k != "format_version"})
+    with pytest.raises(ValueError, match="missing"):
+        fresh.load_state_dict({k: v for k, v in state.items() if k != "exp_avg_sq"})
+    with pytest.raises(ValueError, match="beta"):
+        fresh.load_state_dict({**state, "config": {**state["config"], "beta": 1.5}})
+    with pytest.raises(ValueError, match="step_count"):
+        fresh.load_state_dict({**state, "step_count": -1})
+    with pytest.raises(ValueError, match=r"parameter 1 .*expected shape \(4,\), got shape \(5,\)"):
+        other = VarianceGradientScaler(_params([(4, 3), (5,), ()]))
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="cover 3 trainable parameters .*got 2"):
+        VarianceGradientScaler(params[:2]).load_state_dict(state)
+    _assert_same_state(fresh.state_dict(), untouched)
+
+
+def test_reset_statistics_zeroes_buffers_and_step() -> None:
+    scaler, params = _trained_scaler()
+    buffers = list(scaler._exp_avg or []) + list(scaler._exp_avg_sq or [])
+    assert any(bool(b.abs().sum()) for b in buffers)
+    scaler.reset_statistics()
+    assert scaler.step_count == 0 and scaler.scaling_factor == 1.0 and scaler.noise_ratio == 0.0
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in buffers)
+    # Warm-up starts over: the next steps do not scale.
+    assert _step_and_check_in_place(scaler, params, _noisy_grads([(4, 3), (4,), ()], 0)) == 1.0
+    assert scaler.step_count == 1
+
+
+# --------------------------------------------------------------------------------------------
+# update_parameters
+# --------------------------------------------------------------------------------------------
+
+
+def test_update_parameters_keeps_statistics_and_reports_mismatches() -> None:
+    scaler, params = _trained_scaler()
+    before = scaler.state_dict()
+    new_params = _params([(4, 3), (4,), ()])
+    scaler.update_parameters(iter(new_params))  # any iterable, e.g. module.parameters()
+    assert [id(p) for p in scaler.parameters or ()] == [id(p) for p in new_params]
+    _assert_same_state(scaler.state_dict(), before)
+
+    with pytest.raises(ValueError) as info:
+        scaler.update_parameters(_params([(4, 3), (4,), (1,)]))
+    message = str(info.value)
+    assert "parameter 2" in message and "expected shape ()" in message
+    assert "got shape (1,)" in message
+    with pytest.raises(
+        ValueError, match=r"cover 3 trainable parameters \(requires_grad=True\), got 4"
+    ):
+        scaler.update_parameters(_params([(4, 3), (4,), (), (2,)]))
+    frozen = _params([(4, 3), (4,), ()])
+    frozen[1].requires_grad_(False)
+    with pytest.raises(ValueError, match="got 2"):
+        scaler.update_parameters(frozen)
+    # A failed relink changes nothing.
+    assert [id(p) for p in scaler.parameters or ()] == [id(p) for p in new_params]
+    _assert_same_state(scaler.state_dict(), before)
+
+
+def test_update_parameters_creates_zero_buffers_when_there_are_none() -> None:
+    scaler = VarianceGradientScaler(None)
+    params = _params([(2, 3), (3,)], dtype=torch.float64)
+    scaler.update_parameters(params)
+    assert scaler._exp_avg is not None and scaler._exp_avg_sq is not None
+    for buf, p in zip(scaler._exp_avg + scaler._exp_avg_sq, params + params, strict=True):
+        assert buf.dtype == p.dtype and buf.device == p.device and buf.shape == p.shape
+        assert not buf.requires_grad and torch.equal(buf, torch.zeros_like(p))
+
+
+def test_update_parameters_follows_the_parameters_dtype() -> None:
+    scaler, _ = _trained_scaler()
+    before = scaler.state_dict()
+    params64 = _params([(4, 3), (4,), ()], dtype=torch.float64)
+    scaler.update_parameters(params64)
+    assert scaler._exp_avg is not None
+    for buf, saved in zip(scaler._exp_avg, before["exp_avg"], strict=True):
+        assert buf.dtype == torch.float64 and torch.equal(buf, saved.double())
+
+
+def test_update_parameters_rejects_duplicates_and_non_tensors() -> None:
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="more than once"):
+        VarianceGradientScaler([p, p])
+    with pytest.raises(TypeError, match="not a tensor"):
+        VarianceGradientScaler([p, 3.0])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="single tensor"):
+        VarianceGradientScaler(p)
+
+
+# --------------------------------------------------------------------------------------------
+# Logging, configuration, repr
+# --------------------------------------------------------------------------------------------
+
+
+class _Memory(KVWriter):
+    """Keeps every dumped row in memory."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, key_values: dict[str, Any], key_excluded: Any, step: int = 0) -> None:
+        self.rows.append(dict(key_values))
+
+    def close(self) -> None:
+        pass
+
+
+def _memory_logger() -> tuple[Logger, _Memory]:
+    memory = _Memory()
+    return Logger(folder=None, output_formats=[memory]), memory
+
+
+def test_logger_receives_scale_noise_ratio_and_step() -> None:
+    shapes = [(3, 2), (2,)]
+    params = _params(shapes)
+    logger, memory = _memory_logger()
+    scaler = VarianceGradientScaler(params, warmup_steps=1, alpha=1.0, logger=logger)
+    assert scaler.logger is logger
+    expected = []
+    for seed in range(3):
+        scale = _step_and_check_in_place(scaler, params, _noisy_grads(shapes, seed))
+        expected.append(
+            {"vgs/scale": scale, "vgs/noise_ratio": scaler.noise_ratio, "vgs/step": seed + 1}
+        )
+        logger.dump(seed)
+    assert memory.rows == expected
+    assert expected[-1]["vgs/scale"] < 1.0
+
+    scaler.logger = None
+    _step_and_check_in_place(scaler, params, _noisy_grads(shapes, 3))
+    logger.dump(3)
+    assert memory.rows[-1] == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("beta", 1.0),
+        ("beta", -0.1),
+        ("beta", float("nan")),
+        ("alpha", -1.0),
+        ("alpha", float("inf")),
+        ("eps", 0.0),
+        ("warmup_steps", -1),
+        ("warmup_steps", 2.5),
+        ("warmup_steps", True),
+        ("quantile", 1.5),
+        ("quantile", -0.1),
+        ("variance_cap", 0.0),
+        ("min_scale", 0.0),
+        ("min_scale", 1.5),
+        ("enabled", 1),
+        ("alpha", "0.1"),
+    ],
+)
+def test_invalid_configuration_is_refused(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=name):
+        VarianceGradientScaler(None, **{name: value})
+
+
+def test_boundary_configuration_is_accepted() -> None:
+    scaler = VarianceGradientScaler(
+        None,
+        beta=0.0,
+        alpha=0.0,
+        warmup_steps=0,
+        quantile=1.0,
+        variance_cap=math.inf,
+        min_scale=1.0,
+    )
+    assert scaler.beta == 0.0 and scaler.variance_cap == math.inf
+    assert VarianceGradientScaler(None, quantile=0.0, alpha=3).alpha == 3.0
+
+
+def test_repr_shows_configuration_and_state() -> None:
+    scaler, _ = _trained_scaler()
+    text = repr(scaler)
+    assert text.startswith("VarianceGradientScaler(beta=0.99, alpha=0.5,")
+    assert "step_count=5" in text and "3 tensors, 17 elements" in text
+    assert "unlinked" in repr(pickle.loads(pickle.dumps(scaler)))
