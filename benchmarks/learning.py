@@ -16,6 +16,7 @@ import statistics
 import gymnasium as gym
 import torch
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from benchmarks._pendulum import make_algorithm
@@ -24,7 +25,7 @@ from benchmarks._pendulum import make_algorithm
 def _final_return(name: str, seed: int, timesteps: int, episodes: int) -> float:
     model = make_algorithm(name, seed)
     model.learn(timesteps)
-    eval_env = DummyVecEnv([lambda: gym.make("Pendulum-v1")])
+    eval_env = DummyVecEnv([lambda: Monitor(gym.make("Pendulum-v1"))])
     eval_env.seed(10_000 + seed)
     mean, _ = evaluate_policy(model, eval_env, n_eval_episodes=episodes, deterministic=True)
     return float(mean)
