@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+import sys
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from dppo_ckpt import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from dppo_ckpt.checkpoint.results import FileReport
 
 app = typer.Typer(
     name="dppo-ckpt",
@@ -34,6 +44,254 @@ def _root(
     ] = False,
 ) -> None:
     """dppo-ckpt: checkpoints for distributional PPO with a Variance Gradient Scaler."""
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+class VerifyFormat(str, Enum):
+    """Output formats of ``verify``."""
+
+    table = "table"
+    json = "json"
+    junit = "junit"
+    sarif = "sarif"
+
+
+class InspectFormat(str, Enum):
+    """Output formats of ``inspect``."""
+
+    table = "table"
+    json = "json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder + os.replace,
+    so that readers never see a half-written report."""
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _failed_run_report(path: str, reason: str) -> FileReport:
+    """The report of a file whose checks could not run at all (e.g. a worker died)."""
+    from dppo_ckpt.checkpoint.checks import CHECKS
+    from dppo_ckpt.checkpoint.results import FileReport
+
+    return FileReport.from_results(path, [CHECKS["DPPO001"].errored(reason)])
+
+
+def _verify_all(
+    paths: list[str], *, static: bool, trust: bool, quick: bool, jobs: int
+) -> list[FileReport]:
+    """Run the checks on every file, in worker processes when ``jobs > 1``; input order."""
+    from dppo_ckpt.checkpoint.checks import run_checks
+
+    options: dict[str, Any] = {"static": static, "trust": trust, "quick": quick}
+    if jobs <= 1 or len(paths) <= 1:
+        return [run_checks(path, **options) for path in paths]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: torch and forked worker processes do not mix well.
+    context = multiprocessing.get_context("spawn")
+    reports: list[FileReport] = []
+    with ProcessPoolExecutor(max_workers=min(jobs, len(paths)), mp_context=context) as pool:
+        futures = [pool.submit(run_checks, path, **options) for path in paths]
+        for path, future in zip(paths, futures, strict=True):
+            try:
+                reports.append(future.result())
+            except Exception as exc:
+                reports.append(_failed_run_report(path, f"the check process failed: {exc!r}"))
+    return reports
+
+
+def _render(reports: list[FileReport], fmt: VerifyFormat, console: Console | None) -> str:
+    from dppo_ckpt.checkpoint import report
+
+    if fmt is VerifyFormat.json:
+        return report.to_json(reports, __version__, "verify") + "\n"
+    if fmt is VerifyFormat.junit:
+        return report.to_junit(reports, "verify")
+    if fmt is VerifyFormat.sarif:
+        return report.to_sarif(reports, __version__) + "\n"
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    report.render_table(reports, Console(file=buffer, width=120, color_system=None))
+    return buffer.getvalue()
+
+
+@app.command()
+def verify(
+    models: Annotated[
+        list[Path], typer.Argument(help="Checkpoint zip(s) to verify.", show_default=False)
+    ],
+    fmt: Annotated[
+        VerifyFormat, typer.Option("--format", "-f", help="Output format.")
+    ] = VerifyFormat.table,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the report to this file (atomically)."),
+    ] = None,
+    static: Annotated[
+        bool, typer.Option("--static", help="Static checks only: never import torch or load.")
+    ] = False,
+    trust: Annotated[
+        bool,
+        typer.Option("--trust", help="Accept globals off the allow-list (may run code!)."),
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Skip the save/load round trip (DPPO012).")
+    ] = False,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=1, help="Check this many files in parallel.")
+    ] = 1,
+) -> None:
+    """Check checkpoints: archive, safety, legacy layout, parameter links, statistics.
+
+    Exit code: 0 all good, 1 a check failed, 2 a file could not be used, 3 refused as unsafe.
+    """
+    from dppo_ckpt.checkpoint.results import overall_exit_code
+
+    paths = [str(path) for path in models]
+    reports = _verify_all(paths, static=static, trust=trust, quick=quick, jobs=jobs)
+    code = overall_exit_code(reports)
+    for rep in reports:
+        # The reason a file could not be used, on one line where scripts look for errors.
+        first = rep.results[0] if rep.results else None
+        if first is not None and first.check_id == "DPPO001" and first.verdict.value != "pass":
+            typer.echo(f"error: {_printable(first.message)}", err=True)
+    if output is not None:
+        try:
+            _write_atomic(output, _render(reports, fmt, None))
+        except OSError as exc:
+            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
+        from dppo_ckpt.checkpoint.report import summary_line
+
+        typer.echo(f"{summary_line(reports)} (report written to {output})")
+    elif fmt is VerifyFormat.table:
+        from rich.console import Console
+
+        from dppo_ckpt.checkpoint.report import render_table
+
+        render_table(reports, Console())
+    else:
+        sys.stdout.write(_render(reports, fmt, None))
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def _printable(value: Any) -> str:
+    """Names from a hostile file may hold control characters: show them escaped."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode()
+        for ch in text
+    )
+
+
+def _render_inspection(info: dict[str, Any], console: Console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    def table(title: str, *columns: str) -> Table:
+        out = Table(title=Text(title, style="bold"), title_justify="left")
+        for column in columns:
+            out.add_column(column)
+        return out
+
+    def row(out: Table, *values: Any) -> None:
+        out.add_row(*(Text(_printable(v)) for v in values))
+
+    console.print(Text(_printable(info["path"]), style="bold"))
+    members = table("Members", "Name", "Size", "Stored", "Compression")
+    for m in info["members"]:
+        row(members, m["name"], m["size"], m["compressed_size"], m["compression"])
+    console.print(members)
+    overview = table("Checkpoint", "Field", "Value")
+    for key, value in info["versions"].items():
+        row(overview, f"{key} version", value if value is not None else "not recorded")
+    row(overview, "algorithm", info["algorithm"] or "unknown")
+    row(overview, "policy class", info["policy_class"] or "unknown")
+    row(overview, "legacy scaler entry", "yes: run `dppo-ckpt migrate`" if info["legacy"] else "no")
+    row(overview, "all globals allow-listed", "yes" if info["safe"] else "NO")
+    console.print(overview)
+    hyper = table("Hyperparameters (plain JSON values of data)", "Key", "Value")
+    for key, value in info["hyperparameters"].items():
+        text = repr(value)
+        row(hyper, key, text if len(text) <= 80 else text[:77] + "...")
+    for key, kind in info["pickled_entries"].items():
+        row(hyper, key, f"pickled {kind or ''}".strip())
+    console.print(hyper)
+    vgs = info["vgs"]
+    scaler = table("Variance Gradient Scaler", "Field", "Value")
+    if vgs is None:
+        row(scaler, "scaler", "none (off, or not a DistributionalPPO checkpoint)")
+    elif "error" in vgs:
+        row(scaler, "scaler", f"cannot decode: {vgs['error']}")
+    else:
+        for key, value in vgs["config"].items():
+            row(scaler, key, value)
+        for key in ("step_count", "scaling_factor", "noise_ratio", "tensors", "elements"):
+            row(scaler, key, vgs[key])
+    console.print(scaler)
+    globals_table = table("Globals referenced", "Global", "Verdict", "Where")
+    for g in info["globals"]:
+        where = g["member"] + (f" / {g['entry']}" if g["entry"] else "")
+        if g["path"]:
+            where += " > " + " > ".join(g["path"])
+        verdict = Text(g["verdict"], style="green" if g["verdict"] == "allowed" else "bold red")
+        globals_table.add_row(Text(_printable(g["global"])), verdict, Text(_printable(where)))
+    console.print(globals_table)
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="Checkpoint zip to describe.", show_default=False)],
+    fmt: Annotated[
+        InspectFormat, typer.Option("--format", "-f", help="Output format.")
+    ] = InspectFormat.table,
+) -> None:
+    """Show what a checkpoint holds, without executing anything from it.
+
+    Members, recorded versions, algorithm and policy class, hyperparameters, the scaler's
+    configuration and counters, legacy status and every pickled global with its verdict.
+    Exit code 2 when the file is not a usable checkpoint.
+    """
+    import json
+
+    from dppo_ckpt.checkpoint.archive import CheckpointError
+    from dppo_ckpt.checkpoint.contents import inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(model)
+    except CheckpointError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+    if fmt is InspectFormat.json:
+        sys.stdout.write(json.dumps(info, indent=2, ensure_ascii=True, default=str) + "\n")
+        return
+    from rich.console import Console
+
+    _render_inspection(info, Console())
 
 
 def main() -> None:
