@@ -1,0 +1,962 @@
+"""The training driver behind ``dppo-ckpt train``: a run folder of verified checkpoints.
+
+A run trains one :class:`~dppo_ckpt.ppo.DistributionalPPO` agent with a single ``learn()``
+call and writes checkpoints into its run folder as it goes::
+
+    RUN/
+      run.json                              manifest: settings, checkpoints and their sha256
+      checkpoint_000010240.zip              the model (DistributionalPPO.save)
+      checkpoint_000010240.envs.pkl         the environments at that moment (cloudpickle)
+      tensorboard/                          with --tensorboard
+
+Checkpoints are taken at rollout boundaries, after an update and before the next rollout, so
+that a checkpoint holds everything the next iteration depends on: parameters, optimizer and
+scaler state, counters, the last observation and every random generator. Together with the
+environment snapshot beside it, ``--resume`` then continues exactly where the run was: on CPU
+with the same settings, a resumed run equals the uninterrupted one bit for bit.
+
+Every file is written atomically (a temporary file in the run folder, ``fsync``,
+``os.replace``), so a run killed at any moment leaves only complete checkpoints. Each
+checkpoint is then verified with the quick checks of :mod:`dppo_ckpt.checkpoint.checks`; a
+failing check stops the run.
+
+``--resume`` trusts its run folder: it loads the checkpoint with ``DistributionalPPO.load``
+and the environment snapshot with ``pickle``, both of which can run code stored in the files.
+A snapshot is only loaded when the run folder's manifest lists it beside that very checkpoint
+and both files still have the sha256 recorded when ``train`` wrote them.
+
+Ctrl-C (SIGINT) asks the run to stop at the end of the current update; it writes a final
+checkpoint there, verifies it and exits with 130 (128 + SIGINT), so that shell scripts see the
+run did not complete. A second Ctrl-C stops at the next environment step instead (the
+partially collected rollout is dropped); a third one aborts at once, leaving the checkpoints
+already written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import inspect
+import io
+import json
+import math
+import os
+import pickle
+import signal
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+    from stable_baselines3.common.vec_env import VecEnv
+
+    from dppo_ckpt.ppo import DistributionalPPO
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "MANIFEST_NAME",
+    "TrainOptions",
+    "TrainSummary",
+    "TrainingError",
+    "checkpoint_name",
+    "load_config",
+    "model_keywords",
+    "render_summary",
+    "train",
+]
+
+#: Exit code of a run stopped by Ctrl-C: 128 + SIGINT, as shells report it.
+EXIT_INTERRUPTED = 130
+
+#: The manifest of a run folder.
+MANIFEST_NAME = "run.json"
+MANIFEST_FORMAT_VERSION = 1
+
+DEFAULT_ENV_ID = "Pendulum-v1"
+DEFAULT_TIMESTEPS = 100_000
+DEFAULT_CHECKPOINT_EVERY = 10_000
+DEFAULT_EVAL_EPISODES = 5
+
+_CHECKPOINT_PREFIX = "checkpoint_"
+_SNAPSHOT_SUFFIX = ".envs.pkl"
+_TEMP_SUFFIX = ".tmp"
+_FRESH = "environments restart fresh"
+
+# Options of `train` that set model keywords; with --resume the checkpoint fixes them.
+_MODEL_OPTIONS = {
+    "critic": "--critic",
+    "variance_gradient_scaling": "--vgs/--no-vgs",
+    "vgs_alpha": "--vgs-alpha",
+    "vgs_warmup_steps": "--vgs-warmup-steps",
+}
+
+
+class TrainingError(Exception):
+    """A run could not start or had to stop; ``exit_code`` follows the command's rules.
+
+    2: an option, the config file or the resume checkpoint could not be used; 1 (or 3): a
+    checkpoint the run wrote failed its checks.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class TrainOptions:
+    """What ``dppo-ckpt train`` was asked to do. ``None`` means "not given"."""
+
+    env_id: str | None = None
+    timesteps: int | None = None
+    n_envs: int | None = None
+    seed: int | None = None
+    critic: str | None = None
+    vgs: bool | None = None
+    vgs_alpha: float | None = None
+    vgs_warmup_steps: int | None = None
+    config: Path | None = None
+    out: Path | None = None
+    checkpoint_every: int | None = None
+    resume: Path | None = None
+    eval_episodes: int = DEFAULT_EVAL_EPISODES
+    tensorboard: bool = False
+
+
+@dataclass
+class TrainSummary:
+    """What a run did, for the summary table."""
+
+    run_dir: Path
+    start_timesteps: int
+    timesteps: int
+    wall_time_s: float
+    vgs_scale: float | None
+    vgs_step: int | None
+    checkpoints: list[Path] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+    eval_return_mean: float | None = None
+    eval_return_std: float | None = None
+    eval_episodes: int = 0
+    interrupted: bool = False
+    unverified: bool = False
+
+    @property
+    def fps(self) -> float:
+        """Environment steps per second of wall time over this invocation."""
+        steps = self.timesteps - self.start_timesteps
+        return steps / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and configuration
+
+
+def model_keywords() -> frozenset[str]:
+    """Every keyword ``DistributionalPPO(...)`` accepts besides ``policy`` and ``env``."""
+    from stable_baselines3 import PPO
+
+    from dppo_ckpt.ppo import DistributionalPPO
+
+    names: set[str] = set()
+    for function in (DistributionalPPO.__init__, PPO.__init__):
+        for parameter in inspect.signature(function).parameters.values():
+            if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+                continue
+            names.add(parameter.name)
+    return frozenset(names - {"self", "policy", "env", "_init_setup_model"})
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read a TOML file of DistributionalPPO keywords (top-level keys; tables become dicts).
+
+    :raises TrainingError: (exit 2) the file cannot be read or parsed, or a key is not a
+        DistributionalPPO keyword
+    """
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise TrainingError("--config needs Python 3.11+ or the tomli package") from None
+    try:
+        with open(path, "rb") as handle:
+            config = tomllib.load(handle)
+    except OSError as exc:
+        raise TrainingError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise TrainingError(f"config {path} is not valid TOML: {exc}") from exc
+    known = model_keywords()
+    for key in config:
+        if key not in known:
+            raise TrainingError(
+                f"config {path}: unknown key {key!r} (not a DistributionalPPO keyword)"
+            )
+    return config
+
+
+def checkpoint_name(timesteps: int) -> str:
+    """The file name of the checkpoint at ``timesteps``: sorts by step as text."""
+    return f"{_CHECKPOINT_PREFIX}{timesteps:09d}.zip"
+
+
+def _snapshot_name(checkpoint: str) -> str:
+    return checkpoint.removesuffix(".zip") + _SNAPSHOT_SUFFIX
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise TrainingError(f"{name} must be > 0, got {value}")
+
+
+def _check_env_id(env_id: str) -> None:
+    import gymnasium as gym
+
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as exc:
+        raise TrainingError(f"unknown environment id {env_id!r}: {exc}") from exc
+
+
+def _check_options(options: TrainOptions) -> None:
+    _positive("--timesteps", options.timesteps)
+    _positive("--n-envs", options.n_envs)
+    _positive("--checkpoint-every", options.checkpoint_every)
+    if options.eval_episodes < 0:
+        raise TrainingError(f"--eval-episodes must be >= 0, got {options.eval_episodes}")
+    if options.vgs_warmup_steps is not None and options.vgs_warmup_steps < 0:
+        raise TrainingError(f"--vgs-warmup-steps must be >= 0, got {options.vgs_warmup_steps}")
+    if options.vgs_alpha is not None and not (0.0 <= options.vgs_alpha < math.inf):
+        raise TrainingError(f"--vgs-alpha must be finite and >= 0, got {options.vgs_alpha}")
+    if options.critic is not None and options.critic not in ("quantile", "categorical"):
+        raise TrainingError(f"--critic must be 'quantile' or 'categorical', got {options.critic!r}")
+    if options.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if options.resume is not None:
+        given = {
+            "critic": options.critic,
+            "variance_gradient_scaling": options.vgs,
+            "vgs_alpha": options.vgs_alpha,
+            "vgs_warmup_steps": options.vgs_warmup_steps,
+        }
+        for key, value in given.items():
+            if value is not None:
+                raise TrainingError(
+                    f"{_MODEL_OPTIONS[key]} cannot be combined with --resume: "
+                    "the checkpoint fixes the model settings"
+                )
+        if options.config is not None:
+            raise TrainingError(
+                "--config cannot be combined with --resume: the checkpoint fixes the model settings"
+            )
+
+
+def _model_settings(options: TrainOptions, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Model keywords: built-in defaults < config file < explicit command-line options."""
+    settings: dict[str, Any] = {"seed": 0, "device": "cpu", "verbose": 0}
+    settings.update(config)
+    explicit = {
+        "seed": options.seed,
+        "critic": options.critic,
+        "variance_gradient_scaling": options.vgs,
+        "vgs_alpha": options.vgs_alpha,
+        "vgs_warmup_steps": options.vgs_warmup_steps,
+    }
+    settings.update({key: value for key, value in explicit.items() if value is not None})
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes and the run manifest
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent, old or complete."""
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    try:
+        # mkstemp creates the file private (0600); give it the mode a plain open() would.
+        os.chmod(temp_name, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Drop temporary files a killed run left behind (they were never complete)."""
+    for stale in run_dir.glob(f".{_CHECKPOINT_PREFIX}*{_TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    with contextlib.suppress(OSError):
+        for stale in run_dir.glob(f".{MANIFEST_NAME}.*{_TEMP_SUFFIX}"):
+            stale.unlink()
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((run_dir / MANIFEST_NAME).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != 1:
+        return None
+    if not isinstance(manifest.get("checkpoints"), list):
+        return None
+    return manifest
+
+
+class _RunFolder:
+    """The run folder: writes checkpoints, environment snapshots and the manifest."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.snapshot_error: str | None = None
+
+    def _save_manifest(self) -> None:
+        # default=str: TOML dates in the model settings have no JSON form.
+        text = json.dumps(self.manifest, indent=2, sort_keys=True, default=str) + "\n"
+        _write_atomically(self.path / MANIFEST_NAME, text.encode("utf-8"))
+
+    def write(self, model: DistributionalPPO, rng_state: dict[str, Any] | None) -> Path:
+        """Write the checkpoint of ``model`` (and its environments), then list them.
+
+        :param rng_state: random generator states to store instead of the current ones (see
+            :class:`_TrainingCallback`); ``None`` stores the current ones
+        """
+        from dppo_ckpt.rng import capture_rng_state, restore_rng_state
+
+        name = checkpoint_name(model.num_timesteps)
+        buffer = io.BytesIO()
+        if rng_state is None:
+            model.save(buffer)
+        else:
+            # save() records the generators as they are now; show it the earlier state.
+            current = capture_rng_state(model.action_space)
+            restore_rng_state(rng_state, model.action_space)
+            try:
+                model.save(buffer)
+            finally:
+                restore_rng_state(current, model.action_space)
+        checkpoint_bytes = buffer.getvalue()
+
+        snapshot_entry = None
+        if self.snapshot_error is None:
+            snapshot_bytes = self._pickle_environments(model.get_env())
+            if snapshot_bytes is not None:
+                snapshot_name = _snapshot_name(name)
+                _write_atomically(self.path / snapshot_name, snapshot_bytes)
+                snapshot_entry = {"file": snapshot_name, "sha256": _sha256(snapshot_bytes)}
+        path = self.path / name
+        _write_atomically(path, checkpoint_bytes)
+
+        entries = [e for e in self.manifest["checkpoints"] if e.get("file") != name]
+        entries.append(
+            {
+                "file": name,
+                "timesteps": model.num_timesteps,
+                "sha256": _sha256(checkpoint_bytes),
+                "envs": snapshot_entry,
+            }
+        )
+        self.manifest["checkpoints"] = entries
+        self._save_manifest()
+        return path
+
+    def _pickle_environments(self, env: VecEnv | None) -> bytes | None:
+        import cloudpickle
+
+        try:
+            return cloudpickle.dumps(env)
+        except Exception as exc:  # whatever the environment's pickling raises
+            self.snapshot_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+@dataclass
+class _ResumePoint:
+    checkpoint: Path
+    manifest: dict[str, Any] | None
+    n_envs: int
+    timesteps: int
+
+
+def _inspect_resume(path: Path) -> _ResumePoint:
+    """Check that ``path`` is a readable checkpoint; read its counters and the manifest."""
+    if not path.is_file():
+        raise TrainingError(f"cannot resume from {path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = json.loads(archive.read("data"))
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise TrainingError(
+            f"cannot resume from {path}: not a readable checkpoint ({reason})"
+        ) from exc
+    n_envs, timesteps = data.get("n_envs"), data.get("num_timesteps")
+    if not isinstance(n_envs, int) or not isinstance(timesteps, int):
+        raise TrainingError(f"cannot resume from {path}: n_envs or num_timesteps missing")
+    return _ResumePoint(path, _read_manifest(path.parent), n_envs, timesteps)
+
+
+def _restore_environments(point: _ResumePoint, n_envs: int) -> tuple[VecEnv | None, str]:
+    """The environment snapshot beside the checkpoint, if train wrote it and it loads.
+
+    :return: the environments (or None) and a line saying what happened
+    """
+    from stable_baselines3.common.vec_env import VecEnv
+
+    if n_envs != point.n_envs:
+        return None, f"{_FRESH} (--n-envs {n_envs} differs from the checkpoint's {point.n_envs})"
+    manifest = point.manifest
+    if manifest is None:
+        return None, f"{_FRESH} (no {MANIFEST_NAME} beside the checkpoint)"
+    entry = next(
+        (e for e in manifest["checkpoints"] if e.get("file") == point.checkpoint.name), None
+    )
+    if entry is None or not isinstance(entry.get("envs"), dict):
+        return None, f"{_FRESH} (no environment snapshot was written with this checkpoint)"
+    if entry.get("sha256") != _file_sha256(point.checkpoint):
+        return None, f"{_FRESH} (the checkpoint changed since train wrote it)"
+    snapshot_name = entry["envs"].get("file")
+    if not isinstance(snapshot_name, str) or Path(snapshot_name).name != snapshot_name:
+        return None, f"{_FRESH} (the manifest names no snapshot beside the checkpoint)"
+    snapshot = point.checkpoint.parent / snapshot_name
+    try:
+        data = snapshot.read_bytes()
+    except OSError:
+        return None, f"{_FRESH} (environment snapshot {snapshot_name} is missing)"
+    if _sha256(data) != entry["envs"].get("sha256"):
+        return None, f"{_FRESH} (environment snapshot {snapshot_name} changed since written)"
+    try:
+        env = pickle.loads(data)  # trusted: written by train into this run folder, sha256 checked
+    except Exception as exc:  # a snapshot of another software version
+        return None, f"{_FRESH} (snapshot {snapshot_name} cannot be loaded: {exc})"
+    if not isinstance(env, VecEnv) or env.num_envs != point.n_envs:
+        return None, f"{_FRESH} (snapshot {snapshot_name} does not hold matching environments)"
+    return env, f"environments restored from {snapshot_name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def _load_run_checks() -> Callable[..., Any] | None:
+    try:
+        from dppo_ckpt.checkpoint.checks import run_checks
+    except ImportError:
+        return None
+    return run_checks
+
+
+def _first_failure(report: Any) -> str:
+    from dppo_ckpt.checkpoint.results import Verdict
+
+    for result in report.results:
+        if result.verdict in (Verdict.FAIL, Verdict.ERROR):
+            text = f"{result.check_id} {result.title}: {result.message}"
+            return f"{text} ({result.remedy})" if result.remedy else text
+    return f"the checks ended with exit code {report.exit_code}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+class _Interrupt:
+    """Counts SIGINTs: 1 = stop at the next rollout boundary, 2 = stop now, 3 = abort."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: Any = None
+        self._installed = False
+
+    @property
+    def requested(self) -> bool:
+        return self.count >= 1
+
+    @property
+    def immediate(self) -> bool:
+        return self.count >= 2
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # No printing here: the handler may run while the console holds its lock.
+        self.count += 1
+        if self.count >= 3:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Interrupt]:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        try:
+            yield self
+        finally:
+            if self._installed:
+                signal.signal(signal.SIGINT, self._previous)
+                self._installed = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+
+
+def _mean_return(model: DistributionalPPO) -> float | None:
+    buffer = model.ep_info_buffer
+    if not buffer:
+        return None
+    return float(sum(info["r"] for info in buffer) / len(buffer))
+
+
+def _scale_text(model: DistributionalPPO) -> str:
+    scaler = model._variance_gradient_scaler
+    return "off" if scaler is None else f"{scaler.scaling_factor:.3f}"
+
+
+class _CheckpointRejected(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _make_callback(
+    run: _RunFolder,
+    every: int,
+    progress: Progress,
+    task: TaskID,
+    interrupt: _Interrupt,
+    on_checkpoint: Callable[[Path, DistributionalPPO], None],
+) -> Any:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from dppo_ckpt.rng import capture_rng_state
+
+    class TrainingCallback(BaseCallback):
+        """Saves at rollout boundaries, feeds the progress bar and honours Ctrl-C.
+
+        A rollout boundary is the start of a rollout: the previous update is complete and
+        nothing of the next iteration has happened yet, except that gSDE draws fresh
+        exploration noise just before (``policy.reset_noise``). The generators are therefore
+        recorded right before that draw and stored in the checkpoint instead of the current
+        ones, so that a resumed run draws the same noise again.
+        """
+
+        def __init__(self) -> None:
+            super().__init__(verbose=0)
+            self.last_saved = -1
+            self.halt = False
+            self.notified = 0
+            self._rng_before_noise: dict[str, Any] | None = None
+            self._last_refresh = 0.0
+
+        def _on_training_start(self) -> None:
+            self.last_saved = self.model.num_timesteps
+            policy = self.model.policy
+            reset_noise = policy.reset_noise
+
+            def recording_reset_noise(*args: Any, **kwargs: Any) -> Any:
+                self._rng_before_noise = capture_rng_state(self.model.action_space)
+                return reset_noise(*args, **kwargs)
+
+            # An instance attribute: the policy is saved as a state dict, never pickled.
+            policy.reset_noise = recording_reset_noise
+
+        def _on_training_end(self) -> None:
+            self.model.policy.__dict__.pop("reset_noise", None)
+            self._refresh(force=True)
+
+        def _notify(self) -> None:
+            if interrupt.count > self.notified:
+                self.notified = interrupt.count
+                text = (
+                    "Ctrl-C: stopping after the current update (again to stop now)"
+                    if interrupt.count == 1
+                    else "Ctrl-C: stopping now"
+                )
+                progress.console.print(text)
+                progress.update(task, description="stopping")
+
+        def _on_rollout_start(self) -> None:
+            self._notify()
+            model = self.model
+            due = model.num_timesteps - self.last_saved >= every
+            if (due or interrupt.requested) and model.num_timesteps != self.last_saved:
+                rng = self._rng_before_noise if model.use_sde else None
+                self.save(rng)
+            if interrupt.requested:
+                self.halt = True
+
+        def save(self, rng_state: dict[str, Any] | None = None) -> Path:
+            path = run.write(self.model, rng_state)
+            self.last_saved = self.model.num_timesteps
+            on_checkpoint(path, self.model)
+            return path
+
+        def _refresh(self, force: bool = False) -> None:
+            now = time.monotonic()
+            if not force and now - self._last_refresh < 0.2:
+                return
+            self._last_refresh = now
+            model = self.model
+            mean_return = _mean_return(model)
+            elapsed = max(time.time_ns() - model.start_time, 1) / 1e9
+            fps = (model.num_timesteps - model._num_timesteps_at_start) / elapsed
+            progress.update(
+                task,
+                completed=model.num_timesteps,
+                fps=f"{fps:,.0f}",
+                ret="-" if mean_return is None else f"{mean_return:,.1f}",
+                scale=_scale_text(model),
+            )
+
+        def _on_step(self) -> bool:
+            self._notify()
+            self._refresh()
+            return not (self.halt or interrupt.immediate)
+
+    return TrainingCallback()
+
+
+def _make_env(env_id: str, n_envs: int, seed: int | None) -> VecEnv:
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    try:
+        return make_vec_env(env_id, n_envs=n_envs, seed=seed, vec_env_cls=DummyVecEnv)
+    except Exception as exc:  # gymnasium raises many kinds for an env that cannot be built
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrainingError(f"cannot create environment {env_id!r}: {message}") from exc
+
+
+def _resolve_run_dir(options: TrainOptions) -> Path:
+    if options.out is not None:
+        return options.out
+    if options.resume is not None:
+        return options.resume.parent
+    return Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def _prepare_run_dir(run_dir: Path, resuming_here: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"--out {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and not resuming_here:
+        holds_run = (run_dir / MANIFEST_NAME).exists() or any(
+            run_dir.glob(f"{_CHECKPOINT_PREFIX}*.zip")
+        )
+        if holds_run:
+            raise TrainingError(
+                f"{run_dir} already holds a run: continue it with --resume "
+                f"{run_dir}/{_CHECKPOINT_PREFIX}....zip, or choose another --out"
+            )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(f"cannot create {run_dir}: {exc.strerror or exc}") from exc
+
+
+def _progress(console: Console) -> Progress:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps  {task.fields[fps]} fps"),
+        TextColumn("return {task.fields[ret]}"),
+        TextColumn("vgs {task.fields[scale]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def train(options: TrainOptions, console: Console) -> TrainSummary:
+    """Train (or resume) a run as ``dppo-ckpt train`` does, printing progress on ``console``.
+
+    :raises TrainingError: an option could not be used (exit 2) or a checkpoint failed its
+        checks (the exit code of those checks)
+    :raises KeyboardInterrupt: on a third Ctrl-C
+    """
+    _check_options(options)
+    point = _inspect_resume(options.resume) if options.resume is not None else None
+    manifest_in = point.manifest if point is not None else None
+    previous = manifest_in or {}
+
+    env_id = options.env_id or previous.get("env_id") or DEFAULT_ENV_ID
+    _check_env_id(env_id)
+    config = load_config(options.config) if options.config is not None else {}
+    timesteps = options.timesteps or previous.get("timesteps") or DEFAULT_TIMESTEPS
+    every = options.checkpoint_every or previous.get("checkpoint_every")
+    every = every or DEFAULT_CHECKPOINT_EVERY
+
+    run_dir = _resolve_run_dir(options)
+    resuming_here = point is not None and run_dir.resolve() == point.checkpoint.parent.resolve()
+    _prepare_run_dir(run_dir, resuming_here)
+    _remove_stale_temporaries(run_dir)
+    tensorboard_log = str(run_dir / "tensorboard") if options.tensorboard else None
+
+    import torch as th
+
+    from dppo_ckpt.ppo import DistributionalPPO
+
+    if point is None:
+        settings = _model_settings(options, config)
+        n_envs = options.n_envs or 1
+        seed = settings["seed"]
+        env = _make_env(env_id, n_envs, seed)
+        try:
+            model = DistributionalPPO("MlpPolicy", env, tensorboard_log=tensorboard_log, **settings)
+        except (TypeError, ValueError, AssertionError) as exc:
+            raise TrainingError(f"invalid model settings: {exc}".splitlines()[0]) from exc
+        manifest = {
+            "format_version": MANIFEST_FORMAT_VERSION,
+            "env_id": env_id,
+            "n_envs": n_envs,
+            "seed": seed,
+            "timesteps": timesteps,
+            "checkpoint_every": every,
+            "model_settings": settings,
+            "resumed_from": None,
+            "checkpoints": [],
+        }
+        console.print(f"training {env_id} for {timesteps:,} steps into {run_dir}")
+    else:
+        n_envs = options.n_envs or point.n_envs
+        settings = dict(previous.get("model_settings") or {})
+        seed = options.seed if options.seed is not None else previous.get("seed", 0)
+        env, env_line = _restore_environments(point, n_envs)
+        restored = env is not None
+        # Fresh environments are seeded past the original start, so that they do not replay
+        # the episodes the run began with.
+        fresh_seed = (int(seed) + point.timesteps) % 2**32
+        if env is None:
+            env = _make_env(env_id, n_envs, fresh_seed)
+        try:
+            model = DistributionalPPO.load(
+                point.checkpoint,
+                env=env,
+                device=settings.get("device", "cpu"),
+                force_reset=not restored,
+                tensorboard_log=tensorboard_log,
+            )
+        except Exception as exc:  # SB3 raises anything from a mismatching or broken file
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TrainingError(f"cannot resume from {point.checkpoint}: {message}") from exc
+        if not restored:
+            # load() re-seeds the environments with the run's original seed.
+            model.get_env().seed(fresh_seed)
+        if resuming_here and manifest_in is not None:
+            manifest = manifest_in
+            manifest["timesteps"] = timesteps
+            manifest["checkpoint_every"] = every
+        else:
+            manifest = {
+                "format_version": MANIFEST_FORMAT_VERSION,
+                "env_id": env_id,
+                "n_envs": n_envs,
+                "seed": seed,
+                "timesteps": timesteps,
+                "checkpoint_every": every,
+                "model_settings": settings,
+                "resumed_from": str(point.checkpoint),
+                "checkpoints": [],
+            }
+        console.print(
+            f"resuming {point.checkpoint} at step {model.num_timesteps:,} of {timesteps:,} "
+            f"into {run_dir}; {env_line}"
+        )
+
+    run = _RunFolder(run_dir, manifest)
+    run._save_manifest()
+    run_checks = _load_run_checks()
+    summary = TrainSummary(
+        run_dir=run_dir,
+        start_timesteps=model.num_timesteps,
+        timesteps=model.num_timesteps,
+        wall_time_s=0.0,
+        vgs_scale=None,
+        vgs_step=None,
+        unverified=run_checks is None,
+    )
+    if run_checks is None:
+        console.print("note: the checkpoint checks are not available; checkpoints unverified")
+
+    def on_checkpoint(path: Path, current: DistributionalPPO) -> None:
+        summary.checkpoints.append(path)
+        status = "unverified"
+        if run_checks is not None:
+            # Checks load the file, which moves the generators; training must not notice.
+            from dppo_ckpt.rng import capture_rng_state, restore_rng_state
+
+            rng = capture_rng_state(current.action_space)
+            threads = th.get_num_threads()
+            try:
+                report = run_checks(path, quick=True)
+            finally:
+                th.set_num_threads(threads)
+                restore_rng_state(rng, current.action_space)
+            if report.exit_code != 0:
+                raise _CheckpointRejected(
+                    f"checkpoint {path} failed its checks: {_first_failure(report)}",
+                    report.exit_code,
+                )
+            status = "verified"
+        line = f"checkpoint {current.num_timesteps:,} steps: {path} ({status})"
+        console.print(line, highlight=False, soft_wrap=True)
+
+    interrupt = _Interrupt()
+    remaining = max(timesteps - model.num_timesteps, 0)
+    started = time.perf_counter()
+    halted = False
+    if remaining == 0:
+        console.print(
+            f"nothing to train: the checkpoint is at step {model.num_timesteps:,}, "
+            f"--timesteps is {timesteps:,}"
+        )
+        summary.last_checkpoint = options.resume
+    else:
+        try:
+            with interrupt.installed(), _progress(console) as progress:
+                task = progress.add_task(
+                    "training",
+                    total=timesteps,
+                    completed=model.num_timesteps,
+                    fps="-",
+                    ret="-",
+                    scale=_scale_text(model),
+                )
+                callback = _make_callback(run, every, progress, task, interrupt, on_checkpoint)
+                model.learn(
+                    remaining,
+                    callback=callback,
+                    reset_num_timesteps=point is None,
+                    tb_log_name="dppo",
+                )
+                # A first Ctrl-C already saved at the rollout boundary (the model went on for
+                # one more step before learn() returned, which that checkpoint rightly lacks).
+                halted = callback.halt
+                if not halted and callback.last_saved != model.num_timesteps:
+                    callback.save()
+        except _CheckpointRejected as exc:
+            raise TrainingError(str(exc), exc.exit_code) from None
+        summary.last_checkpoint = summary.checkpoints[-1]
+    summary.wall_time_s = time.perf_counter() - started
+    summary.timesteps = callback.last_saved if halted else model.num_timesteps
+    summary.interrupted = interrupt.requested and summary.timesteps < timesteps
+    scaler = model._variance_gradient_scaler
+    if scaler is not None:
+        summary.vgs_scale, summary.vgs_step = scaler.scaling_factor, scaler.step_count
+    if run.snapshot_error is not None:
+        console.print(
+            f"note: the environments cannot be pickled ({run.snapshot_error}); "
+            f"--resume will say: {_FRESH}"
+        )
+
+    if options.eval_episodes > 0 and not summary.interrupted:
+        from stable_baselines3.common.evaluation import evaluate_policy
+
+        eval_env = _make_env(env_id, 1, (int(seed) + 1_000_003) % 2**32)
+        mean, std = evaluate_policy(
+            model, eval_env, n_eval_episodes=options.eval_episodes, deterministic=True
+        )
+        eval_env.close()
+        summary.eval_return_mean, summary.eval_return_std = float(mean), float(std)
+        summary.eval_episodes = options.eval_episodes
+    model.get_env().close()
+    return summary
+
+
+def render_summary(summary: TrainSummary, console: Console) -> None:
+    """The summary table of a run, then the path of its last checkpoint."""
+    from rich.table import Table
+
+    table = Table(title="training summary", title_justify="left", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    steps = f"{summary.timesteps:,}"
+    if summary.start_timesteps:
+        steps += f" (resumed at {summary.start_timesteps:,})"
+    table.add_row("steps", steps)
+    table.add_row("wall time", f"{summary.wall_time_s:,.1f} s")
+    table.add_row("fps", f"{summary.fps:,.0f}")
+    if summary.eval_return_mean is not None:
+        table.add_row(
+            "final evaluation return",
+            f"{summary.eval_return_mean:,.1f} ± {summary.eval_return_std:,.1f} "
+            f"({summary.eval_episodes} episode{'s' if summary.eval_episodes != 1 else ''})",
+        )
+    else:
+        table.add_row("final evaluation return", "not evaluated")
+    if summary.vgs_scale is None:
+        table.add_row("VGS scale", "off")
+    else:
+        table.add_row("VGS scale", f"{summary.vgs_scale:.4f} (step {summary.vgs_step:,})")
+    written = f"{len(summary.checkpoints)}"
+    if summary.unverified:
+        written += " (unverified)"
+    table.add_row("checkpoints written", written)
+    console.print(table)
+    if summary.interrupted:
+        console.print("stopped by Ctrl-C; the final checkpoint is complete and verified")
+    if summary.last_checkpoint is not None:
+        console.print(
+            f"last checkpoint: {summary.last_checkpoint}", highlight=False, soft_wrap=True
+        )
