@@ -401,6 +401,79 @@ def train_command(
     raise typer.Exit(training.EXIT_INTERRUPTED if summary.interrupted else 0)
 
 
+# ---------------------------------------------------------------------------------------------
+# migrate
+
+
+class MigrateFormat(str, Enum):
+    """Output formats of ``migrate``."""
+
+    table = "table"
+    json = "json"
+
+
+@app.command("migrate")
+def migrate_command(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="OLD.zip NEW.zip; or inputs (files or folders of *.zip) with --out-dir or "
+            "--in-place.",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="Write each migrated input here, under its own name."),
+    ] = None,
+    in_place: Annotated[
+        bool, typer.Option("--in-place", help="Rewrite the inputs, keeping a backup of each.")
+    ] = False,
+    backup_suffix: Annotated[
+        str, typer.Option("--backup-suffix", help="Suffix of the --in-place backup.")
+    ] = ".bak",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would change; write nothing.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    static: Annotated[
+        bool,
+        typer.Option("--static", help="Verify the result with the static checks only."),
+    ] = False,
+    fmt: Annotated[
+        MigrateFormat, typer.Option("--format", "-f", help="Output format.")
+    ] = MigrateFormat.table,
+) -> None:
+    """Rewrite legacy checkpoints whose scaler pickled its parameters; change nothing else.
+
+    Nothing from the file is executed. The result is verified, then renamed into place
+    atomically. Exit code: 0 all good (or already current), 1 a migration failed, 2 a file
+    could not be used, 3 refused as unsafe.
+    """
+    from dppo_ckpt.checkpoint import migrate
+
+    outcomes, code = migrate.migrate_paths(
+        paths,
+        out_dir=out_dir,
+        in_place=in_place,
+        backup_suffix=backup_suffix,
+        dry_run=dry_run,
+        force=force,
+        static=static,
+    )
+    for outcome in outcomes:
+        if outcome.exit_code != 0:
+            typer.echo(f"error: {_printable(outcome.source)}: {_printable(outcome.message)}",
+                       err=True)  # fmt: skip
+    if fmt is MigrateFormat.json:
+        sys.stdout.write(migrate.outcomes_to_json(outcomes, code, __version__) + "\n")
+    else:
+        from rich.console import Console
+
+        migrate.render_outcomes(outcomes, Console(highlight=False, soft_wrap=True))
+    raise typer.Exit(code)
+
+
 def main() -> None:
     """Entry point of the `dppo-ckpt` console script."""
     app()
