@@ -759,10 +759,6 @@ def migrate_file(
             raise MigrationError(f"{dst} exists; pass --force to replace it", EXIT_UNUSABLE)
         if not in_place and dst.exists() and dst.resolve() == src.resolve():
             raise UsageError("NEW is the same file as OLD; use --in-place")
-        if backup is not None and (backup.exists() or backup.is_symlink()):
-            raise MigrationError(
-                f"backup {backup} exists; remove it or choose --backup-suffix", EXIT_UNUSABLE
-            )
         if not dst.parent.is_dir():
             raise UsageError(f"destination folder {dst.parent} does not exist")
         with open_checkpoint(src) as archive:
@@ -782,6 +778,10 @@ def migrate_file(
                 _publish(tmp, dst, force=force)
             return outcome("already current", "already current: copied unchanged", 0,
                            facts=facts)  # fmt: skip
+        if backup is not None and (backup.exists() or backup.is_symlink()):
+            raise MigrationError(
+                f"backup {backup} exists; remove it or choose --backup-suffix", EXIT_UNUSABLE
+            )
         if dry_run:
             return outcome("would migrate", "would " + _summary(facts, "remove"), 0, facts=facts,
                            backup=None if backup is None else os.fspath(backup))  # fmt: skip
