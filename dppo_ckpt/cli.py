@@ -388,7 +388,8 @@ def train_command(
         eval_episodes=eval_episodes,
         tensorboard=tensorboard,
     )
-    console = Console(highlight=False)
+    # soft_wrap: status lines (paths, "environments restart fresh") stay whole for log readers.
+    console = Console(highlight=False, soft_wrap=True)
     try:
         summary = training.train(options, console)
     except training.TrainingError as exc:
@@ -471,6 +472,92 @@ def migrate_command(
         from rich.console import Console
 
         migrate.render_outcomes(outcomes, Console(highlight=False, soft_wrap=True))
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# cycle
+
+
+class CycleFormat(str, Enum):
+    """Output formats of ``cycle``."""
+
+    table = "table"
+    json = "json"
+    junit = "junit"
+
+
+@app.command("cycle")
+def cycle_command(
+    model: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Start from this checkpoint instead of a fresh model.", show_default=False
+        ),
+    ] = None,
+    env: Annotated[str, typer.Option("--env", help="Gymnasium environment id.")] = "Pendulum-v1",
+    cycles: Annotated[int, typer.Option("--cycles", help="Train-save-load cycles (K).")] = 3,
+    steps: Annotated[int, typer.Option("--steps", help="Environment steps per cycle (N).")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the model and environments.")] = 0,
+    fmt: Annotated[
+        CycleFormat, typer.Option("--format", "-f", help="Output format.")
+    ] = CycleFormat.table,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the report to this file (atomically)."),
+    ] = None,
+    trust: Annotated[
+        bool,
+        typer.Option(
+            "--trust", help="Load MODEL even with globals off the allow-list (may run code!)."
+        ),
+    ] = False,
+) -> None:
+    """Save-load-train cycles with regression checks: the CI gate.
+
+    Trains K cycles of N steps, saving and loading after each, and checks that counters never
+    reset, optimizer and scaler state survive bit for bit, scaler, optimizer and policy share
+    parameter objects, and that the cycles equal K*N uninterrupted steps bit for bit.
+    Exit code: 0 all good, 1 a check failed, 2 the input could not be used, 3 refused as unsafe.
+    """
+    from dppo_ckpt import cycles as cycles_module
+    from dppo_ckpt.checkpoint import report
+    from dppo_ckpt.checkpoint.results import overall_exit_code
+
+    try:
+        result = cycles_module.run_cycles(
+            model, env_id=env, cycles=cycles, steps=steps, seed=seed, trust=trust
+        )
+    except cycles_module.CycleError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    reports = [result]
+    code = overall_exit_code(reports)
+    if fmt is CycleFormat.json:
+        text = report.to_json(reports, __version__, "cycle") + "\n"
+    elif fmt is CycleFormat.junit:
+        text = report.to_junit(reports, "cycle")
+    else:
+        import io
+
+        from rich.console import Console
+
+        buffer = io.StringIO()
+        report.render_table(reports, Console(file=buffer, width=120, color_system=None))
+        text = buffer.getvalue()
+    if output is not None:
+        try:
+            _write_atomic(output, text)
+        except OSError as exc:
+            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"{report.summary_line(reports)} (report written to {output})")
+    elif fmt is CycleFormat.table:
+        from rich.console import Console
+
+        report.render_table(reports, Console())
+    else:
+        sys.stdout.write(text)
     raise typer.Exit(code)
 
 

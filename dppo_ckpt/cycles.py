@@ -1,0 +1,650 @@
+"""Save-load-train cycles with regression checks: the CI gate behind ``dppo-ckpt cycle``.
+
+Starting from a fresh model (small settings, so that a run takes seconds) or from a given
+checkpoint, the runner repeats K times: train N steps, save, load, run the model checks of
+:mod:`dppo_ckpt.checkpoint.checks` on the loaded model, and carry on training the *loaded*
+model. Along the way it checks the invariants that the scaler's original checkpoint bug and
+its relatives break (see ``DESIGN.md``), each as a :class:`CheckResult` with a stable ID:
+
+========  ====================================================================================
+CYC001    timesteps strictly increase with training and never reset on load
+CYC002    the scaler's step count strictly increases with training and never resets on load
+CYC003    the policy's parameters survive every save/load bit for bit
+CYC004    the optimizer state survives every save/load bit for bit
+CYC005    the scaler's statistics survive every save/load bit for bit
+CYC006    scaler, optimizer and policy share the very same parameter objects (by ``id()``)
+CYC007    the saved checkpoints hold no pickled parameter copies in the scaler entry
+CYC008    K cycles of N steps give bit for bit the state of K*N uninterrupted steps
+========  ====================================================================================
+
+Each invariant gives one result over all cycles (the first failing cycle is named), and each
+model check one result over all loaded models, so a report always has the same test cases.
+
+CYC008 builds a second, identical starting point and trains it without any save/load. When
+the model's schedules (learning rate, clip ranges) vary with training progress, a single long
+``learn()`` call sees different progress values than K short ones even without a checkpoint,
+so the reference then trains in K ``learn()`` calls of N steps as well; the report says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import math
+import pickletools
+import tempfile
+import time
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dppo_ckpt.checkpoint.checks import CheckSpec
+from dppo_ckpt.checkpoint.results import EXIT_UNSAFE, CheckResult, FileReport, Severity, Verdict
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.vec_env import VecEnv
+
+    from dppo_ckpt.ppo import DistributionalPPO
+
+__all__ = [
+    "CYCLE_CHECKS",
+    "CYCLE_SETTINGS",
+    "CycleError",
+    "run_cycles",
+]
+
+#: Settings of the fresh model: small enough that the default run takes seconds, with a
+#: warm-up short enough that the scaler really scales during the cycles.
+CYCLE_SETTINGS: dict[str, Any] = {
+    "n_steps": 128,
+    "batch_size": 64,
+    "n_epochs": 2,
+    "learning_rate": 3e-4,
+    "vgs_warmup_steps": 4,
+}
+
+DEFAULT_ENV_ID = "Pendulum-v1"
+DEFAULT_CYCLES = 3
+DEFAULT_STEPS = 256
+
+
+def _spec(check_id: str, title: str, remedy: str) -> CheckSpec:
+    return CheckSpec(check_id, title, "cycle", Severity.ERROR, remedy)
+
+
+#: The cycle invariants, by stable ID.
+CYCLE_CHECKS: dict[str, CheckSpec] = {
+    spec.check_id: spec
+    for spec in (
+        _spec(
+            "CYC001",
+            "Timesteps strictly increase and never reset",
+            "Load must restore num_timesteps and training must continue with "
+            "learn(..., reset_num_timesteps=False); look for counters reset on load.",
+        ),
+        _spec(
+            "CYC002",
+            "Scaler step count strictly increases and never resets",
+            "Restore the saved scaler state on every load and call scale_gradients() on every "
+            "minibatch of the loaded model; a scaler linked to parameter copies sees no "
+            "gradients and stops counting.",
+        ),
+        _spec(
+            "CYC003",
+            "Policy parameters survive save/load bit for bit",
+            "Save and load policy.pth unchanged; check dtype and device of the loaded policy.",
+        ),
+        _spec(
+            "CYC004",
+            "Optimizer state survives save/load bit for bit",
+            "Save and load policy.optimizer.pth with the policy; an optimizer rebuilt after "
+            "load loses Adam's moments.",
+        ),
+        _spec(
+            "CYC005",
+            "Scaler statistics survive save/load bit for bit",
+            "Restore the scaler with load_state_dict() from its saved state on every load; "
+            "never reset or re-create its statistics.",
+        ),
+        _spec(
+            "CYC006",
+            "Scaler, optimizer and policy share parameter objects",
+            "Relink the scaler after the policy and its optimizer exist, on every load: "
+            "scaler.update_parameters(policy.parameters()).",
+        ),
+        _spec(
+            "CYC007",
+            "Checkpoints hold no pickled parameter copies",
+            "The scaler's __getstate__ must drop _parameters; rewrite old checkpoints with "
+            "`dppo-ckpt migrate OLD.zip NEW.zip`.",
+        ),
+        _spec(
+            "CYC008",
+            "Cycles equal uninterrupted training bit for bit",
+            "Some state is not saved or not restored: compare the random generator states, "
+            "counters, scaler and optimizer state of a loaded model with the saved one.",
+        ),
+    )
+}
+
+
+class CycleError(Exception):
+    """The cycles could not start: ``exit_code`` 2 (unusable input) or 3 (refused as unsafe)."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# State fingerprints
+
+
+def _tensor_bytes(tensor: Any) -> bytes:
+    return tensor.detach().cpu().contiguous().numpy().tobytes()
+
+
+def _parameters_fingerprint(model: DistributionalPPO) -> list[tuple[str, bytes]]:
+    return [(name, _tensor_bytes(p)) for name, p in model.policy.state_dict().items()]
+
+
+def _optimizer_fingerprint(model: DistributionalPPO) -> list[tuple[str, bytes | str]]:
+    import torch as th
+
+    state = model.policy.optimizer.state_dict()
+    out: list[tuple[str, bytes | str]] = [("param_groups", repr(state["param_groups"]))]
+    for index, entry in sorted(state["state"].items()):
+        for key, value in sorted(entry.items()):
+            data = _tensor_bytes(value) if isinstance(value, th.Tensor) else repr(value)
+            out.append((f"state/{index}/{key}", data))
+    return out
+
+
+def _scaler_fingerprint(state: dict[str, Any] | None) -> list[tuple[str, bytes | str]] | None:
+    if state is None:
+        return None
+    out: list[tuple[str, bytes | str]] = []
+    for key, value in sorted(state.items()):
+        if isinstance(value, list):
+            out.extend((f"{key}[{i}]", _tensor_bytes(t)) for i, t in enumerate(value))
+        else:
+            out.append((key, repr(value)))
+    return out
+
+
+def _first_difference(
+    before: list[tuple[str, Any]] | None, after: list[tuple[str, Any]] | None
+) -> str | None:
+    """Name the first entry that differs between two fingerprints, or None if equal."""
+    if before is None or after is None:
+        return None if before is after else "present in one state only"
+    if [key for key, _ in before] != [key for key, _ in after]:
+        return "different entries"
+    for (key, a), (_, b) in zip(before, after, strict=True):
+        if a != b:
+            return key
+    return None
+
+
+@dataclass
+class _State:
+    """What a model holds that must survive a save/load."""
+
+    timesteps: int
+    scaler_steps: int | None
+    scaler_state: dict[str, Any] | None
+    parameters: list[tuple[str, bytes]]
+    optimizer: list[tuple[str, bytes | str]]
+
+    @classmethod
+    def of(cls, model: DistributionalPPO) -> _State:
+        scaler = model._variance_gradient_scaler
+        state = None if scaler is None else scaler.state_dict()
+        return cls(
+            timesteps=model.num_timesteps,
+            scaler_steps=None if scaler is None else scaler.step_count,
+            scaler_state=state,
+            parameters=_parameters_fingerprint(model),
+            optimizer=_optimizer_fingerprint(model),
+        )
+
+    @property
+    def scaler(self) -> list[tuple[str, bytes | str]] | None:
+        return _scaler_fingerprint(self.scaler_state)
+
+
+def _shared_parameters(model: DistributionalPPO) -> str | None:
+    """None when scaler, optimizer and policy hold the same parameter objects, else why not."""
+    live = [p for p in model.policy.parameters() if p.requires_grad]
+    live_ids = [id(p) for p in live]
+    in_optimizer = [id(p) for group in model.policy.optimizer.param_groups for p in group["params"]]
+    if set(in_optimizer) != set(live_ids) or len(in_optimizer) != len(live_ids):
+        shared = len(set(in_optimizer) & set(live_ids))
+        return f"the optimizer holds {shared}/{len(live_ids)} of the policy's parameter objects"
+    scaler = model._variance_gradient_scaler
+    if scaler is None:
+        return None
+    tracked = scaler.parameters
+    if tracked is None:
+        return f"the scaler is linked to no parameters (0/{len(live_ids)})"
+    if [id(p) for p in tracked] != live_ids:
+        shared = len({id(p) for p in tracked} & set(live_ids))
+        return f"the scaler tracks {shared}/{len(live_ids)} of the policy's parameter objects"
+    return None
+
+
+def _pickled_parameter_copies(path: Path) -> bool:
+    """Whether the checkpoint's scaler entry pickles a ``_parameters`` attribute.
+
+    The pickle is only disassembled (``pickletools``), never loaded.
+    """
+    with zipfile.ZipFile(path) as archive:
+        data = json.loads(archive.read("data"))
+    entry = data.get("_variance_gradient_scaler")
+    if not isinstance(entry, dict) or ":serialized:" not in entry:
+        return False
+    blob = base64.b64decode(entry[":serialized:"])
+    return any(arg == "_parameters" for _, arg, _ in pickletools.genops(blob))
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting points
+
+
+def _make_env(env_id: str, seed: int) -> VecEnv:
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    try:
+        return make_vec_env(env_id, n_envs=1, seed=seed, vec_env_cls=DummyVecEnv)
+    except Exception as exc:  # gymnasium raises many kinds for an env that cannot be built
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CycleError(f"cannot create environment {env_id!r}: {message}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _start(model_path: Path | None, env_id: str, seed: int, trust: bool) -> DistributionalPPO:
+    """A starting point; called twice, it gives two models that train identically."""
+    from stable_baselines3.common.utils import set_random_seed
+
+    from dppo_ckpt.ppo import DistributionalPPO
+
+    # A checkpoint without recorded generator states must still start both runs alike.
+    set_random_seed(seed)
+    env = _make_env(env_id, seed)
+    if model_path is None:
+        return DistributionalPPO("MlpPolicy", env, seed=seed, device="cpu", **CYCLE_SETTINGS)
+
+    from dppo_ckpt.checkpoint.archive import CheckpointError
+    from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError, safe_load
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = safe_load(
+                model_path, algo_cls=DistributionalPPO, env=env, device="cpu", trust=trust
+            )
+    except UnsafePickleError as exc:
+        raise CycleError(
+            f"{model_path} refused as unsafe: {_one_line(exc)} (--trust loads it anyway)",
+            EXIT_UNSAFE,
+        ) from exc
+    except CheckpointError as exc:
+        raise CycleError(f"cannot use {model_path}: {_one_line(exc)}") from exc
+    except Exception as exc:  # SB3 raises anything for a file that does not fit
+        raise CycleError(f"cannot load {model_path} on {env_id}: {_one_line(exc)}") from exc
+    if not isinstance(model, DistributionalPPO):
+        raise CycleError(f"{model_path} is not a DistributionalPPO checkpoint")
+    # The environments restart on the first learn(); seeded, so both runs see the same ones.
+    env.seed(seed)
+    return model
+
+
+def _schedules_constant(model: DistributionalPPO) -> bool:
+    """Whether learning rate and clip ranges ignore the training progress."""
+    schedules = [model.lr_schedule, model.clip_range, model.clip_range_vf]
+    for schedule in schedules:
+        if schedule is None or not callable(schedule):
+            continue
+        values = {float(schedule(progress)) for progress in (1.0, 0.5, 0.0)}
+        if len(values) > 1:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class _Outcome:
+    """Per-invariant findings collected over the cycles: the first failure wins."""
+
+    failures: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def fail(self, check_id: str, message: str, **details: Any) -> None:
+        self.failures.setdefault(check_id, (message, details))
+
+
+@contextlib.contextmanager
+def _timer(durations: dict[str, float], *check_ids: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started
+        for check_id in check_ids:
+            durations[check_id] = durations.get(check_id, 0.0) + elapsed
+
+
+def _merge_model_checks(per_cycle: list[list[CheckResult]], cycles: int) -> list[CheckResult]:
+    """One result per model check over all loaded models: the first failure or error wins."""
+    order: list[str] = []
+    by_id: dict[str, list[tuple[int, CheckResult]]] = {}
+    for cycle, results in enumerate(per_cycle, start=1):
+        for result in results:
+            if result.check_id not in by_id:
+                order.append(result.check_id)
+                by_id[result.check_id] = []
+            by_id[result.check_id].append((cycle, result))
+    merged = []
+    for check_id in order:
+        runs = by_id[check_id]
+        duration = sum(result.duration_s for _, result in runs)
+        bad = next(((c, r) for c, r in runs if r.verdict in (Verdict.FAIL, Verdict.ERROR)), None)
+        if bad is not None:
+            cycle, result = bad
+            merged.append(
+                replace(result, message=f"cycle {cycle}: {result.message}", duration_s=duration)
+            )
+            continue
+        cycle, last = runs[-1]
+        if all(r.verdict is Verdict.PASS for _, r in runs):
+            message = f"after each of {len(runs)} loads: {last.message}"
+        else:
+            message = last.message
+        merged.append(replace(last, message=message, duration_s=duration))
+    return merged
+
+
+def run_cycles(
+    model_path: str | Path | None = None,
+    *,
+    env_id: str = DEFAULT_ENV_ID,
+    cycles: int = DEFAULT_CYCLES,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    trust: bool = False,
+    workdir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> FileReport:
+    """Run ``cycles`` save-load-train cycles of ``steps`` steps and check every invariant.
+
+    :param model_path: start from this checkpoint (loaded with the allow-list loader) instead
+        of a fresh model with :data:`CYCLE_SETTINGS`
+    :param env_id: the environment to train on
+    :param cycles: how many times to train, save and load (K)
+    :param steps: environment steps per cycle (N), rounded up to whole rollouts
+    :param seed: seed of the fresh model and of the environments
+    :param trust: load ``model_path`` even if it pickles globals off the allow-list
+    :param workdir: keep the cycle checkpoints here (default: a temporary folder)
+    :param progress: called with a short line as each stage starts
+    :return: one report, path = ``model_path`` or ``"fresh-<env_id>"``
+    :raises CycleError: the start could not be used (exit 2) or was refused as unsafe (exit 3)
+    """
+    if cycles < 1:
+        raise CycleError(f"--cycles must be >= 1, got {cycles}")
+    if steps < 1:
+        raise CycleError(f"--steps must be >= 1, got {steps}")
+    import gymnasium as gym
+
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as exc:
+        raise CycleError(f"unknown environment id {env_id!r}: {exc}") from exc
+    path = Path(model_path) if model_path is not None else None
+    if path is not None and not path.is_file():
+        raise CycleError(f"cannot use {path}: no such file")
+    say = progress or (lambda line: None)
+
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dppo-cycle-")))
+        else:
+            folder = Path(workdir)
+            folder.mkdir(parents=True, exist_ok=True)
+        results = _run(path, env_id, cycles, steps, seed, trust, folder, say)
+    report_path = str(model_path) if model_path is not None else f"fresh-{env_id}"
+    return FileReport.from_results(report_path, results)
+
+
+def _run(
+    path: Path | None,
+    env_id: str,
+    cycles: int,
+    steps: int,
+    seed: int,
+    trust: bool,
+    folder: Path,
+    say: Callable[[str], None],
+) -> list[CheckResult]:
+    from dppo_ckpt.checkpoint.checks import model_checks
+    from dppo_ckpt.ppo import DistributionalPPO, LegacyCheckpointWarning
+
+    outcome = _Outcome()
+    durations: dict[str, float] = {}
+    per_cycle_model_checks: list[list[CheckResult]] = []
+    say("building the starting point")
+    model = _start(path, env_id, seed, trust)
+    env = model.get_env()
+    rollout = model.n_steps * model.n_envs
+    steps_per_cycle = math.ceil(steps / rollout) * rollout
+    has_scaler = model._variance_gradient_scaler is not None
+    history: list[dict[str, Any]] = []
+    start_timesteps = model.num_timesteps
+    broken: str | None = None
+
+    for cycle in range(1, cycles + 1):
+        stage = "learn"
+        try:
+            say(f"cycle {cycle}/{cycles}: train {steps_per_cycle} steps, save, load")
+            before = _State.of(model)
+            with _timer(durations, "CYC001", "CYC002"):
+                model.learn(steps, reset_num_timesteps=False)
+            trained = _State.of(model)
+            checkpoint = folder / f"cycle_{cycle}.zip"
+            stage = "save"
+            model.save(checkpoint)
+            stage = "load"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loaded = DistributionalPPO.load(
+                    checkpoint, env=env, device="cpu", force_reset=False
+                )
+            legacy = [w for w in caught if issubclass(w.category, LegacyCheckpointWarning)]
+            stage = "check"
+            after = _State.of(loaded)
+            history.append(
+                {
+                    "cycle": cycle,
+                    "timesteps": [before.timesteps, trained.timesteps, after.timesteps],
+                    "scaler_steps": [before.scaler_steps, trained.scaler_steps, after.scaler_steps],
+                }
+            )
+
+            if not trained.timesteps > before.timesteps:
+                outcome.fail(
+                    "CYC001",
+                    f"cycle {cycle}: training moved timesteps from {before.timesteps} to "
+                    f"{trained.timesteps}",
+                )
+            if after.timesteps != trained.timesteps:
+                outcome.fail(
+                    "CYC001",
+                    f"cycle {cycle}: saved at {trained.timesteps} timesteps, loaded with "
+                    f"{after.timesteps}",
+                )
+            if has_scaler:
+                if trained.scaler_steps is None or not (
+                    before.scaler_steps is not None and trained.scaler_steps > before.scaler_steps
+                ):
+                    outcome.fail(
+                        "CYC002",
+                        f"cycle {cycle}: training moved the scaler's step count from "
+                        f"{before.scaler_steps} to {trained.scaler_steps}",
+                    )
+                if after.scaler_steps != trained.scaler_steps:
+                    outcome.fail(
+                        "CYC002",
+                        f"cycle {cycle}: saved at scaler step {trained.scaler_steps}, loaded "
+                        f"at {after.scaler_steps}",
+                    )
+            with _timer(durations, "CYC003", "CYC004", "CYC005"):
+                diff = _first_difference(trained.parameters, after.parameters)
+                if diff is not None:
+                    outcome.fail("CYC003", f"cycle {cycle}: {diff} differs after load")
+                diff = _first_difference(trained.optimizer, after.optimizer)
+                if diff is not None:
+                    outcome.fail("CYC004", f"cycle {cycle}: optimizer {diff} differs after load")
+                diff = _first_difference(trained.scaler, after.scaler)
+                if has_scaler and diff is not None:
+                    outcome.fail("CYC005", f"cycle {cycle}: scaler {diff} differs after load")
+            with _timer(durations, "CYC006"):
+                problem = _shared_parameters(loaded)
+                if problem is not None:
+                    outcome.fail("CYC006", f"cycle {cycle}, after load: {problem}")
+            with _timer(durations, "CYC007"):
+                if has_scaler and _pickled_parameter_copies(checkpoint):
+                    outcome.fail(
+                        "CYC007",
+                        f"cycle {cycle}: the saved scaler entry pickles _parameters",
+                        member="data",
+                        entry="_variance_gradient_scaler",
+                    )
+                elif legacy:
+                    outcome.fail(
+                        "CYC007",
+                        f"cycle {cycle}: loading warned: {_one_line(legacy[0].message)}",
+                    )
+            say(f"cycle {cycle}/{cycles}: model checks")
+            per_cycle_model_checks.append(model_checks(loaded, trained.scaler_state))
+            model = loaded
+        except Exception as exc:  # the gate reports a crash as an error, never a traceback
+            broken = f"cycle {cycle} stopped in {stage}: {type(exc).__name__}: {_one_line(exc)}"
+            break
+
+    final = _State.of(model) if broken is None else None
+    results: list[CheckResult] = []
+    details = {"cycles": cycles, "steps_per_cycle": steps_per_cycle, "history": history}
+
+    def verdict(check_id: str, passed: str, applicable: bool = True) -> CheckResult:
+        spec = CYCLE_CHECKS[check_id]
+        if check_id in outcome.failures:
+            message, extra = outcome.failures[check_id]
+            result = spec.failed(message, **extra, **details)
+        elif broken is not None:
+            result = spec.errored(broken)
+        elif not applicable:
+            result = spec.skipped("the model has no scaler (variance_gradient_scaling=False)")
+        else:
+            result = spec.passed(passed, **details)
+        return replace(result, duration_s=durations.get(check_id, 0.0))
+
+    timeline = [start_timesteps] + [h["timesteps"][2] for h in history]
+    results.append(
+        verdict(
+            "CYC001",
+            "timesteps " + " -> ".join(str(t) for t in timeline) + ", kept by every load",
+        )
+    )
+    scaler_line = [h["scaler_steps"][2] for h in history]
+    results.append(
+        verdict(
+            "CYC002",
+            "scaler steps " + " -> ".join(str(s) for s in scaler_line) + ", kept by every load",
+            has_scaler,
+        )
+    )
+    results.append(verdict("CYC003", f"{cycles} loads gave back every parameter exactly"))
+    results.append(verdict("CYC004", f"{cycles} loads gave back the optimizer state exactly"))
+    results.append(
+        verdict("CYC005", f"{cycles} loads gave back the scaler statistics exactly", has_scaler)
+    )
+    results.append(verdict("CYC006", f"after each of {cycles} loads, one set of parameter objects"))
+    results.append(
+        verdict("CYC007", f"{cycles} checkpoints, no _parameters in the scaler", has_scaler)
+    )
+    results.append(
+        _exact_resume(path, env_id, seed, trust, cycles, steps, steps_per_cycle, final, broken, say)
+    )
+    results.extend(_merge_model_checks(per_cycle_model_checks, cycles))
+    return results
+
+
+def _exact_resume(
+    path: Path | None,
+    env_id: str,
+    seed: int,
+    trust: bool,
+    cycles: int,
+    steps: int,
+    steps_per_cycle: int,
+    final: _State | None,
+    broken: str | None,
+    say: Callable[[str], None],
+) -> CheckResult:
+    """CYC008: train a second, identical start without save/load and compare bit for bit."""
+    spec = CYCLE_CHECKS["CYC008"]
+    if final is None:
+        return spec.errored(broken or "the cycles did not finish")
+    started = time.perf_counter()
+    total = cycles * steps_per_cycle
+    try:
+        say(f"reference: {total} steps without save/load")
+        reference = _start(path, env_id, seed, trust)
+        if _schedules_constant(reference):
+            reference.learn(total, reset_num_timesteps=False)
+            how = f"{total} uninterrupted steps"
+        else:
+            for _ in range(cycles):
+                reference.learn(steps, reset_num_timesteps=False)
+            how = f"{cycles} learn() calls of {steps_per_cycle} steps without save/load"
+            how += " (the schedules vary with progress)"
+        expected = _State.of(reference)
+    except Exception as exc:  # as in the cycles: a crash is an error result
+        return spec.errored(f"the reference run failed: {type(exc).__name__}: {_one_line(exc)}")
+    details = {"reference": how, "timesteps": final.timesteps}
+    mismatches = []
+    if expected.timesteps != final.timesteps:
+        mismatches.append(f"timesteps {final.timesteps} vs {expected.timesteps}")
+    for what, ours, theirs in (
+        ("parameter", final.parameters, expected.parameters),
+        ("optimizer", final.optimizer, expected.optimizer),
+        ("scaler", final.scaler, expected.scaler),
+    ):
+        diff = _first_difference(ours, theirs)
+        if diff is not None:
+            mismatches.append(f"{what} {diff}")
+    duration = time.perf_counter() - started
+    if mismatches:
+        result = spec.failed(
+            f"{cycles} cycles of {steps_per_cycle} steps differ from {how}: "
+            + "; ".join(mismatches),
+            **details,
+        )
+    else:
+        result = spec.passed(
+            f"{cycles} cycles of {steps_per_cycle} steps equal {how}: parameters, optimizer "
+            "and scaler state bit for bit",
+            **details,
+        )
+    return replace(result, duration_s=duration)
