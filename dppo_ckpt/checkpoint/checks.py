@@ -377,9 +377,10 @@ def check_nothing_unsafe(ctx: _Context) -> CheckResult:
             f"{len(scan.globals_referenced)} distinct globals in {scan.pickles_scanned} "
             "pickles, all allow-listed"
         )
-    first = refused[0]
+    code_findings = [f for f in refused if f.verdict is GlobalVerdict.CODE_BY_VALUE]
+    code = bool(code_findings)
+    first = code_findings[0] if code else refused[0]
     names = sorted({f.global_name for f in refused})
-    code = any(f.verdict is GlobalVerdict.CODE_BY_VALUE for f in refused)
     where = f"member {first.member!r}" + (f", entry {first.entry!r}" if first.entry else "")
     inside = f" ({' > '.join(first.path)})" if first.path else ""
     kind = "code pickled by value" if code else "globals off the allow-list"

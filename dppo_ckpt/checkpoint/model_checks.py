@@ -296,15 +296,23 @@ def check_scale_reaches_gradients(model: Any) -> CheckResult:
         with torch.enable_grad():
             _probe_loss(model).backward()
         before = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        tracked_with_grad = sum(t.grad is not None for t in scaler.parameters)
         factor = scaler.scale_gradients()
         after = [None if p.grad is None else p.grad.detach() for p in params]
     with_grad = [i for i, g in enumerate(before) if g is not None]
     if not with_grad:
         return spec.failed("the probe loss reached no parameter of the policy")
     if factor == 1.0:
+        why = (
+            "none of the scaler's tensors received a gradient: it tracks tensors the policy "
+            "does not use"
+            if tracked_with_grad == 0
+            else "the scaler returned 1 in a forced post-warm-up regime"
+        )
         return spec.failed(
-            "the scaler returned a factor of 1 in a forced post-warm-up regime: it does not scale",
+            f"0/{len(with_grad)} of the policy's gradients were scaled: {why}",
             factor=factor,
+            tracked_with_grad=tracked_with_grad,
         )
     wrong = [
         i
