@@ -1,0 +1,477 @@
+"""`dppo-ckpt migrate`: lossless, code-free and atomic rewriting of legacy checkpoints."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import pickletools
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dppo_ckpt.checkpoint import migrate
+from dppo_ckpt.checkpoint.archive import open_checkpoint
+from dppo_ckpt.checkpoint.checks import run_checks
+from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler, safe_load
+from dppo_ckpt.cli import app
+from fixtures.make_fixtures import (
+    FIXTURES_DIR,
+    FOREIGN_MODULES,
+    foreign_modules,
+    write_legacy_checkpoint,
+)
+from tests._models import make_env, make_model
+
+LEGACY = FIXTURES_DIR / "dppo_legacy.zip"
+CURRENT = FIXTURES_DIR / "dppo_quantile_vgs.zip"
+FOREIGN = FIXTURES_DIR / "dppo_legacy_foreign_modules.zip"
+SCALER = migrate.SCALER_ENTRY
+CLI = [sys.executable, "-m", "dppo_ckpt.cli", "migrate"]
+
+runner = CliRunner()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int, str]]:
+    return {
+        p.name: (p.stat().st_size, p.stat().st_mtime_ns, _sha256(p))
+        for p in sorted(folder.iterdir())
+    }
+
+
+def _scaler_pickle(path: Path) -> bytes:
+    with open_checkpoint(path) as archive:
+        return archive.serialized_entries()[SCALER]
+
+
+_MARK, _STATE, _OTHER = object(), object(), object()
+_MEMO_PUT = {"BINPUT", "LONG_BINPUT", "PUT"}
+_MEMO_GET = {"BINGET", "LONG_BINGET", "GET"}
+
+
+def _pickled_state_keys(payload: bytes) -> list[str]:
+    """The keys of the scaler's state dict, read from the opcodes (nothing is unpickled).
+
+    A stack machine over opcode stack effects: strings are kept, everything else is opaque,
+    the state dict is the pickle's first dict, and its keys are the even items of the
+    ``SETITEMS`` applied to it.
+    """
+    stack: list[object] = []
+    memo: dict[int, object] = {}
+    state_seen = False
+    for opcode, arg, _ in pickletools.genops(payload):
+        name = opcode.name
+        if name == "MEMOIZE":
+            memo[len(memo)] = stack[-1]
+        elif name in _MEMO_PUT:
+            memo[arg] = stack[-1]
+        elif name in _MEMO_GET:
+            stack.append(memo[arg])
+        elif name == "EMPTY_DICT" and not state_seen:
+            state_seen = True
+            stack.append(_STATE)
+        elif name in ("SETITEMS", "SETITEM"):
+            if name == "SETITEMS":
+                mark = max(i for i, item in enumerate(stack) if item is _MARK)
+                items, stack = stack[mark + 1 :], stack[:mark]
+            else:
+                items, stack = stack[-2:], stack[:-2]
+            if stack[-1] is _STATE:
+                return [key for key in items[::2] if isinstance(key, str)]
+        elif name == "STOP":
+            break
+        else:
+            before = opcode.stack_before
+            if pickletools.markobject in before:
+                mark = max(i for i, item in enumerate(stack) if item is _MARK)
+                stack = stack[: mark - before.index(pickletools.markobject)]
+            elif before:
+                del stack[len(stack) - len(before) :]
+            for kind in opcode.stack_after:
+                if kind is pickletools.markobject:
+                    stack.append(_MARK)
+                else:
+                    stack.append(arg if isinstance(arg, str) else _OTHER)
+    raise AssertionError("no state dict with items found")
+
+
+def _raw_members(path: Path) -> list[tuple[str, int, bytes]]:
+    """(name, compress type, local header + compressed bytes) of every member, in file order."""
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as zf:
+        infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
+        ends = [i.header_offset for i in infos[1:]] + [zf.start_dir]
+    return [
+        (i.filename, i.compress_type, raw[i.header_offset : end])
+        for i, end in zip(infos, ends, strict=True)
+    ]
+
+
+def _run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+# -- the legacy fixture --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def migrated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("migrated") / "new.zip"
+    outcome = migrate.migrate_file(LEGACY, out)
+    assert outcome.exit_code == 0, outcome.message
+    assert outcome.status == "migrated"
+    assert outcome.checks is not None and outcome.checks.exit_code == 0
+    return out
+
+
+def test_legacy_fixture_is_legacy():
+    assert "_parameters" in _pickled_state_keys(_scaler_pickle(LEGACY))
+
+
+def test_migrated_legacy_verifies_and_tracks_live_parameters(migrated):
+    report = run_checks(migrated)
+    assert report.exit_code == 0, [(r.check_id, r.message) for r in report.results]
+    assert "_parameters" not in _pickled_state_keys(_scaler_pickle(migrated))
+    model = safe_load(migrated, env=make_env())
+    policy = list(model.policy.parameters())
+    tracked = model._variance_gradient_scaler.parameters
+    assert len(tracked) == len(policy)
+    assert [id(p) for p in tracked] == [id(p) for p in policy]
+
+
+def test_statistics_equal_the_legacy_ones_bit_for_bit(migrated):
+    legacy = SafeUnpickler(io.BytesIO(_scaler_pickle(LEGACY)), entry=SCALER).load()
+    assert legacy.legacy_parameters_dropped
+    stored = SafeUnpickler(io.BytesIO(_scaler_pickle(migrated)), entry=SCALER).load()
+    assert not stored.legacy_parameters_dropped
+    loaded = safe_load(migrated, env=make_env())._variance_gradient_scaler
+    expected = legacy.state_dict()
+    for scaler in (stored, loaded):
+        state = scaler.state_dict()
+        for key in ("format_version", "config", "step_count", "scaling_factor", "noise_ratio"):
+            assert state[key] == expected[key], key
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert [t.numpy().tobytes() for t in state[key]] == [
+                t.numpy().tobytes() for t in expected[key]
+            ]
+    assert expected["step_count"] > 0
+
+
+def test_migrated_legacy_is_what_the_fixed_code_writes(migrated):
+    # The legacy and the current fixture come from the same seeded training run: migration
+    # must give the fixed code's checkpoint, byte for byte.
+    assert migrated.read_bytes() == CURRENT.read_bytes()
+
+
+def test_every_member_and_data_key_is_kept(migrated):
+    before, after = _raw_members(LEGACY), _raw_members(migrated)
+    assert [(n, c) for n, c, _ in before] == [(n, c) for n, c, _ in after]
+    for (name, _, old), (_, _, new) in zip(before, after, strict=True):
+        if name != "data":
+            assert old == new, f"member {name} changed"
+    with zipfile.ZipFile(LEGACY) as zf:
+        old_text = zf.read("data").decode()
+    with zipfile.ZipFile(migrated) as zf:
+        new_text = zf.read("data").decode()
+    old_data, new_data = json.loads(old_text), json.loads(new_text)
+    assert list(old_data) == list(new_data)
+    for key in old_data:
+        if key != SCALER:
+            assert json.dumps(old_data[key], indent=4) == json.dumps(new_data[key], indent=4), key
+    assert list(old_data[SCALER]) == list(new_data[SCALER])
+    changed = [k for k in old_data[SCALER] if old_data[SCALER][k] != new_data[SCALER][k]]
+    assert changed == [":serialized:"]
+    # Textually too: only the base64 string differs.
+    old_b64, new_b64 = old_data[SCALER][":serialized:"], new_data[SCALER][":serialized:"]
+    assert old_text.replace(old_b64, "") == new_text.replace(new_b64, "")
+
+
+def test_migrating_twice_is_a_no_op(migrated, tmp_path):
+    again = tmp_path / "again.zip"
+    result = runner.invoke(app, ["migrate", str(migrated), str(again)])
+    assert result.exit_code == 0, result.output
+    assert "already current" in result.output
+    assert again.read_bytes() == migrated.read_bytes()
+
+    in_place = tmp_path / "current.zip"
+    shutil.copyfile(migrated, in_place)
+    before = _listing(tmp_path)
+    result = runner.invoke(app, ["migrate", "--in-place", str(in_place)])
+    assert result.exit_code == 0 and "already current" in result.output
+    assert _listing(tmp_path) == before  # left alone, no backup
+
+
+# -- classes that do not exist here ----------------------------------------------------------
+
+
+def test_foreign_modules_fixture_migrates_without_those_modules(tmp_path):
+    for module, _ in FOREIGN_MODULES:
+        assert module not in sys.modules
+        assert importlib.util.find_spec(module) is None
+    out = tmp_path / "new.zip"
+    outcome = migrate.migrate_file(FOREIGN, out)
+    assert outcome.exit_code == 0, outcome.message
+    for module, _ in FOREIGN_MODULES:
+        assert module not in sys.modules
+    payload = _scaler_pickle(out)
+    keys = _pickled_state_keys(payload)
+    assert "_parameters" not in keys and "_logger" not in keys
+    assert keys[:3] == ["beta", "alpha", "eps"] and "_exp_avg_sq" in keys
+    strings = [arg for op, arg, _ in pickletools.genops(payload) if isinstance(arg, str)]
+    assert strings[:2] == ["variance_gradient_scaler", "VarianceGradientScaler"]
+    assert "_parameters" not in strings
+    # Everything but the scaler's pickle is the input's, byte for byte.
+    for (name, _, old), (_, _, new) in zip(_raw_members(FOREIGN), _raw_members(out), strict=True):
+        if name != "data":
+            assert old == new
+    # With the old modules back, the result loads and the scaler tracks the live parameters.
+    import cloudpickle  # noqa: F401  (SB3 decodes with it; the modules are ours here)
+
+    from dppo_ckpt import DistributionalPPO
+
+    with foreign_modules():
+        model = DistributionalPPO.load(out, env=make_env())
+    policy = [id(p) for p in model.policy.parameters()]
+    assert [id(p) for p in model._variance_gradient_scaler.parameters] == policy
+
+
+def test_foreign_result_keeps_the_same_statistics(tmp_path):
+    out = tmp_path / "new.zip"
+    assert migrate.migrate_file(FOREIGN, out, static=True).exit_code == 0
+    # Same training run as the legacy fixture: once the module name is spelled the same, the
+    # migrated scaler pickles are identical.
+    legacy_out = tmp_path / "legacy.zip"
+    assert migrate.migrate_file(LEGACY, legacy_out, static=True).exit_code == 0
+    from dppo_ckpt.checkpoint.stub_pickle import stub_dumps, stub_loads
+
+    root = stub_loads(_scaler_pickle(out))
+    assert root.func.name == "variance_gradient_scaler.VarianceGradientScaler"
+    root.func.module = "dppo_ckpt.vgs"
+    assert stub_dumps(root, 5) == _scaler_pickle(legacy_out)
+
+
+# -- refusals and errors -----------------------------------------------------------------------
+
+
+def test_unsafe_input_is_refused_and_nothing_written(tmp_path):
+    out = tmp_path / "new.zip"
+    for name in ("hostile_data_entry.zip", "hostile_nested_blob.zip", "hostile_policy_pth.zip"):
+        outcome = migrate.migrate_file(FIXTURES_DIR / name, out)
+        assert outcome.exit_code == 3, (name, outcome.message)
+        assert outcome.status == "refused"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_the_scaler_class_may_come_from_anywhere():
+    from dppo_ckpt.checkpoint.safe_pickle import Finding, GlobalVerdict
+
+    def finding(entry: str, name: str, path: tuple[str, ...] = ()) -> Finding:
+        return Finding("data", entry, name, GlobalVerdict.NOT_ALLOWED, path)
+
+    assert migrate.is_exempt(finding(SCALER, "old.VarianceGradientScaler"))
+    assert not migrate.is_exempt(finding(SCALER, "os.system"))
+    assert not migrate.is_exempt(finding("clip_range", "old.VarianceGradientScaler"))
+    assert not migrate.is_exempt(finding(SCALER, "old.VarianceGradientScaler", ("blob",)))
+    assert not migrate.is_exempt(
+        Finding("data", SCALER, "cloudpickle.VarianceGradientScaler", GlobalVerdict.CODE_BY_VALUE)
+    )
+
+
+def test_broken_input_is_unusable(tmp_path):
+    for name in ("broken_not_a_zip.zip", "broken_truncated.zip", "broken_no_data.zip"):
+        outcome = migrate.migrate_file(FIXTURES_DIR / name, tmp_path / "new.zip")
+        assert outcome.exit_code == 2, (name, outcome.message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
+    def refuse(path, **_):
+        assert path.exists() and path.parent == tmp_path  # the temporary file, beside NEW
+        raise migrate.MigrationError("the result does not verify: simulated")
+
+    monkeypatch.setattr(migrate, "_verify", refuse)
+    outcome = migrate.migrate_file(LEGACY, tmp_path / "new.zip")
+    assert outcome.exit_code == 1 and outcome.status == "failed"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    work = tmp_path / "old.zip"
+    shutil.copyfile(LEGACY, work)
+    before = _listing(tmp_path)
+    for extra in ([str(tmp_path / "new.zip")], ["--in-place"]):
+        result = runner.invoke(app, ["migrate", "--dry-run", str(work), *extra])
+        assert result.exit_code == 0, result.output
+        assert "would migrate" in result.output
+        assert _listing(tmp_path) == before
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "new.zip"
+    out.write_bytes(b"precious")
+    result = runner.invoke(app, ["migrate", str(LEGACY), str(out)])
+    assert result.exit_code == 2
+    assert out.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.zip"]
+    result = runner.invoke(app, ["migrate", "--force", str(LEGACY), str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == CURRENT.read_bytes()
+
+
+def test_in_place_keeps_an_atomic_backup(tmp_path):
+    work = tmp_path / "model.zip"
+    shutil.copyfile(LEGACY, work)
+    result = runner.invoke(app, ["migrate", "--in-place", "--static", str(work)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model.zip.bak").read_bytes() == LEGACY.read_bytes()
+    assert work.read_bytes() == CURRENT.read_bytes()
+    # A second legacy file whose backup name is taken is refused, and left as it was.
+    shutil.copyfile(LEGACY, work)
+    result = runner.invoke(app, ["migrate", "--in-place", str(work)])
+    assert result.exit_code == 2 and "exists" in result.output
+    assert work.read_bytes() == LEGACY.read_bytes()
+    result = runner.invoke(app, ["migrate", "--in-place", "--backup-suffix", ".old", str(work)])
+    assert result.exit_code == 0
+    assert (tmp_path / "model.zip.old").read_bytes() == LEGACY.read_bytes()
+
+
+def test_several_inputs_with_a_summary(tmp_path):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    shutil.copyfile(LEGACY, inputs / "a_legacy.zip")
+    shutil.copyfile(CURRENT, inputs / "b_current.zip")
+    shutil.copyfile(FIXTURES_DIR / "broken_not_a_zip.zip", inputs / "c_broken.zip")
+    result = runner.invoke(
+        app, ["migrate", "--static", "--format", "json", "--out-dir", str(out), str(inputs)]
+    )
+    assert result.exit_code == 2  # the worst outcome: an unusable input
+    report = json.loads(result.stdout)
+    assert report["exit_code"] == 2
+    statuses = {Path(f["source"]).name: f["status"] for f in report["files"]}
+    assert statuses == {
+        "a_legacy.zip": "migrated",
+        "b_current.zip": "already current",
+        "c_broken.zip": "unusable",
+    }
+    assert sorted(p.name for p in out.iterdir()) == ["a_legacy.zip", "b_current.zip"]
+    result = runner.invoke(app, ["migrate", "--out-dir", str(out), str(inputs / "a_legacy.zip")])
+    assert result.exit_code == 2  # exists, no --force
+    table = runner.invoke(app, ["migrate", "--dry-run", "--out-dir", str(tmp_path), str(inputs)])
+    assert "would migrate" in table.output and "already current" in table.output
+
+
+# -- crash safety --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_legacy(tmp_path_factory) -> Path:
+    """A legacy checkpoint of some 35 MB: a wide policy, trained one update, saved the old way."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = make_model(
+        n_steps=64,
+        batch_size=64,
+        n_epochs=1,
+        vgs_warmup_steps=0,
+        policy_kwargs=dict(net_arch=dict(pi=[768, 768], vf=[768, 768])),
+    )
+    model.learn(64)
+    path = tmp_path_factory.mktemp("big") / "big_legacy.zip"
+    write_legacy_checkpoint(model, path)
+    assert path.stat().st_size > 20_000_000
+    return path
+
+
+def _complete(path: Path, original: str) -> bool:
+    """Whether ``path`` is a complete migrated checkpoint that verifies statically."""
+    report = run_checks(path, static=True)
+    return report.exit_code == 0 and _sha256(path) != original
+
+
+def _kill_after(args: list[str], delay: float) -> int | None:
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return None
+    return proc.returncode
+
+
+def test_sigkill_never_leaves_a_partial_output(big_legacy, tmp_path):
+    original = _sha256(big_legacy)
+    out = tmp_path / "new.zip"
+    start = time.monotonic()
+    done = _run(big_legacy, out, "--static")
+    duration = time.monotonic() - start
+    assert done.returncode == 0, done.stderr
+    assert _complete(out, original)
+    migrated_sha = _sha256(out)
+    rng = random.Random(9)
+    outcomes = {"absent": 0, "complete": 0}
+    for _ in range(20):
+        out.unlink(missing_ok=True)
+        code = _kill_after([str(big_legacy), str(out), "--static"], rng.uniform(0, duration))
+        assert _sha256(big_legacy) == original
+        if out.exists():
+            assert _sha256(out) == migrated_sha and _complete(out, original)
+            outcomes["complete"] += 1
+        else:
+            assert code is None, "a finished run must leave its output"
+            outcomes["absent"] += 1
+        for leftover in tmp_path.glob(".new.zip.*"):  # what a killed run cannot clean up
+            leftover.unlink()
+    assert outcomes["absent"] > 0  # the kills did land mid-run
+
+
+def test_sigkill_in_place_keeps_input_or_result_and_backup_whole(big_legacy, tmp_path):
+    original = _sha256(big_legacy)
+    work, backup = tmp_path / "model.zip", tmp_path / "model.zip.bak"
+    shutil.copyfile(big_legacy, work)
+    start = time.monotonic()
+    assert _run(work, "--in-place", "--static").returncode == 0
+    duration = time.monotonic() - start
+    migrated_sha = _sha256(work)
+    assert _sha256(backup) == original
+    rng = random.Random(10)
+    for _ in range(20):
+        backup.unlink(missing_ok=True)
+        shutil.copyfile(big_legacy, work)
+        _kill_after([str(work), "--in-place", "--static"], rng.uniform(0, duration))
+        assert _sha256(work) in (original, migrated_sha)
+        if _sha256(work) == migrated_sha:
+            assert _sha256(backup) == original  # the backup came first
+        if backup.exists():
+            assert _sha256(backup) == original
+        for leftover in tmp_path.glob(".model.zip.*"):
+            leftover.unlink()
+    assert _complete(work, original) or _sha256(work) == original
+
+
+def test_base64_in_data_is_the_only_text_that_changes_for_a_big_file(big_legacy, tmp_path):
+    out = tmp_path / "new.zip"
+    assert migrate.migrate_file(big_legacy, out, static=True).exit_code == 0
+    with zipfile.ZipFile(big_legacy) as a, zipfile.ZipFile(out) as b:
+        old, new = json.loads(a.read("data")), json.loads(b.read("data"))
+    assert {k for k in old if old[k] != new[k]} == {SCALER}
+    old_pickle = base64.b64decode(old[SCALER][":serialized:"])
+    new_pickle = base64.b64decode(new[SCALER][":serialized:"])
+    assert len(new_pickle) < len(old_pickle) * 0.75  # a third of it was parameter copies
