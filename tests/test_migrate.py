@@ -132,36 +132,42 @@ def _run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def migrated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("migrated") / "new.zip"
-    outcome = migrate.migrate_file(LEGACY, out)
+    outcome = migrate.migrate_file(LEGACY, out, static=True)
     assert outcome.exit_code == 0, outcome.message
     assert outcome.status == "migrated"
     assert outcome.checks is not None and outcome.checks.exit_code == 0
     return out
 
 
+@pytest.fixture(scope="module")
+def loaded(migrated):
+    """The migrated checkpoint, loaded with the allow-list loader."""
+    return safe_load(migrated, env=make_env())
+
+
 def test_legacy_fixture_is_legacy():
     assert "_parameters" in _pickled_state_keys(_scaler_pickle(LEGACY))
 
 
-def test_migrated_legacy_verifies_and_tracks_live_parameters(migrated):
+def test_migrated_legacy_verifies_and_tracks_live_parameters(migrated, loaded):
     report = run_checks(migrated)
     assert report.exit_code == 0, [(r.check_id, r.message) for r in report.results]
+    assert {r.verdict.value for r in report.results} == {"pass"}
     assert "_parameters" not in _pickled_state_keys(_scaler_pickle(migrated))
-    model = safe_load(migrated, env=make_env())
+    model = loaded
     policy = list(model.policy.parameters())
     tracked = model._variance_gradient_scaler.parameters
     assert len(tracked) == len(policy)
     assert [id(p) for p in tracked] == [id(p) for p in policy]
 
 
-def test_statistics_equal_the_legacy_ones_bit_for_bit(migrated):
+def test_statistics_equal_the_legacy_ones_bit_for_bit(migrated, loaded):
     legacy = SafeUnpickler(io.BytesIO(_scaler_pickle(LEGACY)), entry=SCALER).load()
     assert legacy.legacy_parameters_dropped
     stored = SafeUnpickler(io.BytesIO(_scaler_pickle(migrated)), entry=SCALER).load()
     assert not stored.legacy_parameters_dropped
-    loaded = safe_load(migrated, env=make_env())._variance_gradient_scaler
     expected = legacy.state_dict()
-    for scaler in (stored, loaded):
+    for scaler in (stored, loaded._variance_gradient_scaler):
         state = scaler.state_dict()
         for key in ("format_version", "config", "step_count", "scaling_factor", "noise_ratio"):
             assert state[key] == expected[key], key
@@ -328,7 +334,7 @@ def test_existing_output_needs_force(tmp_path):
     assert result.exit_code == 2
     assert out.read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.zip"]
-    result = runner.invoke(app, ["migrate", "--force", str(LEGACY), str(out)])
+    result = runner.invoke(app, ["migrate", "--force", "--static", str(LEGACY), str(out)])
     assert result.exit_code == 0, result.output
     assert out.read_bytes() == CURRENT.read_bytes()
 
@@ -342,10 +348,12 @@ def test_in_place_keeps_an_atomic_backup(tmp_path):
     assert work.read_bytes() == CURRENT.read_bytes()
     # A second legacy file whose backup name is taken is refused, and left as it was.
     shutil.copyfile(LEGACY, work)
-    result = runner.invoke(app, ["migrate", "--in-place", str(work)])
+    result = runner.invoke(app, ["migrate", "--in-place", "--static", str(work)])
     assert result.exit_code == 2 and "exists" in result.output
     assert work.read_bytes() == LEGACY.read_bytes()
-    result = runner.invoke(app, ["migrate", "--in-place", "--backup-suffix", ".old", str(work)])
+    result = runner.invoke(
+        app, ["migrate", "--in-place", "--static", "--backup-suffix", ".old", str(work)]
+    )
     assert result.exit_code == 0
     assert (tmp_path / "model.zip.old").read_bytes() == LEGACY.read_bytes()
 
@@ -381,7 +389,7 @@ def test_several_inputs_with_a_summary(tmp_path):
 
 @pytest.fixture(scope="module")
 def big_legacy(tmp_path_factory) -> Path:
-    """A legacy checkpoint of some 35 MB: a wide policy, trained one update, saved the old way."""
+    """A legacy checkpoint of some 20 MB: a wide policy, trained one update, saved the old way."""
     import torch
 
     torch.set_num_threads(1)
@@ -390,80 +398,81 @@ def big_legacy(tmp_path_factory) -> Path:
         batch_size=64,
         n_epochs=1,
         vgs_warmup_steps=0,
-        policy_kwargs=dict(net_arch=dict(pi=[768, 768], vf=[768, 768])),
+        policy_kwargs=dict(net_arch=dict(pi=[600, 600], vf=[600, 600])),
     )
     model.learn(64)
     path = tmp_path_factory.mktemp("big") / "big_legacy.zip"
     write_legacy_checkpoint(model, path)
-    assert path.stat().st_size > 20_000_000
+    assert path.stat().st_size > 15_000_000
     return path
 
 
-def _complete(path: Path, original: str) -> bool:
-    """Whether ``path`` is a complete migrated checkpoint that verifies statically."""
-    report = run_checks(path, static=True)
-    return report.exit_code == 0 and _sha256(path) != original
-
-
 def _kill_after(args: list[str], delay: float) -> int | None:
+    """Run the command, SIGKILL it after ``delay`` seconds; its exit code if it finished."""
     proc = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        proc.wait(timeout=delay)
+        return proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         return None
-    return proc.returncode
+
+
+def _timed_run(*args: str | os.PathLike[str]) -> float:
+    start = time.monotonic()
+    done = _run(*args)
+    assert done.returncode == 0, done.stderr
+    return time.monotonic() - start
 
 
 def test_sigkill_never_leaves_a_partial_output(big_legacy, tmp_path):
     original = _sha256(big_legacy)
     out = tmp_path / "new.zip"
-    start = time.monotonic()
-    done = _run(big_legacy, out, "--static")
-    duration = time.monotonic() - start
-    assert done.returncode == 0, done.stderr
-    assert _complete(out, original)
+    duration = _timed_run(big_legacy, out, "--static")
+    report = run_checks(out, static=True)
+    assert report.exit_code == 0 and _sha256(out) != original
+    # Migration is deterministic: any complete output has exactly these bytes.
     migrated_sha = _sha256(out)
     rng = random.Random(9)
-    outcomes = {"absent": 0, "complete": 0}
+    killed = 0
     for _ in range(20):
         out.unlink(missing_ok=True)
         code = _kill_after([str(big_legacy), str(out), "--static"], rng.uniform(0, duration))
+        killed += code is None
         assert _sha256(big_legacy) == original
         if out.exists():
-            assert _sha256(out) == migrated_sha and _complete(out, original)
-            outcomes["complete"] += 1
+            assert _sha256(out) == migrated_sha
         else:
             assert code is None, "a finished run must leave its output"
-            outcomes["absent"] += 1
         for leftover in tmp_path.glob(".new.zip.*"):  # what a killed run cannot clean up
             leftover.unlink()
-    assert outcomes["absent"] > 0  # the kills did land mid-run
+    assert killed > 0
 
 
 def test_sigkill_in_place_keeps_input_or_result_and_backup_whole(big_legacy, tmp_path):
     original = _sha256(big_legacy)
     work, backup = tmp_path / "model.zip", tmp_path / "model.zip.bak"
     shutil.copyfile(big_legacy, work)
-    start = time.monotonic()
-    assert _run(work, "--in-place", "--static").returncode == 0
-    duration = time.monotonic() - start
+    duration = _timed_run(work, "--in-place", "--static")
+    assert run_checks(work, static=True).exit_code == 0
     migrated_sha = _sha256(work)
     assert _sha256(backup) == original
     rng = random.Random(10)
-    for _ in range(20):
+    seen = set()
+    for _ in range(12):
         backup.unlink(missing_ok=True)
         shutil.copyfile(big_legacy, work)
         _kill_after([str(work), "--in-place", "--static"], rng.uniform(0, duration))
-        assert _sha256(work) in (original, migrated_sha)
-        if _sha256(work) == migrated_sha:
+        state = _sha256(work)
+        assert state in (original, migrated_sha)
+        if state == migrated_sha:
             assert _sha256(backup) == original  # the backup came first
-        if backup.exists():
+        elif backup.exists():
             assert _sha256(backup) == original
+        seen.add((state == migrated_sha, backup.exists()))
         for leftover in tmp_path.glob(".model.zip.*"):
             leftover.unlink()
-    assert _complete(work, original) or _sha256(work) == original
+    assert (False, False) in seen  # some kills landed before anything was published
 
 
 def test_base64_in_data_is_the_only_text_that_changes_for_a_big_file(big_legacy, tmp_path):

@@ -330,6 +330,9 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             changed.append(key)
         elif key == SCALER_ENTRY and isinstance(old[key], dict) and isinstance(new[key], dict):
             changed += [f"{key}.{sub}" for sub in _changed(old[key], new[key])]
+        elif key == SERIALIZED_KEY and isinstance(old[key], str) and isinstance(new[key], str):
+            if old[key] != new[key]:  # plain strings: no need to encode megabytes of base64
+                changed.append(key)
         elif json.dumps(old[key], indent=4) != json.dumps(new[key], indent=4):
             changed.append(key)
     return changed
@@ -377,9 +380,11 @@ def plan_migration(archive: CheckpointArchive) -> MigrationPlan:
     if entry is None:
         reason = "the scaler is off" if SCALER_ENTRY in data else "no scaler entry"
         return MigrationPlan(True, facts={"reason": reason}, foreign=foreign)
-    payload = archive.serialized_entries().get(SCALER_ENTRY)
-    if payload is None:
+    encoded = entry.get(SERIALIZED_KEY) if isinstance(entry, dict) else None
+    if not isinstance(encoded, str):
         raise MigrationError(f"entry {SCALER_ENTRY!r} holds no pickle", EXIT_UNUSABLE)
+    # Valid base64: the scan above decoded every entry already.
+    payload = base64.b64decode(encoded)
     new_payload, facts = rewrite_scaler_pickle(payload)
     if new_payload is None:
         return MigrationPlan(True, facts=facts, foreign=foreign)

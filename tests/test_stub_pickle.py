@@ -1,0 +1,94 @@
+"""The stand-in unpickler runs nothing, and writing the stand-ins back gives the same bytes."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+
+import cloudpickle
+import pytest
+
+from dppo_ckpt.checkpoint.archive import open_checkpoint
+from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler
+from dppo_ckpt.checkpoint.stub_pickle import (
+    RawBytes,
+    StubCall,
+    StubGlobal,
+    StubPickleError,
+    iter_stubs,
+    stub_dumps,
+    stub_loads,
+)
+from fixtures.make_fixtures import FIXTURES_DIR
+
+DPPO_FIXTURES = sorted(FIXTURES_DIR.glob("dppo_*.zip")) + [FIXTURES_DIR / "sb3_ppo.zip"]
+
+
+@pytest.mark.parametrize("path", DPPO_FIXTURES, ids=lambda p: p.name)
+def test_every_entry_round_trips_byte_for_byte(path):
+    with open_checkpoint(path) as archive:
+        entries = archive.serialized_entries()
+    assert entries
+    for key, payload in entries.items():
+        assert stub_dumps(stub_loads(payload), payload[1]) == payload, key
+
+
+def test_a_fresh_cloudpickle_dump_round_trips():
+    with open_checkpoint(FIXTURES_DIR / "dppo_quantile_vgs.zip") as archive:
+        payload = archive.serialized_entries()["_variance_gradient_scaler"]
+    scaler = SafeUnpickler(io.BytesIO(payload), entry="_variance_gradient_scaler").load()
+    fresh = cloudpickle.dumps(scaler)
+    assert stub_dumps(stub_loads(fresh), 5) == fresh
+    for protocol in (2, 3, 4, 5):
+        plain = pickle.dumps({"a": [1, 2.5, "x", b"y" * 300, (None, True)], "b": scaler}, protocol)
+        assert stub_dumps(stub_loads(plain), protocol) == plain
+
+
+class _Boom:
+    def __reduce__(self):
+        return (_explode, ("ran",))
+
+
+def _explode(text: str) -> None:
+    raise AssertionError(f"code from the pickle {text}")
+
+
+def test_nothing_is_imported_or_called():
+    payload = pickle.dumps([_Boom(), StubGlobal], protocol=5)
+    # A module that does not exist (same length, so the framing stays valid).
+    payload = payload.replace(b"tests.test_stub_pickle", b"nosuch.module_x_pickle")
+    root = stub_loads(payload)
+    assert "nosuch" not in sys.modules and "nosuch.module_x_pickle" not in sys.modules
+    call = root[0]
+    assert isinstance(call, StubCall) and call.kind == "REDUCE"
+    assert call.func.name.endswith("._explode") and call.args == ("ran",)
+    assert stub_dumps(root, 5) == payload
+    kinds = {type(obj).__name__ for obj in iter_stubs(root)}
+    assert {"StubCall", "StubGlobal"} <= kinds
+
+
+def test_bytes_are_views_not_copies():
+    blob = bytes(range(256)) * 1000
+    payload = pickle.dumps({"blob": blob}, protocol=5)
+    root = stub_loads(payload)
+    assert isinstance(root["blob"], RawBytes) and root["blob"].tobytes() == blob
+    assert root["blob"].view.obj is not None
+    assert stub_dumps(root, 5) == payload
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x80\x05",
+        b"\x80\x05K\x01",
+        b"\x80\x05)R.",  # REDUCE with too few operands
+        b"\x80\x05h\x07.",  # memo key missing
+        b"\x80\x05P1\n.",  # persistent id
+        pickle.dumps(1, protocol=1),  # before protocol 2
+    ],
+)
+def test_corrupt_or_unsupported_pickles_raise(payload):
+    with pytest.raises(StubPickleError):
+        stub_loads(payload)
