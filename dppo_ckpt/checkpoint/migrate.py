@@ -278,6 +278,32 @@ _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
 
+def _value_end(text: str, pos: int) -> int:
+    """End of the JSON value at ``pos``. Strings (and objects, which may hold them) are
+    skipped without being built: the base64 of a large scaler runs to hundreds of megabytes."""
+    if text[pos : pos + 1] == "{":
+        last = pos + 1
+        for _, _, _, value_end in _members(text, pos):
+            last = value_end
+        close = _WS.match(text, last).end()  # type: ignore[union-attr]
+        if text[close : close + 1] != "}":
+            raise ValueError(f"expected '}}' at character {close}")
+        return close + 1
+    if text[pos : pos + 1] != '"':
+        return _DECODER.raw_decode(text, pos)[1]
+    end = pos + 1
+    while True:
+        end = text.find('"', end)
+        if end < 0:
+            raise ValueError(f"unterminated string at character {pos}")
+        before = end - 1
+        while text[before] == "\\":  # an odd run of backslashes escapes the quote
+            before -= 1
+        if (end - 1 - before) % 2 == 0:
+            return end + 1
+        end += 1
+
+
 def _members(text: str, pos: int) -> Iterator[tuple[str, int, int, int]]:
     """Yield ``(key, key_start, value_start, value_end)`` of the JSON object at ``pos``."""
     pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
@@ -295,7 +321,7 @@ def _members(text: str, pos: int) -> Iterator[tuple[str, int, int, int]]:
         if text[pos : pos + 1] != ":":
             raise ValueError(f"expected ':' at character {pos}")
         value_start = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
-        _, value_end = _DECODER.raw_decode(text, value_start)
+        value_end = _value_end(text, value_start)
         yield key, key_start, value_start, value_end
         pos = _WS.match(text, value_end).end()  # type: ignore[union-attr]
         if text[pos : pos + 1] == "}":
@@ -305,9 +331,8 @@ def _members(text: str, pos: int) -> Iterator[tuple[str, int, int, int]]:
         pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
 
 
-def _edit_data_text(text: str, new_serialized: str) -> str:
-    """``data`` with the scaler entry's ``:serialized:`` string replaced; every other character
-    of ``text`` is kept."""
+def _serialized_span(text: str) -> tuple[int, int]:
+    """Where the scaler entry's ``:serialized:`` string lies in the ``data`` text."""
     scaler_start = next(
         (start for key, _, start, _ in _members(text, 0) if key == SCALER_ENTRY), None
     )
@@ -318,7 +343,26 @@ def _edit_data_text(text: str, new_serialized: str) -> str:
     ]
     if len(spans) != 1:
         raise ValueError(f"{SCALER_ENTRY!r} has {len(spans)} {SERIALIZED_KEY!r} keys")
-    (start, end), replacement = spans[0], json.dumps(new_serialized)
+    return spans[0]
+
+
+def _edit_data_text(text: str, new_serialized: str, data: dict[str, Any]) -> str:
+    """``data`` with the scaler entry's ``:serialized:`` string replaced; every other character
+    of ``text`` is kept.
+
+    Checked the way SB3 reads it: with the string emptied, the text parses to ``data`` with that
+    one string emptied, key for key (compared as ``json.dumps`` writes them); the replacement
+    parses to ``new_serialized``. (The base64 is compared as a string, never re-parsed: it can
+    run to hundreds of megabytes.)
+    """
+    start, end = _serialized_span(text)
+    replacement = json.dumps(new_serialized)
+    skeleton = json.loads(text[:start] + '""' + text[end:])
+    expected = dict(data)
+    expected[SCALER_ENTRY] = {**data[SCALER_ENTRY], SERIALIZED_KEY: ""}
+    changed = _changed(expected, skeleton)
+    if changed or json.loads(replacement) != new_serialized:
+        raise ValueError(f"the edit would change {changed or 'the new string'}")
     return text[:start] + replacement + text[end:]
 
 
@@ -388,19 +432,19 @@ def plan_migration(archive: CheckpointArchive) -> MigrationPlan:
     new_payload, facts = rewrite_scaler_pickle(payload)
     if new_payload is None:
         return MigrationPlan(True, facts=facts, foreign=foreign)
+    del payload  # the old pickle can be large; the new one is all that is needed now
     text = archive.read_member(DATA_MEMBER).decode("utf-8")
+    # Only the scaler's pickle changes. Its description keys (SB3 writes one per attribute of
+    # the live object, `_parameters` included, whatever is pickled) stay as the current code
+    # writes them.
+    encoded = base64.b64encode(new_payload).decode("ascii")
+    del new_payload
     try:
-        new_text = _edit_data_text(text, base64.b64encode(new_payload).decode("ascii"))
-        new_data = json.loads(new_text)
+        new_text = _edit_data_text(text, encoded, data)
     except ValueError as exc:
         raise MigrationError(f"cannot edit 'data': {exc}", EXIT_UNUSABLE) from None
-    # SB3 re-serialises `data` with json.dumps(indent=4): compared that way, the scaler's pickle
-    # is the only change. Its description keys (SB3 writes one per attribute of the live
-    # object, `_parameters` included, whatever is pickled) stay as the current code writes them.
-    changed = _changed(data, new_data)
-    if changed != [f"{SCALER_ENTRY}.{SERIALIZED_KEY}"]:
-        raise MigrationError(f"editing 'data' changed {changed}, not just the scaler's pickle")
-    facts["data_bytes_before"] = len(text.encode("utf-8"))
+    del text, encoded
+    facts["data_bytes_before"] = archive.member(DATA_MEMBER).uncompressed_size
     new_bytes = new_text.encode("utf-8")
     facts["data_bytes_after"] = len(new_bytes)
     return MigrationPlan(False, data=new_bytes, facts=facts, foreign=foreign)
@@ -768,6 +812,7 @@ def migrate_file(
             raise UsageError(f"destination folder {dst.parent} does not exist")
         with open_checkpoint(src) as archive:
             plan = plan_migration(archive)
+        del archive  # it caches the parsed `data`, which can be large
         facts = dict(plan.facts)
         if plan.foreign:
             facts["named_off_allow_list"] = plan.foreign
