@@ -447,9 +447,9 @@ def migrate_command(
 ) -> None:
     """Rewrite legacy checkpoints whose scaler pickled its parameters; change nothing else.
 
-    Nothing from the file is executed. The result is verified, then renamed into place
-    atomically. Exit code: 0 all good (or already current), 1 a migration failed, 2 a file
-    could not be used, 3 refused as unsafe.
+    Runs nothing from the file; the result is verified, then renamed into place atomically.
+
+    Exit code: 0 all good or already current, 1 failed, 2 unusable input, 3 refused as unsafe.
     """
     from dppo_ckpt.checkpoint import migrate
 

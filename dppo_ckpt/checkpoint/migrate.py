@@ -960,8 +960,8 @@ def render_outcomes(outcomes: Sequence[MigrationOutcome], console: Any) -> None:
     from rich.text import Text
 
     table = Table(title="dppo-ckpt migrate", title_justify="left")
-    table.add_column("Input")
-    table.add_column("Output")
+    table.add_column("Input", overflow="fold")
+    table.add_column("Output", overflow="fold")
     table.add_column("Status", no_wrap=True)
     table.add_column("Exit", no_wrap=True)
     table.add_column("Details")
