@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import sys
@@ -92,3 +93,22 @@ def test_bytes_are_views_not_copies():
 def test_corrupt_or_unsupported_pickles_raise(payload):
     with pytest.raises(StubPickleError):
         stub_loads(payload)
+
+
+def test_random_corruption_gives_a_clean_error_or_a_value():
+    import random
+
+    with open_checkpoint(FIXTURES_DIR / "dppo_legacy.zip") as archive:
+        payload = archive.serialized_entries()["_variance_gradient_scaler"]
+    rng = random.Random(0)
+    for _ in range(300):
+        damaged = bytearray(payload)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        cut = rng.choice([len(damaged), rng.randrange(len(damaged))])
+        try:
+            root = stub_loads(bytes(damaged[:cut]))
+        except StubPickleError:
+            continue
+        with contextlib.suppress(StubPickleError, RecursionError):
+            stub_dumps(root, 5)

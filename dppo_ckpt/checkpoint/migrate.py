@@ -855,6 +855,8 @@ def migrate_file(
         return outcome("unusable", exc.reason, EXIT_UNUSABLE)
     except (OSError, UnicodeDecodeError, binascii.Error) as exc:
         return outcome("failed", f"{type(exc).__name__}: {exc}", EXIT_CHECK_FAILED)
+    except Exception as exc:  # a hostile file must give an exit code, never a traceback
+        return outcome("failed", f"unexpected {type(exc).__name__}: {exc}", EXIT_CHECK_FAILED)
 
 
 # ---------------------------------------------------------------------------------------------

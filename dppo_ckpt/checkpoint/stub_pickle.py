@@ -153,7 +153,7 @@ def stub_loads(data: bytes | bytearray | memoryview) -> Any:
         return _StubReader(memoryview(data).cast("B")).load()
     except StubPickleError:
         raise
-    except (IndexError, struct.error, UnicodeDecodeError, TypeError, KeyError) as exc:
+    except (IndexError, struct.error, ValueError, TypeError, KeyError, OverflowError) as exc:
         raise StubPickleError(f"corrupt pickle: {type(exc).__name__}: {exc}") from None
 
 
