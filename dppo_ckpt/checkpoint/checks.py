@@ -49,7 +49,6 @@ from dppo_ckpt.checkpoint.archive import (
     CheckpointArchive,
     CheckpointError,
     open_checkpoint,
-    torch_data_pkl_name,
 )
 from dppo_ckpt.checkpoint.contents import (
     SCALER_ENTRY,
@@ -57,6 +56,7 @@ from dppo_ckpt.checkpoint.contents import (
     parse_system_info,
     policy_class_name,
     scaler_has_pickled_parameters,
+    scaler_payload,
 )
 from dppo_ckpt.checkpoint.results import CheckResult, FileReport, Severity, Verdict
 from dppo_ckpt.checkpoint.safe_pickle import GlobalVerdict, PickleScanError, scan_checkpoint
@@ -304,12 +304,8 @@ def check_archive_sound(ctx: _Context) -> CheckResult:
         archive = ctx.archive
         for name in archive.names():
             _drain(archive, name)
-        archive.data  # noqa: B018 - parses and validates the JSON
-        archive.serialized_entries()
-        for name in archive.pth_members():
-            if archive.pth_is_zip(name):
-                with archive.open_pth(name) as inner:
-                    torch_data_pkl_name(inner)
+        # The scan parses `data`, decodes every entry and opens every torch archive: any of
+        # them being unusable surfaces here as an ArchiveError.
         ctx.scan = scan_checkpoint(archive)
     except CheckpointError as exc:
         ctx.unusable = _describe(exc)
@@ -410,12 +406,12 @@ def check_scaler_not_legacy(ctx: _Context) -> CheckResult:
     spec = CHECKS["DPPO005"]
     archive = ctx.archive
     assert archive is not None
-    entries = archive.serialized_entries()
-    if SCALER_ENTRY not in entries:
+    payload = scaler_payload(archive)
+    if payload is None:
         value = archive.data.get(SCALER_ENTRY, "absent")
         reason = "scaler is off (entry is null)" if value is None else "no scaler entry"
         return spec.skipped(reason)
-    if scaler_has_pickled_parameters(entries[SCALER_ENTRY]):
+    if scaler_has_pickled_parameters(payload):
         return spec.failed(
             "the scaler entry pickles its parameter objects (_parameters): a legacy "
             "checkpoint whose scaler held stale copies",
@@ -501,7 +497,7 @@ def _stored_scaler_state(ctx: _Context) -> dict[str, Any] | None:
     from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler
 
     assert ctx.archive is not None
-    payload = ctx.archive.serialized_entries().get(SCALER_ENTRY)
+    payload = scaler_payload(ctx.archive)
     if payload is None:
         return None
     scaler = SafeUnpickler(io.BytesIO(payload), entry=SCALER_ENTRY).load()

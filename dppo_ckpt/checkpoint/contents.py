@@ -10,6 +10,8 @@ the file, so the decoding is safe whatever the pickle says. Neither torch nor nu
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
 import pickle
@@ -19,6 +21,7 @@ from typing import Any, Final
 
 from dppo_ckpt.checkpoint.archive import (
     SERIALIZED_KEY,
+    ArchiveError,
     CheckpointArchive,
     open_checkpoint,
 )
@@ -35,6 +38,7 @@ __all__ = [
     "parse_system_info",
     "policy_class_name",
     "scaler_has_pickled_parameters",
+    "scaler_payload",
     "scaler_summary",
 ]
 
@@ -154,6 +158,30 @@ def decode_stub(payload: bytes) -> Any:
 # ---------------------------------------------------------------------------------------------
 # The Variance Gradient Scaler entry
 # ---------------------------------------------------------------------------------------------
+
+
+def scaler_payload(archive: CheckpointArchive) -> bytes | None:
+    """The pickled scaler entry, base64-decoded on its own (``None`` when there is none).
+
+    Decoding only this entry keeps memory low for large policies, whose other entries need
+    not be decoded again.
+
+    :raises ArchiveError: the payload is not valid base64.
+    """
+    value = archive.data.get(SCALER_ENTRY)
+    if not (isinstance(value, dict) and SERIALIZED_KEY in value):
+        return None
+    encoded = value[SERIALIZED_KEY]
+    try:
+        if not isinstance(encoded, str):
+            raise TypeError(f"found {type(encoded).__name__}, not a string")
+        return base64.b64decode(encoded.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, TypeError) as exc:
+        raise ArchiveError(
+            f"entry {SCALER_ENTRY!r}: ':serialized:' is not valid base64 ({exc})",
+            path=archive.path,
+            member="data",
+        ) from None
 
 
 def scaler_has_pickled_parameters(payload: bytes) -> bool:
@@ -314,12 +342,12 @@ def inspect_archive(archive: CheckpointArchive) -> dict[str, Any]:
     if "system_info.txt" in archive:
         system_info = parse_system_info(archive.text_member("system_info.txt"))
     policy_class = policy_class_name(scan)
-    entries = archive.serialized_entries()
+    payload = scaler_payload(archive)
     vgs: dict[str, Any] | None = None
-    if SCALER_ENTRY in entries:
+    if payload is not None:
         try:
-            vgs = scaler_summary(entries[SCALER_ENTRY])
-            vgs["legacy"] = scaler_has_pickled_parameters(entries[SCALER_ENTRY])
+            vgs = scaler_summary(payload)
+            vgs["legacy"] = scaler_has_pickled_parameters(payload)
         except ValueError as exc:
             vgs = {"error": str(exc)}
     return {
