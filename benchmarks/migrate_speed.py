@@ -1,6 +1,7 @@
 """`dppo-ckpt migrate` against `cp` of the same file: time ratio and peak memory.
 
-    python benchmarks/migrate_speed.py [--hidden 2500 3536 5000] [--repeats 3] [--dir DIR]
+    python benchmarks/migrate_speed.py [--hidden 1250 2500 5000] [--repeats 3] [--dir DIR]
+                                       [--variants untrained trained]
 
 For each hidden width a legacy checkpoint is built once (a DistributionalPPO on Pendulum-v1
 with ``net_arch`` ``[h, h]`` for actor and critic, saved the old way with its scaler pickling
@@ -116,8 +117,15 @@ def measure(path: Path, repeats: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, nargs="+", default=[2500, 3536, 5000])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1250, 2500, 5000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["untrained", "trained"],
+        default=["untrained", "trained"],
+        help="untrained: nearly empty optimizer member; trained: Adam moments in it",
+    )
     parser.add_argument("--dir", type=Path, default=Path("/tmp/dppo_migrate_bench"))
     parser.add_argument("--build", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -126,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for hidden, trained in [(h, t) for h in args.hidden for t in (False, True)]:
+    variants = [v == "trained" for v in args.variants]
+    for hidden, trained in [(h, t) for h in args.hidden for t in variants]:
         path = args.dir / f"legacy_h{hidden}{'_trained' if trained else ''}.zip"
         if not path.exists():
             start = time.perf_counter()
