@@ -804,6 +804,8 @@ def migrate_file(
             raise UsageError("no destination: give NEW.zip, --out-dir or --in-place")
         if in_place and not backup_suffix:
             raise UsageError("--backup-suffix must not be empty")
+        if not in_place and dst.is_dir():
+            raise UsageError(f"{dst} is a folder; use --out-dir to write into it")
         if not in_place and dst.exists() and not force:
             raise MigrationError(f"{dst} exists; pass --force to replace it", EXIT_UNUSABLE)
         if not in_place and dst.exists() and dst.resolve() == src.resolve():
