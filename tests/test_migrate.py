@@ -246,8 +246,6 @@ def test_foreign_modules_fixture_migrates_without_those_modules(tmp_path):
         if name != "data":
             assert old == new
     # With the old modules back, the result loads and the scaler tracks the live parameters.
-    import cloudpickle  # noqa: F401  (SB3 decodes with it; the modules are ours here)
-
     from dppo_ckpt import DistributionalPPO
 
     with foreign_modules():
