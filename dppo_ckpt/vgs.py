@@ -160,14 +160,69 @@ def _check_compatible(params: list[torch.Tensor], exp_avg: list[torch.Tensor], w
             )
 
 
-def _stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
-    """Stack 0-d tensors as float64, gathering them on one device if they are spread out."""
+# Statistics are processed in groups of consecutive tensors of at least this many elements
+# (about 1 MB of float32 per buffer): large enough that the per-kernel overhead is paid a few
+# times per step, small enough that a group's buffers stay in cache from one kernel to the next.
+_GROUP_ELEMENTS = 1 << 18
+
+
+def _groups(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Split ``tensors`` into consecutive (start, stop) runs of about _GROUP_ELEMENTS elements."""
+    groups: list[tuple[int, int]] = []
+    start = size = 0
+    for index, tensor in enumerate(tensors):
+        size += tensor.numel()
+        if size >= _GROUP_ELEMENTS:
+            groups.append((start, index + 1))
+            start, size = index + 1, 0
+    if start < len(tensors):
+        groups.append((start, len(tensors)))
+    return groups
+
+
+def _multiplier(value: float, tensors: list[torch.Tensor]) -> float | torch.Tensor:
+    """``value`` in the form ``torch._foreach_mul_`` takes fastest for ``tensors``.
+
+    On CPU a 0-dim tensor is several times faster than a Python number (which is wrapped anew
+    for every tensor of the list). It has the tensors' dtype, so it is rounded exactly as the
+    Python number would be and the products are identical (a float64 one would make 0-dim
+    float32 tensors compute in float64). Mixed dtypes or devices keep the Python number.
+    """
+    first = tensors[0]
+    if first.device.type == "cpu" and all(
+        tensor.dtype == first.dtype and tensor.device == first.device for tensor in tensors
+    ):
+        return torch.scalar_tensor(value, dtype=first.dtype)
+    return value
+
+
+def _linear_quantile(values: list[float], q: float) -> float:
+    """The q-quantile of ``values`` with linear interpolation, as ``torch.quantile`` computes it
+    (up to the last bit: torch interpolates with a fused multiply-add).
+
+    Computed in Python: for the handful of values here it costs a microsecond or two where
+    ``torch.quantile`` costs tens. NaN anywhere gives NaN, as in ``torch.quantile``.
+    """
+    if any(math.isnan(value) for value in values):
+        return math.nan
+    ordered = sorted(values)
+    rank = q * (len(ordered) - 1)
+    below, above = math.floor(rank), math.ceil(rank)
+    weight = rank - below
+    low, high = ordered[below], ordered[above]
+    # torch.lerp's two-sided formula, exact at both ends.
+    if weight < 0.5:
+        return low + weight * (high - low)
+    return high - (high - low) * (1.0 - weight)
+
+
+def _to_floats(values: list[torch.Tensor]) -> list[float]:
+    """The values of 0-dim tensors as Python floats, with one transfer when they share a device."""
     try:
-        stacked = torch.stack(values)
+        return torch.stack(values).tolist()
     except RuntimeError:
-        # Parameters on several devices: bring the per-tensor sums together.
-        stacked = torch.stack([value.cpu() for value in values])
-    return stacked.to(torch.float64)
+        # Parameters on several devices: read the per-tensor sums one by one.
+        return [value.item() for value in values]
 
 
 class VarianceGradientScaler:
@@ -329,21 +384,34 @@ class VarianceGradientScaler:
         beta = self.beta
         # 1/(1-beta^t); beta**step underflows to 0 for long runs, giving exactly 1.
         correction = 1.0 / (1.0 - beta**step)
+        signal_norms: list[torch.Tensor] = []
+        noise_sums: list[torch.Tensor] = []
         with torch.no_grad():
-            torch._foreach_lerp_(exp_avg, grads, 1.0 - beta)
-            torch._foreach_mul_(exp_avg_sq, beta)
-            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta)
-            # sum(mh^2) = correction^2 * ||m||^2, and
-            # sum(clamp(vh - mh^2, 0)) = correction * sum(clamp(v - correction*m^2, 0)),
-            # which needs one temporary per tensor instead of three.
-            signal = _stack_scalars(torch._foreach_norm(exp_avg)).square_()
-            excess = torch._foreach_addcmul(exp_avg_sq, exp_avg, exp_avg, value=-correction)
-            torch._foreach_clamp_min_(excess, 0.0)
-            # Plain sums beat _foreach_norm(ord=1) several times over on CPU.
-            noise = _stack_scalars([tensor.sum() for tensor in excess])
-            del excess
-            ratios = noise.mul_(correction).div_(signal.mul_(correction**2).add_(self.eps))
-            quantile = torch.quantile(ratios, self.quantile).item()
+            decay = _multiplier(beta, exp_avg_sq)
+            # Groups of about _GROUP_ELEMENTS elements go through all the kernels below before
+            # the next group starts, so each group's data stays in cache between kernels.
+            for start, stop in _groups(grads):
+                g, m, v = grads[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop]
+                torch._foreach_lerp_(m, g, 1.0 - beta)
+                signal_norms.extend(torch._foreach_norm(m))
+                torch._foreach_mul_(v, decay)
+                torch._foreach_addcmul_(v, g, g, value=1.0 - beta)
+                # sum(mh^2) = correction^2 * ||m||^2 and
+                # sum(clamp(vh - mh^2, 0)) = correction * sum(clamp(v - correction*m^2, 0)):
+                # one temporary per tensor instead of three.
+                excess = torch._foreach_addcmul(v, m, m, value=-correction)
+                torch._foreach_clamp_min_(excess, 0.0)
+                # Plain sums beat _foreach_norm(ord=1) several times over on CPU.
+                noise_sums.extend(tensor.sum() for tensor in excess)
+                del excess
+            # A handful of numbers: plain Python floats (double precision) are the fastest.
+            squared_correction, eps = correction * correction, self.eps
+            noises, norms = _to_floats(noise_sums), _to_floats(signal_norms)
+            ratios = [
+                correction * noise / (squared_correction * norm * norm + eps)
+                for noise, norm in zip(noises, norms, strict=True)
+            ]
+            quantile = _linear_quantile(ratios, self.quantile)
             # Written so that a NaN ratio is capped as well.
             noise_ratio = quantile if quantile < self.variance_cap else self.variance_cap
             if step <= self.warmup_steps:
@@ -353,7 +421,7 @@ class VarianceGradientScaler:
                 damping = self.alpha * noise_ratio if self.alpha > 0.0 else 0.0
                 scale = min(max(1.0 / (1.0 + damping), self.min_scale), 1.0)
             if scale != 1.0:
-                torch._foreach_mul_(grads, scale)
+                torch._foreach_mul_(grads, _multiplier(scale, grads))
 
         self._step_count = step
         self._scaling_factor = scale
