@@ -34,6 +34,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from stable_baselines3.common.logger import KVWriter, Logger
 
+import dppo_ckpt.vgs as vgs_module
 from dppo_ckpt.vgs import VarianceGradientScaler
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +365,30 @@ def test_each_regime_is_reached_and_matches_reference(regime: str, dtype: torch.
     else:
         assert len(outcomes) == len(stream.steps) - 1  # the all-None step did not count
         assert any(o.skipped for o in outcomes)
+
+
+@pytest.mark.parametrize("group_elements", [1, 5, 13])
+def test_processing_in_groups_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, group_elements: int
+) -> None:
+    # Real models form several groups; the tiny tensors here form one unless the bound shrinks.
+    monkeypatch.setattr(vgs_module, "_GROUP_ELEMENTS", group_elements)
+    stream = _regime_stream("missing")
+    assert len(vgs_module._groups([torch.zeros(s) for s in stream.shapes])) > 1
+    _run_against_reference(stream, torch.float32)
+
+
+@given(sizes=st.lists(st.integers(0, 50), max_size=12), bound=st.integers(1, 60))
+def test_groups_partition_the_tensors_in_order(sizes: list[int], bound: int) -> None:
+    tensors = [torch.zeros(n) for n in sizes]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vgs_module, "_GROUP_ELEMENTS", bound)
+        groups = vgs_module._groups(tensors)
+    assert [i for start, stop in groups for i in range(start, stop)] == list(range(len(sizes)))
+    assert all(start < stop for start, stop in groups)
+    # Every group but the last reaches the bound, and would not without its last tensor.
+    for start, stop in groups[:-1]:
+        assert sum(sizes[start:stop]) >= bound > sum(sizes[start : stop - 1])
 
 
 def test_quantile_interpolates_linearly_between_tensors() -> None:
@@ -844,3 +869,19 @@ def test_repr_shows_configuration_and_state() -> None:
     assert text.startswith("VarianceGradientScaler(beta=0.99, alpha=0.5,")
     assert "step_count=5" in text and "3 tensors, 17 elements" in text
     assert "unlinked" in repr(pickle.loads(pickle.dumps(scaler)))
+
+
+@given(
+    values=st.lists(st.floats(-1e6, 1e6) | st.sampled_from([0.0, math.inf]), min_size=1),
+    q=st.floats(0.0, 1.0),
+)
+def test_internal_quantile_equals_torch_quantile(values: list[float], q: float) -> None:
+    expected = torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
+    actual = vgs_module._linear_quantile(values, q)
+    # torch interpolates with a fused multiply-add, so the last bit may differ.
+    magnitude = max([abs(v) for v in values if math.isfinite(v)], default=1.0)
+    assert (math.isnan(actual) and math.isnan(expected)) or math.isclose(
+        actual, expected, rel_tol=1e-14, abs_tol=1e-14 * magnitude
+    )
+    with_nan = [*values, math.nan]
+    assert math.isnan(vgs_module._linear_quantile(with_nan, q))
