@@ -1,0 +1,247 @@
+"""`dppo-ckpt train` end to end, through the real command line in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dppo_ckpt import DistributionalPPO
+from dppo_ckpt.checkpoint.checks import run_checks
+from tests._models import optimizer_state_bytes, parameters_bytes, scaler_state_bytes
+
+pytestmark = pytest.mark.slow
+
+# Small rollouts so that a run of a few hundred steps writes several checkpoints.
+SMALL_CONFIG = """\
+n_steps = 128
+batch_size = 64
+n_epochs = 2
+learning_rate = 1e-3
+vgs_warmup_steps = 4
+"""
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # One thread per run: the machine is shared, and both sides of a comparison match.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", COLUMNS="200")
+    return env
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dppo_ckpt.cli", *args]
+
+
+def dppo_ckpt(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _command(*args),
+        cwd=cwd,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _load(path: Path) -> DistributionalPPO:
+    return DistributionalPPO.load(path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("train")
+    (folder / "small.toml").write_text(SMALL_CONFIG)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_a(workspace) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """An uninterrupted run of 512 steps with a checkpoint every 256."""
+    result = dppo_ckpt(
+        "train",
+        "--timesteps", "512",
+        "--checkpoint-every", "256",
+        "--config", "small.toml",
+        "--out", "A",
+        "--eval-episodes", "1",
+        cwd=workspace,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return workspace / "A", result
+
+
+def test_train_writes_checkpoints_that_pass_verify(run_a):
+    run_dir, result = run_a
+    first, last = run_dir / "checkpoint_000000256.zip", run_dir / "checkpoint_000000512.zip"
+    assert first.is_file() and last.is_file()
+    assert (run_dir / "checkpoint_000000256.envs.pkl").is_file()
+    assert not list(run_dir.glob(".*")), "temporary files left behind"
+    for path in (first, last):
+        report = run_checks(path)
+        assert report.exit_code == 0, [(r.check_id, r.message) for r in report.results]
+    assert f"last checkpoint: {Path('A') / last.name}" in result.stdout
+    for row in ("steps", "wall time", "fps", "final evaluation return", "VGS scale"):
+        assert row in result.stdout
+    assert re.search(r"checkpoints written\s*│\s*2\s", result.stdout), result.stdout
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert [c["timesteps"] for c in manifest["checkpoints"]] == [256, 512]
+    assert _load(last).num_timesteps == 512
+
+
+def test_resume_continues_and_equals_the_uninterrupted_run(run_a, workspace):
+    run_dir, _ = run_a
+    result = dppo_ckpt(
+        "train", "--resume", str(run_dir / "checkpoint_000000256.zip"), "--out", "B",
+        "--eval-episodes", "0",
+        cwd=workspace,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "at step 256 of 512" in result.stdout
+    assert "environments restored from checkpoint_000000256.envs.pkl" in result.stdout
+    resumed = _load(workspace / "B" / "checkpoint_000000512.zip")
+    uninterrupted = _load(run_dir / "checkpoint_000000512.zip")
+    assert resumed.num_timesteps == uninterrupted.num_timesteps == 512
+    assert parameters_bytes(resumed) == parameters_bytes(uninterrupted)
+    assert optimizer_state_bytes(resumed) == optimizer_state_bytes(uninterrupted)
+    assert scaler_state_bytes(resumed) == scaler_state_bytes(uninterrupted)
+
+
+def test_resume_without_snapshot_restarts_environments_fresh(run_a, workspace):
+    run_dir, _ = run_a
+    lone = workspace / "lone"
+    lone.mkdir()
+    shutil.copy(run_dir / "checkpoint_000000256.zip", lone / "start.zip")
+    result = dppo_ckpt(
+        "train", "--resume", "lone/start.zip", "--timesteps", "384", "--eval-episodes", "0",
+        cwd=workspace,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "environments restart fresh" in result.stdout
+    assert _load(lone / "checkpoint_000000384.zip").num_timesteps == 384
+
+
+def test_a_changed_snapshot_is_not_loaded(run_a, workspace):
+    run_dir, _ = run_a
+    copy = workspace / "tampered"
+    shutil.copytree(run_dir, copy)
+    snapshot = copy / "checkpoint_000000256.envs.pkl"
+    snapshot.write_bytes(snapshot.read_bytes() + b"\0")
+    result = dppo_ckpt(
+        "train", "--resume", "tampered/checkpoint_000000256.zip", "--timesteps", "256",
+        cwd=workspace,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "environments restart fresh" in result.stdout
+    assert "changed since written" in result.stdout
+    assert "nothing to train" in result.stdout
+
+
+def test_sigint_writes_a_final_checkpoint_that_verifies(workspace):
+    run_dir = workspace / "interrupted"
+    process = subprocess.Popen(
+        _command(
+            "train",
+            "--timesteps",
+            "1000000",
+            "--checkpoint-every",
+            "128",
+            "--config",
+            "small.toml",
+            "--out",
+            "interrupted",
+        ),  # fmt: skip
+        cwd=workspace,
+        env=_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(run_dir.glob("checkpoint_*.zip")):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "stopped by Ctrl-C" in stdout
+    checkpoints = sorted(run_dir.glob("checkpoint_*.zip"))
+    last = checkpoints[-1]
+    assert f"last checkpoint: {Path('interrupted') / last.name}" in stdout
+    assert run_checks(last).exit_code == 0
+    assert not list(run_dir.glob(".*")), "temporary files left behind"
+    listed = [c["file"] for c in json.loads((run_dir / "run.json").read_text())["checkpoints"]]
+    assert listed == [path.name for path in checkpoints]
+    assert _load(last).num_timesteps < 1_000_000
+
+
+def _bad_config(folder: Path) -> str:
+    (folder / "typo.toml").write_text("learning_rat = 0.001\n")
+    return "typo.toml"
+
+
+def _not_a_zip(folder: Path) -> str:
+    (folder / "notes.zip").write_text("not a checkpoint")
+    return "notes.zip"
+
+
+@pytest.mark.parametrize(
+    ("make_args", "expected"),
+    [
+        (lambda folder: ["--env", "NoSuchEnv-v0"], "unknown environment id 'NoSuchEnv-v0'"),
+        (lambda folder: ["--config", _bad_config(folder)], "unknown key 'learning_rat'"),
+        (lambda folder: ["--resume", "missing.zip"], "cannot resume from missing.zip"),
+        (lambda folder: ["--resume", _not_a_zip(folder)], "not a readable checkpoint"),
+        (lambda folder: ["--timesteps", "0"], "--timesteps must be > 0"),
+        (lambda folder: ["--critic", "gaussian"], "--critic must be"),
+    ],
+    ids=["env", "config-key", "resume-missing", "resume-not-a-zip", "timesteps", "critic"],
+)
+def test_bad_options_exit_2_with_one_line(tmp_path, make_args, expected):
+    result = dppo_ckpt("train", "--out", "never", *make_args(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "never").exists()
+
+
+def test_existing_run_folder_is_not_overwritten(run_a, workspace):
+    result = dppo_ckpt("train", "--out", "A", "--timesteps", "128", cwd=workspace)
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path):
+    # sys.modules[name] = None makes the package look absent to importlib.
+    script = (
+        "import sys; sys.modules['tensorboard'] = None; "
+        "from dppo_ckpt.cli import main; "
+        "sys.argv = ['dppo-ckpt', 'train', '--tensorboard', '--out', 'never']; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    expected = "error: --tensorboard needs the tensorboard package: pip install tensorboard\n"
+    assert result.stderr == expected
