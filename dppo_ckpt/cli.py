@@ -301,27 +301,27 @@ def inspect(
 @app.command("train")
 def train_command(
     env: Annotated[
-        str | None, typer.Option("--env", help="Gymnasium environment id.  [default: Pendulum-v1]")
+        str | None, typer.Option("--env", help="Gymnasium environment id. (default Pendulum-v1)")
     ] = None,
     timesteps: Annotated[
         int | None,
         typer.Option(
             "--timesteps",
-            help="Total environment steps of the run (a resumed run trains the rest).  "
-            "[default: 100000]",
+            help="Total environment steps of the run; a resumed run trains the rest. "
+            "(default 100000)",
         ),
     ] = None,
     n_envs: Annotated[
-        int | None, typer.Option("--n-envs", help="Parallel environments.  [default: 1]")
+        int | None, typer.Option("--n-envs", help="Parallel environments. (default 1)")
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.  [default: 0]")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed. (default 0)")] = None,
     critic: Annotated[
         str | None,
-        typer.Option("--critic", help="quantile or categorical.  [default: quantile]"),
+        typer.Option("--critic", help="quantile or categorical. (default quantile)"),
     ] = None,
     vgs: Annotated[
         bool | None,
-        typer.Option("--vgs/--no-vgs", help="Variance Gradient Scaler on or off.  [default: on]"),
+        typer.Option("--vgs/--no-vgs", help="Variance Gradient Scaler on or off. (default on)"),
     ] = None,
     vgs_alpha: Annotated[
         float | None, typer.Option("--vgs-alpha", help="Strength of the gradient scaling.")
@@ -335,13 +335,13 @@ def train_command(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Run folder.  [default: runs/run-DATE-TIME]", metavar="DIR"),
+        typer.Option("--out", help="Run folder. (default runs/run-DATE-TIME)", metavar="DIR"),
     ] = None,
     checkpoint_every: Annotated[
         int | None,
         typer.Option(
             "--checkpoint-every",
-            help="Checkpoint every STEPS steps (at the next rollout boundary).  [default: 10000]",
+            help="Checkpoint every STEPS steps (at the next rollout boundary). (default 10000)",
             metavar="STEPS",
         ),
     ] = None,
@@ -360,13 +360,15 @@ def train_command(
         bool, typer.Option("--tensorboard", help="Log to RUN/tensorboard (needs tensorboard).")
     ] = False,
 ) -> None:
-    """Train a DistributionalPPO agent with the scaler; verified checkpoints in a run folder.
+    """Train a DistributionalPPO agent with the scaler, into a run folder of checkpoints.
 
-    Every checkpoint is written atomically, beside a snapshot of the environments, and checked
-    with the quick verify checks. --resume continues bit for bit where a checkpoint stopped; it
-    loads pickles from the run folder, so resume only runs you wrote yourself. Ctrl-C writes a
-    final checkpoint and exits with 130. Exit code 2: an option could not be used; 1: a
-    checkpoint failed its checks.
+    Checkpoints are written atomically, beside an environment snapshot, and verified.
+
+    --resume continues bit for bit; it loads pickles, so only resume runs you wrote yourself.
+
+    Ctrl-C writes a final, verified checkpoint and exits with 130.
+
+    Exit code: 0 done, 1 a checkpoint failed its checks, 2 an option could not be used.
     """
     from rich.console import Console
 
@@ -515,10 +517,13 @@ def cycle_command(
 ) -> None:
     """Save-load-train cycles with regression checks: the CI gate.
 
-    Trains K cycles of N steps, saving and loading after each, and checks that counters never
-    reset, optimizer and scaler state survive bit for bit, scaler, optimizer and policy share
-    parameter objects, and that the cycles equal K*N uninterrupted steps bit for bit.
-    Exit code: 0 all good, 1 a check failed, 2 the input could not be used, 3 refused as unsafe.
+    K times: train N steps, save, load, check the loaded model, train on with it.
+
+    Counters never reset; optimizer and scaler state survive; one set of parameter objects.
+
+    K cycles of N steps must equal K*N uninterrupted steps, bit for bit.
+
+    Exit code: 0 all good, 1 a check failed, 2 unusable input, 3 refused as unsafe.
     """
     from dppo_ckpt import cycles as cycles_module
     from dppo_ckpt.checkpoint import report

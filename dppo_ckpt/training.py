@@ -652,9 +652,11 @@ def _make_callback(
             mean_return = _mean_return(model)
             elapsed = max(time.time_ns() - model.start_time, 1) / 1e9
             fps = (model.num_timesteps - model._num_timesteps_at_start) / elapsed
+            # After a first Ctrl-C the run takes one more step that the final checkpoint
+            # rightly lacks; the bar shows where the run stopped.
             progress.update(
                 task,
-                completed=model.num_timesteps,
+                completed=self.last_saved if self.halt else model.num_timesteps,
                 fps=f"{fps:,.0f}",
                 ret="-" if mean_return is None else f"{mean_return:,.1f}",
                 scale=_scale_text(model),
