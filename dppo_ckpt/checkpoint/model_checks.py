@@ -256,7 +256,8 @@ def _probe_state(state: dict[str, Any]) -> dict[str, Any]:
     config.update(
         warmup_steps=0,
         enabled=True,
-        alpha=config["alpha"] if config["alpha"] > 0 else 1.0,
+        # A tiny alpha would round the factor to exactly 1 and prove nothing.
+        alpha=max(config["alpha"], 1.0),
         min_scale=min(config["min_scale"], 0.5),
     )
     exp_avg = state["exp_avg"] or []
