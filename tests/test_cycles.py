@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dppo_ckpt.checkpoint.results import Verdict
-from dppo_ckpt.cycles import CYCLE_CHECKS, run_cycles
+from dppo_ckpt.cycles import CYCLE_CHECKS, CycleError, run_cycles
 from dppo_ckpt.vgs import VarianceGradientScaler
 
 pytestmark = pytest.mark.slow
@@ -171,10 +171,18 @@ def test_cycle_cli_fails_naming_the_check_when_load_skips_relinking(tmp_path):
         ("missing.zip", 2, "no such file"),
     ],
 )
-def test_unusable_or_unsafe_start_exits_with_one_line(tmp_path, fixture, code, expected):
+def test_unusable_or_unsafe_start_is_refused(fixture, code, expected):
+    with pytest.raises(CycleError, match=expected) as caught:
+        run_cycles(FIXTURES / fixture)
+    assert caught.value.exit_code == code
+
+
+def test_unsafe_start_exits_3_with_one_line(tmp_path):
     result = _run(
-        [sys.executable, "-m", "dppo_ckpt.cli", "cycle", str(FIXTURES / fixture)], tmp_path
+        [sys.executable, "-m", "dppo_ckpt.cli", "cycle", str(FIXTURES / "hostile_data_entry.zip")],
+        tmp_path,
     )
-    assert result.returncode == code
-    assert expected in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert result.returncode == 3
+    assert result.stderr.count("\n") == 1 and "io.open is not on the allow-list" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("MARKER_pwned*"))
