@@ -250,7 +250,7 @@ def _restored(model: Any) -> Iterator[None]:
 
 def _probe_state(state: dict[str, Any]) -> dict[str, Any]:
     """The scaler's state forced into a regime where the factor cannot be 1: past warm-up,
-    enabled, damping on, and statistics (zero mean, unit second moment) that make every
+    enabled, damping on (alpha >= 1), and statistics (zero mean, unit second moment) that make every
     per-tensor noise ratio positive."""
     config = dict(state["config"])
     config.update(
