@@ -255,6 +255,12 @@ class VarianceGradientScaler:
       Adam's) is capped like any ratio above ``variance_cap``; :meth:`reset_statistics`
       recovers.
 
+    Checkpoints: pickling keeps the configuration, counters and statistics but never the
+    parameters or the logger; an unpickled scaler is unlinked, and stepping it raises until
+    :meth:`update_parameters` links it to the live parameters (scaling nothing would silently
+    switch it off). :meth:`state_dict` / :meth:`load_state_dict` carry the same state as plain
+    data with a format version.
+
     :param parameters: the parameters to scale the gradients of (e.g. ``policy.parameters()``);
         ``None`` leaves the scaler unlinked until :meth:`update_parameters` is called
     :param beta: decay of the moving averages, in [0, 1)
