@@ -14,9 +14,9 @@ rotating order, so drift in machine load hits all alike), it times:
 - the whole minibatch update (zero_grad, forward, backward, [scaler], ``clip_grad_norm_``,
   Adam step) without and with the scaler.
 
-It prints the median time of each and two ratios: scaler / foreach Adam step (the scaler
-should cost no more than the optimizer step it precedes: target <= 1.0) and update with /
-without the scaler.
+It prints the median time of each (with its quartiles) and two ratios: scaler / foreach Adam
+step (the scaler should cost no more than the optimizer step it precedes: target <= 1.0) and
+update with / without the scaler.
 """
 
 from __future__ import annotations
@@ -104,13 +104,18 @@ def main() -> None:
         gc.enable()
 
     median = {name: statistics.median(values) for name, values in times.items()}
+    quartiles = {name: statistics.quantiles(values, n=4) for name, values in times.items()}
     print(
         f"VGS overhead: MLP {'-'.join(map(str, SIZES))} ({n_params:,} parameters in "
         f"{len(params)} tensors), minibatch {BATCH}, CPU, {torch.get_num_threads()} thread, "
         f"torch {torch.__version__}; median of {args.reps} interleaved repetitions"
     )
     for name in names:
-        print(f"  {name:28s} {median[name] * 1e3:8.3f} ms")
+        low, _, high = quartiles[name]
+        print(
+            f"  {name:28s} {median[name] * 1e3:8.3f} ms"
+            f"   (quartiles {low * 1e3:.3f} .. {high * 1e3:.3f})"
+        )
     scaler_ratio = median["scaler.scale_gradients()"] / median["Adam.step() foreach"]
     update_ratio = median["update with scaler"] / median["update without scaler"]
     print(f"  {'scaler / Adam step (foreach)':28s} {scaler_ratio:8.3f}   (target <= 1.0)")
