@@ -245,3 +245,32 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     expected = "error: --tensorboard needs the tensorboard package: pip install tensorboard\n"
     assert result.stderr == expected
+
+
+def test_a_checkpoint_failing_its_checks_stops_the_run(workspace):
+    # A planted regression: the scaler pickles its parameters again (the original bug).
+    script = (
+        "import sys\n"
+        "from dppo_ckpt.vgs import VarianceGradientScaler\n"
+        "def leaky(self):\n"
+        "    state = self.__dict__.copy()\n"
+        "    state.pop('_logger', None)\n"
+        "    return state\n"
+        "VarianceGradientScaler.__getstate__ = leaky\n"
+        "from dppo_ckpt.cli import main\n"
+        "sys.argv = ['dppo-ckpt', 'train', '--timesteps', '512', '--checkpoint-every', '128',\n"
+        "            '--config', 'small.toml', '--out', 'leaky']\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=workspace,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "checkpoint_000000128.zip failed its checks: DPPO005" in result.stderr
+    assert not (workspace / "leaky" / "checkpoint_000000256.zip").exists()
