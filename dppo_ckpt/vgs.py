@@ -197,23 +197,23 @@ def _multiplier(value: float, tensors: list[torch.Tensor]) -> float | torch.Tens
 
 
 def _linear_quantile(values: list[float], q: float) -> float:
-    """The q-quantile of ``values`` with linear interpolation, as ``torch.quantile`` computes it
-    (up to the last bit: torch interpolates with a fused multiply-add).
+    """The q-quantile of ``values`` with linear interpolation, exactly as ``torch.quantile``.
 
-    Computed in Python: for the handful of values here it costs a microsecond or two where
-    ``torch.quantile`` costs tens. NaN anywhere gives NaN, as in ``torch.quantile``.
+    The order statistics are found in Python (a microsecond for the handful of values here,
+    where ``torch.quantile`` spends tens); the interpolation itself uses ``torch.lerp`` on
+    float64, as ``torch.quantile`` does, so the result is the same to the last bit (torch's
+    kernel may fuse the multiply-add). NaN anywhere gives NaN, as in ``torch.quantile``.
     """
     if any(math.isnan(value) for value in values):
         return math.nan
     ordered = sorted(values)
     rank = q * (len(ordered) - 1)
     below, above = math.floor(rank), math.ceil(rank)
-    weight = rank - below
-    low, high = ordered[below], ordered[above]
-    # torch.lerp's two-sided formula, exact at both ends.
-    if weight < 0.5:
-        return low + weight * (high - low)
-    return high - (high - low) * (1.0 - weight)
+    low, high, weight = (
+        torch.scalar_tensor(x, dtype=torch.float64)
+        for x in (ordered[below], ordered[above], rank - below)
+    )
+    return torch.lerp(low, high, weight).item()
 
 
 def _to_floats(values: list[torch.Tensor]) -> list[float]:
@@ -410,11 +410,12 @@ class VarianceGradientScaler:
                 # Plain sums beat _foreach_norm(ord=1) several times over on CPU.
                 noise_sums.extend(tensor.sum() for tensor in excess)
                 del excess
-            # A handful of numbers: plain Python floats (double precision) are the fastest.
-            squared_correction, eps = correction * correction, self.eps
+            # A handful of numbers: plain Python floats (IEEE double, like float64 tensors) are
+            # the fastest. The order of operations is fixed so that results stay bit-identical.
+            squared_correction, eps = correction**2, self.eps
             noises, norms = _to_floats(noise_sums), _to_floats(signal_norms)
             ratios = [
-                correction * noise / (squared_correction * norm * norm + eps)
+                noise * correction / (norm * norm * squared_correction + eps)
                 for noise, norm in zip(noises, norms, strict=True)
             ]
             quantile = _linear_quantile(ratios, self.quantile)
