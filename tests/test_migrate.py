@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -159,6 +160,19 @@ def test_migrated_legacy_verifies_and_tracks_live_parameters(migrated, loaded):
     tracked = model._variance_gradient_scaler.parameters
     assert len(tracked) == len(policy)
     assert [id(p) for p in tracked] == [id(p) for p in policy]
+
+
+def test_plain_sb3_load_sees_no_legacy_scaler(migrated):
+    from dppo_ckpt import DistributionalPPO
+    from dppo_ckpt.ppo import LegacyCheckpointWarning
+
+    with pytest.warns(LegacyCheckpointWarning):
+        DistributionalPPO.load(LEGACY, env=make_env())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LegacyCheckpointWarning)
+        model = DistributionalPPO.load(migrated, env=make_env())
+    tracked = {id(p) for p in model._variance_gradient_scaler.parameters}
+    assert tracked == {id(p) for p in model.policy.parameters()}
 
 
 def test_statistics_equal_the_legacy_ones_bit_for_bit(migrated, loaded):
