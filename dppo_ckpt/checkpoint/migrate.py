@@ -175,11 +175,12 @@ def _describe_finding(finding: Finding) -> str:
 
 def _check_named_only(archive: CheckpointArchive, scan: ScanReport) -> None:
     """An exempt class in ``policy_class``/``rollout_buffer_class`` must be the whole pickle."""
-    entries = archive.serialized_entries()
     for finding in scan.refused:
         if finding.entry == SCALER_ENTRY or finding.entry not in _NAMED_CLASSES:
             continue
-        root = _stub(entries[finding.entry], finding.entry)
+        # Decoded alone: the scan validated the base64 already, and the scaler's can be huge.
+        payload = base64.b64decode(archive.data[finding.entry][SERIALIZED_KEY])
+        root = _stub(payload, finding.entry)
         if not isinstance(root, StubGlobal):
             raise MigrationError(_describe_finding(finding) + " (and is not a bare class)", 3)
 
@@ -346,24 +347,25 @@ def _serialized_span(text: str) -> tuple[int, int]:
     return spans[0]
 
 
-def _edit_data_text(text: str, new_serialized: str, data: dict[str, Any]) -> str:
-    """``data`` with the scaler entry's ``:serialized:`` string replaced; every other character
-    of ``text`` is kept.
+def _edit_data_text(text: str, new_serialized: bytes, data: dict[str, Any]) -> bytes:
+    """The ``data`` member with the scaler entry's ``:serialized:`` string replaced by the
+    base64 ``new_serialized``; every other character of ``text`` is kept.
 
     Checked the way SB3 reads it: with the string emptied, the text parses to ``data`` with that
-    one string emptied, key for key (compared as ``json.dumps`` writes them); the replacement
-    parses to ``new_serialized``. (The base64 is compared as a string, never re-parsed: it can
-    run to hundreds of megabytes.)
+    one string emptied, key for key (compared as ``json.dumps`` writes them). The base64 itself
+    is never re-encoded or re-parsed (it can run to hundreds of megabytes): its alphabet needs
+    no JSON escaping.
     """
     start, end = _serialized_span(text)
-    replacement = json.dumps(new_serialized)
     skeleton = json.loads(text[:start] + '""' + text[end:])
     expected = dict(data)
     expected[SCALER_ENTRY] = {**data[SCALER_ENTRY], SERIALIZED_KEY: ""}
     changed = _changed(expected, skeleton)
-    if changed or json.loads(replacement) != new_serialized:
-        raise ValueError(f"the edit would change {changed or 'the new string'}")
-    return text[:start] + replacement + text[end:]
+    if changed:
+        raise ValueError(f"the edit would change {changed}")
+    return b"".join(
+        (text[:start].encode("utf-8"), b'"', new_serialized, b'"', text[end:].encode("utf-8"))
+    )
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -437,15 +439,14 @@ def plan_migration(archive: CheckpointArchive) -> MigrationPlan:
     # Only the scaler's pickle changes. Its description keys (SB3 writes one per attribute of
     # the live object, `_parameters` included, whatever is pickled) stay as the current code
     # writes them.
-    encoded = base64.b64encode(new_payload).decode("ascii")
+    encoded = base64.b64encode(new_payload)
     del new_payload
     try:
-        new_text = _edit_data_text(text, encoded, data)
+        new_bytes = _edit_data_text(text, encoded, data)
     except ValueError as exc:
         raise MigrationError(f"cannot edit 'data': {exc}", EXIT_UNUSABLE) from None
     del text, encoded
     facts["data_bytes_before"] = archive.member(DATA_MEMBER).uncompressed_size
-    new_bytes = new_text.encode("utf-8")
     facts["data_bytes_after"] = len(new_bytes)
     return MigrationPlan(False, data=new_bytes, facts=facts, foreign=foreign)
 
