@@ -842,6 +842,7 @@ def migrate_file(
         mode = stat.S_IMODE(src.stat().st_mode)
         with _temporary(dst.parent, dst.name, mode) as (handle, tmp):
             _write_zip(src, handle, {DATA_MEMBER: plan.data})
+            plan.data = None  # written; the checks below read the file afresh
             _sync(handle)
             report = _verify(tmp, static=static, foreign=plan.foreign)
             if backup is not None:
