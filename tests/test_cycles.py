@@ -129,7 +129,7 @@ def test_statistics_reset_on_load_fails_by_name(monkeypatch):
         self.reset_statistics()  # "fresh start" on load: warm-up skipped, statistics gone
 
     monkeypatch.setattr(VarianceGradientScaler, "load_state_dict", forgetful_load_state_dict)
-    report = run_cycles(cycles=2, steps=128)
+    report = run_cycles(cycles=1, steps=128)
     failed = {r.check_id for r in report.results if r.verdict is Verdict.FAIL}
     assert report.exit_code == 1
     assert {"CYC002", "CYC005", "CYC008"} <= failed
