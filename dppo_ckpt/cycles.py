@@ -300,7 +300,9 @@ def _start(model_path: Path | None, env_id: str, seed: int, trust: bool) -> Dist
     except CheckpointError as exc:
         raise CycleError(f"cannot use {model_path}: {_one_line(exc)}") from exc
     except Exception as exc:  # SB3 raises anything for a file that does not fit
-        raise CycleError(f"cannot load {model_path} on {env_id}: {_one_line(exc)}") from exc
+        raise CycleError(
+            f"cannot load {model_path} on {env_id} (--env sets the environment): {_one_line(exc)}"
+        ) from exc
     if not isinstance(model, DistributionalPPO):
         raise CycleError(f"{model_path} is not a DistributionalPPO checkpoint")
     # The environments restart on the first learn(); seeded, so both runs see the same ones.

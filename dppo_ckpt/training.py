@@ -764,8 +764,10 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
         n_envs = options.n_envs or 1
         seed = settings["seed"]
         env = _make_env(env_id, n_envs, seed)
+        if tensorboard_log is not None:
+            settings["tensorboard_log"] = tensorboard_log
         try:
-            model = DistributionalPPO("MlpPolicy", env, tensorboard_log=tensorboard_log, **settings)
+            model = DistributionalPPO("MlpPolicy", env, **settings)
         except (TypeError, ValueError, AssertionError) as exc:
             raise TrainingError(f"invalid model settings: {exc}".splitlines()[0]) from exc
         manifest = {
