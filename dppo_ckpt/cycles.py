@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CYCLE_CHECKS",
     "CYCLE_SETTINGS",
+    "MODEL_CHECK_IDS",
     "CycleError",
     "run_cycles",
 ]
@@ -66,6 +67,9 @@ CYCLE_SETTINGS: dict[str, Any] = {
     "learning_rate": 3e-4,
     "vgs_warmup_steps": 4,
 }
+
+#: The model checks of :func:`dppo_ckpt.checkpoint.checks.model_checks`, run after each load.
+MODEL_CHECK_IDS = ("DPPO008", "DPPO009", "DPPO010", "DPPO011")
 
 DEFAULT_ENV_ID = "Pendulum-v1"
 DEFAULT_CYCLES = 3
@@ -588,7 +592,14 @@ def _run(
     results.append(
         _exact_resume(path, env_id, seed, trust, cycles, steps, steps_per_cycle, final, broken, say)
     )
-    results.extend(_merge_model_checks(per_cycle_model_checks, cycles))
+    merged = _merge_model_checks(per_cycle_model_checks, cycles)
+    if broken is not None:
+        # Keep the report's test cases the same even when a cycle crashed before a check ran.
+        from dppo_ckpt.checkpoint.checks import CHECKS
+
+        present = {result.check_id for result in merged}
+        merged += [CHECKS[i].errored(broken) for i in MODEL_CHECK_IDS if i not in present]
+    results.extend(merged)
     return results
 
 

@@ -186,3 +186,17 @@ def test_unsafe_start_exits_3_with_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and "io.open is not on the allow-list" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("MARKER_pwned*"))
+
+
+def test_a_crashing_cycle_is_reported_as_errors_not_a_traceback(monkeypatch):
+    from dppo_ckpt.ppo import DistributionalPPO
+
+    def full_disk(self, path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DistributionalPPO, "save", full_disk)
+    report = run_cycles(cycles=1, steps=64)
+    assert report.exit_code == 1
+    assert sorted(r.check_id for r in report.results) == ALL_IDS
+    assert {r.verdict for r in report.results} == {Verdict.ERROR}
+    assert "cycle 1 stopped in save: OSError" in report.results[0].message
