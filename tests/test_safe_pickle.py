@@ -353,8 +353,12 @@ def test_safe_load_restores_the_model(
     assert loaded.num_timesteps == original.num_timesteps
 
 
+# The foreign-module legacy fixture names classes from modules that no longer exist; its
+# refusal (and migration) is tested in test_migrate.py.
 COMMITTED_FIXTURES = sorted(
-    (Path(__file__).resolve().parent.parent / "fixtures").glob("dppo_*.zip")
+    path
+    for path in (Path(__file__).resolve().parent.parent / "fixtures").glob("dppo_*.zip")
+    if "foreign" not in path.stem
 )
 
 
