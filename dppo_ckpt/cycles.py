@@ -270,6 +270,10 @@ def _make_env(env_id: str, seed: int) -> VecEnv:
         raise CycleError(f"cannot create environment {env_id!r}: {message}") from exc
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -375,7 +379,7 @@ def _merge_model_checks(per_cycle: list[list[CheckResult]], cycles: int) -> list
             continue
         cycle, last = runs[-1]
         if all(r.verdict is Verdict.PASS for _, r in runs):
-            message = f"after each of {len(runs)} loads: {last.message}"
+            message = f"after {_count(len(runs), 'load')}: {last.message}"
         else:
             message = last.message
         merged.append(replace(last, message=message, duration_s=duration))
@@ -572,7 +576,8 @@ def _run(
             "timesteps " + " -> ".join(str(t) for t in timeline) + ", kept by every load",
         )
     )
-    scaler_line = [h["scaler_steps"][2] for h in history]
+    scaler_line = [h["scaler_steps"][0] for h in history[:1]]
+    scaler_line += [h["scaler_steps"][2] for h in history]
     results.append(
         verdict(
             "CYC002",
@@ -580,15 +585,14 @@ def _run(
             has_scaler,
         )
     )
-    results.append(verdict("CYC003", f"{cycles} loads gave back every parameter exactly"))
-    results.append(verdict("CYC004", f"{cycles} loads gave back the optimizer state exactly"))
+    loads, saved = _count(cycles, "load"), _count(cycles, "checkpoint")
+    results.append(verdict("CYC003", f"{loads} gave back every parameter exactly"))
+    results.append(verdict("CYC004", f"{loads} gave back the optimizer state exactly"))
     results.append(
-        verdict("CYC005", f"{cycles} loads gave back the scaler statistics exactly", has_scaler)
+        verdict("CYC005", f"{loads} gave back the scaler statistics exactly", has_scaler)
     )
-    results.append(verdict("CYC006", f"after each of {cycles} loads, one set of parameter objects"))
-    results.append(
-        verdict("CYC007", f"{cycles} checkpoints, no _parameters in the scaler", has_scaler)
-    )
+    results.append(verdict("CYC006", f"after {loads}, one set of parameter objects"))
+    results.append(verdict("CYC007", f"{saved}, no _parameters in the scaler", has_scaler))
     results.append(
         _exact_resume(path, env_id, seed, trust, cycles, steps, steps_per_cycle, final, broken, say)
     )
@@ -650,14 +654,14 @@ def _exact_resume(
     duration = time.perf_counter() - started
     if mismatches:
         result = spec.failed(
-            f"{cycles} cycles of {steps_per_cycle} steps differ from {how}: "
+            f"{_count(cycles, 'cycle')} of {steps_per_cycle} steps differ from {how}: "
             + "; ".join(mismatches),
             **details,
         )
     else:
         result = spec.passed(
-            f"{cycles} cycles of {steps_per_cycle} steps equal {how}: parameters, optimizer "
-            "and scaler state bit for bit",
+            f"{_count(cycles, 'cycle')} of {steps_per_cycle} steps equal {how}: parameters, "
+            "optimizer and scaler state bit for bit",
             **details,
         )
     return replace(result, duration_s=duration)
