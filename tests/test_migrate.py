@@ -268,6 +268,21 @@ def test_foreign_modules_fixture_migrates_without_those_modules(tmp_path):
     assert [id(p) for p in model._variance_gradient_scaler.parameters] == policy
 
 
+def test_verify_refuses_the_foreign_fixture_that_migrate_accepts(tmp_path):
+    # verify follows the allow-list strictly; migrate only names these classes, runs nothing.
+    report = run_checks(FOREIGN, static=True)
+    assert report.exit_code == 3
+    refused = {r.check_id: r for r in report.results}["DPPO004"]
+    assert {item["global"] for item in refused.details["refused"]} == {
+        f"{module}.{name}" for module, name in FOREIGN_MODULES if name != "DistributionalPPO"
+    }
+    outcome = migrate.migrate_file(FOREIGN, tmp_path / "new.zip", dry_run=True)
+    assert outcome.exit_code == 0 and outcome.status == "would migrate"
+    assert outcome.facts["named_off_allow_list"] == sorted(
+        item["global"] for item in refused.details["refused"]
+    )
+
+
 def test_foreign_result_keeps_the_same_statistics(tmp_path):
     out = tmp_path / "new.zip"
     assert migrate.migrate_file(FOREIGN, out, static=True).exit_code == 0
