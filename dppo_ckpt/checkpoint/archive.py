@@ -496,6 +496,7 @@ class CheckpointArchive(ZipMembers):
         super().__init__(fileobj, limits, path, owns_file=owns_file)
         self.path = path
         self._data: dict[str, Any] | None = None
+        self._entries: dict[str, bytes] | None = None
         if DATA_MEMBER not in self:
             self.close()
             raise ArchiveError("no 'data' member: not a stable-baselines3 checkpoint", path=path)
@@ -511,6 +512,7 @@ class CheckpointArchive(ZipMembers):
             raw = self.read_member(DATA_MEMBER)
             try:
                 text = raw.decode("utf-8")
+                del raw  # the text replaces it; large checkpoints hold hundreds of MB here
             except UnicodeDecodeError as exc:
                 raise ArchiveError(
                     f"'data' is not valid UTF-8 (byte {exc.start})", path=self.path, member="data"
@@ -540,8 +542,13 @@ class CheckpointArchive(ZipMembers):
         An entry is serialised exactly when SB3's loader would unpickle it: its value is a
         JSON object with a ``:serialized:`` key.
 
+        Decoded once and cached: the scan, the legacy check and the loader all need them, and
+        for a large policy the scaler's statistics make these payloads the bulk of the file.
+
         :raises ArchiveError: the payload is not a string or not valid base64.
         """
+        if self._entries is not None:
+            return dict(self._entries)
         entries: dict[str, bytes] = {}
         for key, value in self.data.items():
             if not (isinstance(value, dict) and SERIALIZED_KEY in value):
@@ -561,7 +568,8 @@ class CheckpointArchive(ZipMembers):
                     path=self.path,
                     member="data",
                 ) from None
-        return entries
+        self._entries = entries
+        return dict(entries)
 
     def text_member(self, name: str) -> str:
         """A text member (``_stable_baselines3_version``, ``system_info.txt``) as UTF-8.
