@@ -25,11 +25,11 @@ and the environment snapshot with ``pickle``, both of which can run code stored 
 A snapshot is only loaded when the run folder's manifest lists it beside that very checkpoint
 and both files still have the sha256 recorded when ``train`` wrote them.
 
-Ctrl-C (SIGINT) asks the run to stop at the end of the current update; it writes a final
-checkpoint there, verifies it and exits with 130 (128 + SIGINT), so that shell scripts see the
-run did not complete. A second Ctrl-C stops at the next environment step instead (the
-partially collected rollout is dropped); a third one aborts at once, leaving the checkpoints
-already written.
+Ctrl-C (SIGINT) asks the run to stop at the next rollout boundary (the rollout under way is
+completed and trained on); it writes a final checkpoint there, verifies it and exits with 130
+(128 + SIGINT), so that shell scripts see the run did not complete. A second Ctrl-C stops at
+the next environment step instead (the partially collected rollout is dropped); a third one
+aborts at once, leaving the checkpoints already written.
 """
 
 from __future__ import annotations
@@ -620,7 +620,7 @@ def _make_callback(
             if interrupt.count > self.notified:
                 self.notified = interrupt.count
                 text = (
-                    "Ctrl-C: stopping after the current update (again to stop now)"
+                    "Ctrl-C: stopping after this rollout and its update (again to stop now)"
                     if interrupt.count == 1
                     else "Ctrl-C: stopping now"
                 )
