@@ -312,7 +312,8 @@ def train_command(
         ),
     ] = None,
     n_envs: Annotated[
-        int | None, typer.Option("--n-envs", help="Parallel environments. (default 1)")
+        int | None,
+        typer.Option("--n-envs", help="Parallel environments. (default 4 for Pendulum-v1, else 1)"),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed. (default 0)")] = None,
     critic: Annotated[

@@ -85,6 +85,24 @@ DEFAULT_TIMESTEPS = 100_000
 DEFAULT_CHECKPOINT_EVERY = 10_000
 DEFAULT_EVAL_EPISODES = 5
 
+# Settings that make the default run learn: RL Zoo's tuned PPO hyperparameters for
+# Pendulum-v1 (SB3's generic defaults barely learn it in 100k steps). They are the base
+# under the config file and the command line, and only for that environment.
+TUNED_SETTINGS: dict[str, dict[str, Any]] = {
+    "Pendulum-v1": {
+        "n_steps": 1024,
+        "gae_lambda": 0.95,
+        "gamma": 0.9,
+        "n_epochs": 10,
+        "ent_coef": 0.0,
+        "learning_rate": 1e-3,
+        "clip_range": 0.2,
+        "use_sde": True,
+        "sde_sample_freq": 4,
+    }
+}
+TUNED_N_ENVS: dict[str, int] = {"Pendulum-v1": 4}
+
 _CHECKPOINT_PREFIX = "checkpoint_"
 _SNAPSHOT_SUFFIX = ".envs.pkl"
 _TEMP_SUFFIX = ".tmp"
@@ -260,9 +278,13 @@ def _check_options(options: TrainOptions) -> None:
             )
 
 
-def _model_settings(options: TrainOptions, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Model keywords: built-in defaults < config file < explicit command-line options."""
+def _model_settings(
+    options: TrainOptions, config: Mapping[str, Any], env_id: str
+) -> dict[str, Any]:
+    """Model keywords: built-in defaults < tuned settings of the environment < config file <
+    explicit command-line options."""
     settings: dict[str, Any] = {"seed": 0, "device": "cpu", "verbose": 0}
+    settings.update(TUNED_SETTINGS.get(env_id, {}))
     settings.update(config)
     explicit = {
         "seed": options.seed,
@@ -760,8 +782,8 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
     from dppo_ckpt.ppo import DistributionalPPO
 
     if point is None:
-        settings = _model_settings(options, config)
-        n_envs = options.n_envs or 1
+        settings = _model_settings(options, config, env_id)
+        n_envs = options.n_envs or TUNED_N_ENVS.get(env_id, 1)
         seed = settings["seed"]
         env = _make_env(env_id, n_envs, seed)
         if tensorboard_log is not None:

@@ -71,6 +71,7 @@ def run_a(workspace) -> tuple[Path, subprocess.CompletedProcess[str]]:
         "--timesteps", "512",
         "--checkpoint-every", "256",
         "--config", "small.toml",
+        "--n-envs", "1",
         "--out", "A",
         "--eval-episodes", "1",
         cwd=workspace,
@@ -156,6 +157,8 @@ def test_sigint_writes_a_final_checkpoint_that_verifies(workspace):
             "128",
             "--config",
             "small.toml",
+            "--n-envs",
+            "1",
             "--out",
             "interrupted",
         ),  # fmt: skip
@@ -259,7 +262,7 @@ def test_a_checkpoint_failing_its_checks_stops_the_run(workspace):
         "VarianceGradientScaler.__getstate__ = leaky\n"
         "from dppo_ckpt.cli import main\n"
         "sys.argv = ['dppo-ckpt', 'train', '--timesteps', '512', '--checkpoint-every', '128',\n"
-        "            '--config', 'small.toml', '--out', 'leaky']\n"
+        "            '--config', 'small.toml', '--n-envs', '1', '--out', 'leaky']\n"
         "main()\n"
     )
     result = subprocess.run(
