@@ -301,6 +301,29 @@ def _model_settings(
 # Files: atomic writes and the run manifest
 
 
+def _new_manifest(
+    env_id: str,
+    n_envs: int,
+    seed: Any,
+    timesteps: int,
+    every: int,
+    settings: dict[str, Any],
+    resumed_from: str | None,
+) -> dict[str, Any]:
+    """The manifest of a new run folder, before any checkpoint is listed."""
+    return {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "env_id": env_id,
+        "n_envs": n_envs,
+        "seed": seed,
+        "timesteps": timesteps,
+        "checkpoint_every": every,
+        "model_settings": settings,
+        "resumed_from": resumed_from,
+        "checkpoints": [],
+    }
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -792,17 +815,7 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
             model = DistributionalPPO("MlpPolicy", env, **settings)
         except (TypeError, ValueError, AssertionError) as exc:
             raise TrainingError(f"invalid model settings: {exc}".splitlines()[0]) from exc
-        manifest = {
-            "format_version": MANIFEST_FORMAT_VERSION,
-            "env_id": env_id,
-            "n_envs": n_envs,
-            "seed": seed,
-            "timesteps": timesteps,
-            "checkpoint_every": every,
-            "model_settings": settings,
-            "resumed_from": None,
-            "checkpoints": [],
-        }
+        manifest = _new_manifest(env_id, n_envs, seed, timesteps, every, settings, None)
         console.print(f"training {env_id} for {timesteps:,} steps into {run_dir}")
     else:
         n_envs = options.n_envs or point.n_envs
@@ -834,17 +847,9 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
             manifest["timesteps"] = timesteps
             manifest["checkpoint_every"] = every
         else:
-            manifest = {
-                "format_version": MANIFEST_FORMAT_VERSION,
-                "env_id": env_id,
-                "n_envs": n_envs,
-                "seed": seed,
-                "timesteps": timesteps,
-                "checkpoint_every": every,
-                "model_settings": settings,
-                "resumed_from": str(point.checkpoint),
-                "checkpoints": [],
-            }
+            manifest = _new_manifest(
+                env_id, n_envs, seed, timesteps, every, settings, str(point.checkpoint)
+            )
         console.print(
             f"resuming {point.checkpoint} at step {model.num_timesteps:,} of {timesteps:,} "
             f"into {run_dir}; {env_line}"
