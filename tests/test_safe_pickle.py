@@ -854,3 +854,74 @@ def test_protocol_2_blob_bytes_are_not_taken_on_trust(tmp_path: Path) -> None:
     refused = {(f.global_name, f.verdict) for f in scan_pickle(payload).refused}
     assert ("_codecs.encode", GlobalVerdict.NOT_ALLOWED) in refused
     assert any(verdict is GlobalVerdict.DYNAMIC for _, verdict in refused)
+
+
+# -- BUILD: allow-listed classes are safe to call, not to hand file state to ------------------
+
+
+def _dtype_overflow_pickle() -> bytes:
+    """An array whose crafted dtype puts an object field far past the buffer's end."""
+
+    class _CraftedDtype:
+        def __reduce__(self):
+            state = (3, "|", None, ("f0",), {"f0": (np.dtype("O"), 4096)}, 8, 1, 27)
+            return np.dtype, ("V8", False, True), state
+
+    class _Array:
+        def __reduce__(self):
+            from numpy._core.multiarray import _reconstruct
+
+            items = [(12345678,)] * 64
+            return _reconstruct, (np.ndarray, (0,), b"b"), (1, (64,), _CraftedDtype(), False, items)
+
+    return pickle.dumps(_Array(), protocol=4)
+
+
+def _class_patch_pickle() -> bytes:
+    # GLOBAL FloatSchedule; state (None, {"__call__": ConstantSchedule}); BUILD
+    return (
+        b"cstable_baselines3.common.utils\nFloatSchedule\n"
+        b"N(S'__call__'\ncstable_baselines3.common.utils\nConstantSchedule\nd\x86b."
+    )
+
+
+def _tensor_hook_pickle() -> bytes:
+    plain = pickle.dumps(torch.zeros(3), protocol=4)
+    hooks = (
+        b"ccollections\nOrderedDict\n)RK\x00cstable_baselines3.common.utils\nConstantSchedule\ns"
+    )
+    return plain[:-1] + b"\x88N" + hooks + b"\x87b."
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (_dtype_overflow_pickle, "crafted numpy dtype"),
+        (_class_patch_pickle, "modify 'FloatSchedule' itself"),
+        (_tensor_hook_pickle, "BUILD on a tensor"),
+    ],
+    ids=["dtype-out-of-bounds", "class-patch", "tensor-hooks"],
+)
+def test_build_with_hostile_state_is_refused(payload, reason) -> None:
+    from stable_baselines3.common.utils import FloatSchedule
+
+    call_before = FloatSchedule.__dict__.get("__call__")
+    with pytest.raises(UnsafePickleError, match=reason):
+        SafeUnpickler(io.BytesIO(payload()), member="data", entry="_last_obs").load()
+    assert FloatSchedule.__dict__.get("__call__") is call_before
+
+
+def test_build_on_a_bare_global_is_flagged_statically() -> None:
+    report = scan_pickle(_class_patch_pickle(), member="data", entry="clip_range")
+    assert not report.ok
+    assert any(
+        "BUILD on stable_baselines3.common.utils.FloatSchedule" in f.global_name
+        for f in report.refused
+    )
+
+
+def test_plain_dtypes_and_arrays_still_decode() -> None:
+    values = [np.arange(6).astype(dtype).reshape(2, 3) for dtype in ("f4", "f8", "i8", "u1", "?")]
+    decoded = SafeUnpickler(io.BytesIO(pickle.dumps(values, protocol=4))).load()
+    for original, copy in zip(values, decoded, strict=True):
+        assert copy.dtype == original.dtype and np.array_equal(copy, original)

@@ -23,6 +23,8 @@ import io
 import os
 import pickle
 import pickletools
+import sys
+import types
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -583,6 +585,20 @@ class _Scanner:
                 n = int(name[-1])
                 items = [pop() for _ in range(n)][::-1]
                 stack.append(tuple(items))
+            elif name == "BUILD":
+                pop()  # the state
+                target = pop()
+                if isinstance(target, _GlobalRef):
+                    # BUILD on a bare global rewrites the class or function itself.
+                    self.record(
+                        member,
+                        entry,
+                        f"<BUILD on {target.module}.{target.name}>",
+                        GlobalVerdict.NOT_ALLOWED,
+                        path,
+                        pos,
+                    )
+                stack.append(target)
             elif name == "DUP":
                 if not stack:
                     raise _Malformed(f"DUP on an empty stack at byte {pos}")
@@ -758,7 +774,37 @@ def _resolve(module: str, qualname: str) -> Any:
     raise LookupError(f"{module}.{qualname} cannot be imported here ({error})")
 
 
-class SafeUnpickler(pickle.Unpickler):
+def _refuse_build(target: Any, state: Any) -> str | None:
+    """Why applying ``BUILD`` with ``state`` to ``target`` is unsafe, or None when it is fine.
+
+    Allow-listed classes are harmless to *call*, but ``BUILD`` hands file content to their
+    ``__setstate__`` (or ``setattr``), which is a different contract:
+
+    - on a class, function or module it rewrites process-wide behaviour (e.g. a schedule's
+      ``__call__``), affecting every later load and the user's own objects;
+    - ``numpy.dtype.__setstate__`` trusts field offsets and flags, so a crafted structured or
+      object dtype makes numpy read and write memory out of bounds;
+    - ``torch.Tensor.__setstate__`` installs backward hooks that the rebuild functions refuse.
+    """
+    if isinstance(
+        target,
+        (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType),
+    ):
+        return f"BUILD would modify {getattr(target, '__qualname__', target)!r} itself"
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(target, numpy.dtype):
+        # The file's state must be exactly the one numpy itself pickles for this dtype;
+        # plain dtypes are all SB3 checkpoints ever hold.
+        if state != target.__reduce__()[2]:
+            return f"BUILD with a crafted numpy dtype state {state!r:.80}"
+        return None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(target, torch.Tensor):
+        return "BUILD on a tensor (it could install backward hooks)"
+    return None
+
+
+class SafeUnpickler(pickle._Unpickler):
     """Unpickler that resolves only allow-listed globals and never runs code from the file.
 
     - ``find_class`` returns globals of :data:`ALLOWED_GLOBALS` (or ``allow``) only; anything
@@ -767,6 +813,8 @@ class SafeUnpickler(pickle.Unpickler):
       tensor blob with ``torch.load(..., weights_only=True)`` (torch is imported lazily, here).
     - ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter`` refuse tensors that carry
       backward hooks (callables that would run during a later backward pass).
+    - ``BUILD`` is checked before it runs (see :func:`_refuse_build`); that is why this is
+      the pure-Python unpickler, whose opcode table can be extended.
 
     :param file: binary file holding the pickle.
     :param member: zip member, for error messages.
@@ -794,6 +842,24 @@ class SafeUnpickler(pickle.Unpickler):
             ("torch._utils", "_rebuild_tensor_v2"): self._hookless("_rebuild_tensor_v2", 5),
             ("torch._utils", "_rebuild_parameter"): self._hookless("_rebuild_parameter", 2),
         }
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _checked_build(self) -> None:
+        if len(self.stack) < 2:
+            raise PickleScanError("BUILD without a target", member=self.member, entry=self.entry)
+        reason = _refuse_build(self.stack[-2], self.stack[-1])
+        if reason is not None:
+            raise UnsafePickleError(
+                self.member,
+                self.entry,
+                f"{type(self.stack[-2]).__module__}.{type(self.stack[-2]).__qualname__}",
+                GlobalVerdict.NOT_ALLOWED,
+                detail=reason,
+            )
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _checked_build
 
     def find_class(self, module: str, name: str) -> Any:
         verdict = classify_global(module, name, self.allow)
