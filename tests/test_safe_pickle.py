@@ -925,3 +925,21 @@ def test_plain_dtypes_and_arrays_still_decode() -> None:
     decoded = SafeUnpickler(io.BytesIO(pickle.dumps(values, protocol=4))).load()
     for original, copy in zip(values, decoded, strict=True):
         assert copy.dtype == original.dtype and np.array_equal(copy, original)
+
+
+def test_stored_tensorboard_log_does_not_survive_safe_load(tmp_path: Path) -> None:
+    source = Path(__file__).resolve().parent.parent / "fixtures" / "dppo_quantile_vgs.zip"
+    with zipfile.ZipFile(source) as archive:
+        members = {info.filename: archive.read(info.filename) for info in archive.infolist()}
+    data = json.loads(members["data"])
+    data["tensorboard_log"] = str(tmp_path / "chosen_by_the_file")
+    members["data"] = json.dumps(data, indent=4).encode()
+    path = tmp_path / "steered.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, payload in members.items():
+            archive.writestr(name, payload)
+    model = safe_load(path)
+    assert model.tensorboard_log is None
+    assert safe_load(path, tensorboard_log=str(tmp_path / "mine")).tensorboard_log == str(
+        tmp_path / "mine"
+    )

@@ -1069,7 +1069,8 @@ def safe_load(
     :param limits: zip limits (defaults to :class:`Limits`, or the archive's own).
     :param allow: allow-list.
     :param custom_objects: values to use instead of decoding these entries (as in SB3).
-    :param kwargs: passed on to ``algo_cls.load``.
+    :param kwargs: passed on to ``algo_cls.load``; ``tensorboard_log`` defaults to None, so
+        that the file cannot choose where training writes logs.
     :raises ArchiveError: the file is unusable (includes :class:`PickleScanError`).
     :raises UnsafePickleError: a pickle names a refused global.
     """
@@ -1095,4 +1096,7 @@ def safe_load(
         decoded.update(overrides)
         if algo_cls is None:
             algo_cls = _choose_algorithm(archive.data, decoded)
+    # A plain JSON key can steer file writes too: a stored ``tensorboard_log`` would make the
+    # next learn() create folders wherever the file says. Only the caller may set one.
+    kwargs.setdefault("tensorboard_log", None)
     return algo_cls.load(io.BytesIO(raw), env=env, device=device, custom_objects=decoded, **kwargs)
