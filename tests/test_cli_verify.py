@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -167,6 +168,9 @@ def test_output_is_written_atomically(tmp_path: Path) -> None:
     assert run.returncode == 0
     ET.fromstring(out.read_bytes())
     assert sorted(p.name for p in out.parent.iterdir()) == ["verify.xml"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     unwritable = dppo_ckpt("verify", "--static", "-o", "no/such/dir/r.txt", "x.zip", cwd=tmp_path)
     _no_traceback(unwritable)
     assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr
