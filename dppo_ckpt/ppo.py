@@ -394,6 +394,9 @@ class DistributionalPPO(PPO):
     ) -> SelfDistributionalPPO:
         """Load like SB3; the scaler is rebuilt over the live parameters with its statistics,
         and the random generators continue where the saved run stopped."""
+        # SB3's load re-seeds the environment (pending seeds for its next reset()); a resumed
+        # run must not replay the episodes its original seed produced.
+        pending_seeds = list(getattr(env, "_seeds", []) or [])
         model = super().load(
             path,
             env=env,
@@ -403,6 +406,8 @@ class DistributionalPPO(PPO):
             force_reset=force_reset,
             **kwargs,
         )
+        if env is not None and hasattr(env, "_seeds"):
+            env._seeds = pending_seeds or [None] * len(env._seeds)
         rng_state = model.__dict__.pop("_rng_state", None)
         # Restored last: SB3's load re-seeds and samples gSDE noise, which moved the generators.
         if rng_state is not None:

@@ -320,3 +320,13 @@ def test_policy_must_be_distributional():
 
 def test_scaler_is_exported():
     assert VarianceGradientScaler.__module__ == "dppo_ckpt.vgs"
+
+
+def test_load_leaves_the_environment_seeds_as_they_were(trained):
+    _, env, path = trained
+    env._seeds = [None] * env.num_envs
+    DistributionalPPO.load(path, env=env, force_reset=False)
+    assert env._seeds == [None] * env.num_envs  # SB3 alone leaves the run's seed pending
+    env.seed(123)
+    DistributionalPPO.load(path, env=env, force_reset=False)
+    assert env._seeds == [123 + i for i in range(env.num_envs)]
