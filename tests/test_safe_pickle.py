@@ -943,3 +943,10 @@ def test_stored_tensorboard_log_does_not_survive_safe_load(tmp_path: Path) -> No
     assert safe_load(path, tensorboard_log=str(tmp_path / "mine")).tensorboard_log == str(
         tmp_path / "mine"
     )
+
+
+def test_crafted_dtype_is_flagged_statically() -> None:
+    report = scan_pickle(_dtype_overflow_pickle(), member="data", entry="_last_obs")
+    assert any("crafted numpy.dtype" in finding.global_name for finding in report.refused)
+    plain = pickle.dumps([np.zeros((2, 3), dtype="f4"), np.ones(4, dtype=bool)], protocol=4)
+    assert scan_pickle(plain, member="data", entry="_last_obs").ok

@@ -391,6 +391,31 @@ class _GlobalRef:
     name: str
 
 
+@dataclass(frozen=True)
+class _DtypeCall:
+    """A ``numpy.dtype(...)`` call on the scanner's stack, whose later BUILD state matters."""
+
+    args: Any
+
+
+_NUMPY_DTYPE: Final = _GlobalRef("numpy", "dtype")
+
+
+def _crafted_dtype(args: Any, state: Any) -> bool:
+    """True unless a dtype BUILD looks like numpy's own pickle of a plain dtype.
+
+    Structured (``V``) and object (``O``) dtypes, or a state with subarray, names or fields,
+    are what make ``dtype.__setstate__`` trust file-given offsets and flags; SB3 checkpoints
+    never need them.
+    """
+    kind = args[0] if isinstance(args, tuple) and args else None
+    if not isinstance(kind, str) or kind[:1] in ("O", "V"):
+        return True
+    if not isinstance(state, tuple) or len(state) < 5:
+        return True
+    return any(item is not None for item in state[2:5])
+
+
 _MARK: Final = object()
 _UNKNOWN: Final = object()
 _STRING_OPS: Final = frozenset(
@@ -569,8 +594,11 @@ class _Scanner:
                 stack.append(_UNKNOWN)
             elif name == "REDUCE":
                 args = pop()
-                call(pop(), args)
-                stack.append(_UNKNOWN)
+                fn = pop()
+                call(fn, args)
+                stack.append(_DtypeCall(args) if fn == _NUMPY_DTYPE else _UNKNOWN)
+            elif name == "NONE":
+                stack.append(None)
             elif name == "OBJ":
                 items = pop_to_mark()
                 if not items:
@@ -586,9 +614,18 @@ class _Scanner:
                 items = [pop() for _ in range(n)][::-1]
                 stack.append(tuple(items))
             elif name == "BUILD":
-                pop()  # the state
+                state = pop()
                 target = pop()
-                if isinstance(target, _GlobalRef):
+                if isinstance(target, _DtypeCall) and _crafted_dtype(target.args, state):
+                    self.record(
+                        member,
+                        entry,
+                        "<BUILD with a crafted numpy.dtype state>",
+                        GlobalVerdict.NOT_ALLOWED,
+                        path,
+                        pos,
+                    )
+                elif isinstance(target, _GlobalRef):
                     # BUILD on a bare global rewrites the class or function itself.
                     self.record(
                         member,
