@@ -59,16 +59,6 @@ _STRING_OPS: Final = frozenset(
     {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING"}
 )
 _MEMO_OPS: Final = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
-_SCALER_CONFIG_KEYS: Final = (
-    "beta",
-    "alpha",
-    "eps",
-    "warmup_steps",
-    "quantile",
-    "variance_cap",
-    "min_scale",
-    "enabled",
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +247,13 @@ def scaler_summary(payload: bytes) -> dict[str, Any]:
     state = obj.state
     summary: dict[str, Any] = {
         "class": obj.stub_global,
-        "config": {key: _plain(state.get(key)) for key in _SCALER_CONFIG_KEYS if key in state},
+        # The scaler's hyperparameters are its only public attributes; counters, statistics
+        # and links are private, so no copy of the key list is needed here.
+        "config": {
+            key: _plain(value)
+            for key, value in state.items()
+            if isinstance(key, str) and not key.startswith("_")
+        },
         "step_count": _plain(state.get("_step_count")),
         "scaling_factor": _plain(state.get("_scaling_factor")),
         "noise_ratio": _plain(state.get("_noise_ratio")),
