@@ -41,10 +41,8 @@ import inspect
 import io
 import json
 import math
-import os
 import pickle
 import signal
-import tempfile
 import threading
 import time
 import zipfile
@@ -52,6 +50,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from dppo_ckpt.atomic import TEMP_SUFFIX, write_atomically
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -105,7 +105,6 @@ TUNED_N_ENVS: dict[str, int] = {"Pendulum-v1": 4}
 
 _CHECKPOINT_PREFIX = "checkpoint_"
 _SNAPSHOT_SUFFIX = ".envs.pkl"
-_TEMP_SUFFIX = ".tmp"
 _FRESH = "environments restart fresh"
 
 # Options of `train` that set model keywords; with --resume the checkpoint fixes them.
@@ -336,50 +335,13 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent, old or complete."""
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
-    try:
-        # mkstemp creates the file private (0600); give it the mode a plain open() would.
-        os.chmod(temp_name, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
-    _fsync_directory(path.parent)
-
-
 def _remove_stale_temporaries(run_dir: Path) -> None:
     """Drop temporary files a killed run left behind (they were never complete)."""
-    for stale in run_dir.glob(f".{_CHECKPOINT_PREFIX}*{_TEMP_SUFFIX}"):
+    for stale in run_dir.glob(f".{_CHECKPOINT_PREFIX}*{TEMP_SUFFIX}"):
         with contextlib.suppress(OSError):
             stale.unlink()
     with contextlib.suppress(OSError):
-        for stale in run_dir.glob(f".{MANIFEST_NAME}.*{_TEMP_SUFFIX}"):
+        for stale in run_dir.glob(f".{MANIFEST_NAME}.*{TEMP_SUFFIX}"):
             stale.unlink()
 
 
@@ -406,7 +368,7 @@ class _RunFolder:
     def _save_manifest(self) -> None:
         # default=str: TOML dates in the model settings have no JSON form.
         text = json.dumps(self.manifest, indent=2, sort_keys=True, default=str) + "\n"
-        _write_atomically(self.path / MANIFEST_NAME, text.encode("utf-8"))
+        write_atomically(self.path / MANIFEST_NAME, text.encode("utf-8"))
 
     def write(self, model: DistributionalPPO, rng_state: dict[str, Any] | None) -> Path:
         """Write the checkpoint of ``model`` (and its environments), then list them.
@@ -435,10 +397,10 @@ class _RunFolder:
             snapshot_bytes = self._pickle_environments(model.get_env())
             if snapshot_bytes is not None:
                 snapshot_name = _snapshot_name(name)
-                _write_atomically(self.path / snapshot_name, snapshot_bytes)
+                write_atomically(self.path / snapshot_name, snapshot_bytes)
                 snapshot_entry = {"file": snapshot_name, "sha256": _sha256(snapshot_bytes)}
         path = self.path / name
-        _write_atomically(path, checkpoint_bytes)
+        write_atomically(path, checkpoint_bytes)
 
         entries = [e for e in self.manifest["checkpoints"] if e.get("file") != name]
         entries.append(

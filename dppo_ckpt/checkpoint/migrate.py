@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
+from dppo_ckpt.atomic import fsync_directory
 from dppo_ckpt.checkpoint.archive import (
     DATA_MEMBER,
     SERIALIZED_KEY,
@@ -622,15 +623,6 @@ def _write_zip(src_path: Path, dst: IO[bytes], replace: dict[str, bytes]) -> Non
 # ---------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 @contextlib.contextmanager
 def _temporary(folder: Path, name: str, mode: int) -> Iterator[tuple[IO[bytes], Path]]:
     """A new file in ``folder``, removed again unless the caller renamed it away."""
@@ -666,7 +658,7 @@ def _publish(tmp: Path, dst: Path, *, force: bool) -> None:
             os.replace(tmp, dst)
         else:
             tmp.unlink()
-    _fsync_dir(dst.parent)
+    fsync_directory(dst.parent)
 
 
 def _make_backup(src: Path, backup: Path) -> None:
@@ -686,7 +678,7 @@ def _make_backup(src: Path, backup: Path) -> None:
                 shutil.copyfileobj(original, handle, _CHUNK)
             _sync(handle)
             _publish(tmp, backup, force=False)
-    _fsync_dir(backup.parent)
+    fsync_directory(backup.parent)
 
 
 def _verify(path: Path, *, static: bool, foreign: Sequence[str]) -> FileReport:
