@@ -6,9 +6,11 @@ Heavy imports (torch, stable-baselines3) happen lazily so that the static checkp
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CustomActorCriticPolicy",
@@ -27,6 +29,22 @@ if TYPE_CHECKING:
     from dppo_ckpt.policy import CustomActorCriticPolicy
     from dppo_ckpt.ppo import DistributionalPPO
     from dppo_ckpt.vgs import VarianceGradientScaler
+
+
+def _apply_numerics_from_environment() -> None:
+    # Portable numerics only take effect before torch and numpy load, and this package is
+    # often imported first; so the variable is honoured here, once.
+    from dppo_ckpt import numerics
+
+    if os.environ.get(numerics.NUMERICS_ENV, "").strip().lower() != numerics.PORTABLE:
+        return
+    try:
+        numerics.use_portable_numerics()
+    except numerics.NumericsError as exc:
+        warnings.warn(str(exc), RuntimeWarning, stacklevel=3)
+
+
+_apply_numerics_from_environment()
 
 
 def __getattr__(name: str) -> Any:

@@ -19,8 +19,10 @@ parameters of ``learn(2N)`` bit-for-bit on CPU.
 
 from __future__ import annotations
 
+import io
 import pathlib
 import warnings
+import zipfile
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -28,10 +30,13 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import open_path
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import explained_variance
 
+from dppo_ckpt import numerics
 from dppo_ckpt.buffers import DistributionalRolloutBuffer
+from dppo_ckpt.checkpoint.metadata import METADATA_MEMBER, encode_metadata
 from dppo_ckpt.distributional import (
     categorical_cross_entropy,
     clip_quantiles,
@@ -43,6 +48,8 @@ from dppo_ckpt.distributional import (
 from dppo_ckpt.policy import CRITICS, CustomActorCriticPolicy
 from dppo_ckpt.rng import capture_rng_state, restore_rng_state
 from dppo_ckpt.vgs import VarianceGradientScaler
+
+numerics.configure_torch()
 
 SelfDistributionalPPO = TypeVar("SelfDistributionalPPO", bound="DistributionalPPO")
 
@@ -374,12 +381,24 @@ class DistributionalPPO(PPO):
         exclude: Any = None,
         include: Any = None,
     ) -> None:
-        """Save like SB3, plus the state of every random generator (for exact resume)."""
+        """Save like SB3, plus the state of every random generator (for exact resume) and
+        the numerics fingerprint of this process (``dppo_ckpt.json``, plain JSON)."""
         self._rng_state = capture_rng_state(self.action_space)
+        buffer = io.BytesIO()
         try:
-            super().save(path, exclude=exclude, include=include)
+            super().save(buffer, exclude=exclude, include=include)
         finally:
             del self._rng_state
+        with zipfile.ZipFile(buffer, "a") as archive:
+            archive.writestr(METADATA_MEMBER, encode_metadata(numerics.fingerprint()))
+        # SB3's own path rules (a missing ".zip" suffix added, parent folders created); a
+        # file object stays open for the caller, as SB3 leaves it.
+        file = open_path(path, "w", verbose=0, suffix="zip")
+        if isinstance(path, (str, pathlib.Path)):
+            with file:
+                file.write(buffer.getbuffer())
+        else:
+            file.write(buffer.getbuffer())
 
     @classmethod
     def load(  # type: ignore[override]

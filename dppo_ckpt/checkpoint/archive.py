@@ -6,7 +6,8 @@ An SB3 checkpoint is a zip holding
   stored as ``{":type:": ..., ":serialized:": base64(cloudpickle bytes)}``;
 - ``policy.pth``, ``policy.optimizer.pth``, ``pytorch_variables.pth``: ``torch.save`` archives,
   themselves zips (``<prefix>/data.pkl``, ``<prefix>/data/0``, ``<prefix>/byteorder``, ...);
-- ``_stable_baselines3_version`` and ``system_info.txt``: text.
+- ``_stable_baselines3_version`` and ``system_info.txt``: text;
+- ``dppo_ckpt.json``: this package's own plain-JSON record (see :mod:`.metadata`), optional.
 
 This module reads all of that without importing torch and without executing any pickle. It
 refuses malformed or hostile zips (path traversal, duplicate names, zip bombs, corruption)
@@ -31,6 +32,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
+
+from dppo_ckpt.checkpoint.metadata import (
+    MAX_METADATA_BYTES,
+    METADATA_MEMBER,
+    MetadataError,
+    parse_metadata,
+)
 
 __all__ = [
     "DATA_MEMBER",
@@ -497,6 +505,7 @@ class CheckpointArchive(ZipMembers):
         self.path = path
         self._data: dict[str, Any] | None = None
         self._entries: dict[str, bytes] | None = None
+        self._metadata: dict[str, Any] | None = None
         if DATA_MEMBER not in self:
             self.close()
             raise ArchiveError("no 'data' member: not a stable-baselines3 checkpoint", path=path)
@@ -570,6 +579,32 @@ class CheckpointArchive(ZipMembers):
                 ) from None
         self._entries = entries
         return dict(entries)
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        """The ``dppo_ckpt.json`` member, validated, or ``None`` when the file has none.
+
+        :raises ArchiveError: the member is larger than a record of this package can be, or
+            does not have its shape.
+        """
+        if METADATA_MEMBER not in self:
+            return None
+        if self._metadata is None:
+            declared = self.member(METADATA_MEMBER).uncompressed_size
+            if declared > MAX_METADATA_BYTES:
+                raise ArchiveError(
+                    f"member {METADATA_MEMBER!r} declares {declared:,} bytes, more than the "
+                    f"{MAX_METADATA_BYTES:,} of its format",
+                    path=self.path,
+                    member=METADATA_MEMBER,
+                )
+            try:
+                self._metadata = parse_metadata(self.read_member(METADATA_MEMBER))
+            except MetadataError as exc:
+                raise ArchiveError(
+                    f"member {METADATA_MEMBER!r}: {exc}", path=self.path, member=METADATA_MEMBER
+                ) from None
+        return self._metadata
 
     def text_member(self, name: str) -> str:
         """A text member (``_stable_baselines3_version``, ``system_info.txt``) as UTF-8.

@@ -20,7 +20,7 @@ ID         category    establishes
 =========  ==========  ==================================================================
 DPPO001    archive     the zip, ``data`` JSON, entries and pickles can be read (CRC ok)
 DPPO002    archive     ``data``, ``policy.pth`` and ``policy.optimizer.pth`` are present
-DPPO003    lifecycle   SB3 version and ``system_info.txt`` are recorded
+DPPO003    lifecycle   SB3 version and ``system_info.txt`` are recorded (and the numerics)
 DPPO004    security    every pickled global is allow-listed, no code pickled by value
 DPPO005    legacy      the scaler entry does not pickle ``_parameters``
 DPPO006    lifecycle   the file is a DistributionalPPO checkpoint (skipped otherwise)
@@ -307,6 +307,7 @@ def check_archive_sound(ctx: _Context) -> CheckResult:
         # The scan parses `data`, decodes every entry and opens every torch archive: any of
         # them being unusable surfaces here as an ArchiveError.
         ctx.scan = scan_checkpoint(archive)
+        archive.metadata  # noqa: B018  (validates dppo_ckpt.json when present)
     except CheckpointError as exc:
         ctx.unusable = _describe(exc)
         details = {"member": exc.member} if getattr(exc, "member", None) else {}
@@ -353,11 +354,19 @@ def check_versions_recorded(ctx: _Context) -> CheckResult:
             "system_info.txt does not record the PyTorch and Python versions",
             member="system_info.txt",
         )
+    metadata = archive.metadata
+    numerics = metadata["numerics"] if metadata is not None else None
+    recorded = (
+        f"{numerics.get('numerics', 'unknown')} numerics recorded"
+        if numerics is not None
+        else "no numerics recorded"
+    )
     return spec.passed(
-        f"stable-baselines3 {sb3}, PyTorch {torch_version}, Python {python_version}",
+        f"stable-baselines3 {sb3}, PyTorch {torch_version}, Python {python_version}; {recorded}",
         stable_baselines3=sb3,
         torch=torch_version,
         python=python_version,
+        numerics=numerics,
     )
 
 

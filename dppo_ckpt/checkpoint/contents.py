@@ -337,6 +337,7 @@ def inspect_archive(archive: CheckpointArchive) -> dict[str, Any]:
     system_info: dict[str, str] = {}
     if "system_info.txt" in archive:
         system_info = parse_system_info(archive.text_member("system_info.txt"))
+    metadata = archive.metadata
     policy_class = policy_class_name(scan)
     payload = scaler_payload(archive)
     vgs: dict[str, Any] | None = None
@@ -366,6 +367,7 @@ def inspect_archive(archive: CheckpointArchive) -> dict[str, Any]:
             "cloudpickle": system_info.get("Cloudpickle"),
         },
         "system_info": system_info,
+        "numerics": metadata["numerics"] if metadata is not None else None,
         "algorithm": identify_algorithm(data, policy_class),
         "policy_class": policy_class,
         "hyperparameters": _hyperparameters(data),
@@ -391,6 +393,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     :return: a JSON-able dict: ``path``, ``members`` (name, size, compressed size,
         compression), ``versions`` (SB3, torch, Python, ... as recorded), ``system_info``,
+        ``numerics`` (the fingerprint of :mod:`dppo_ckpt.numerics`, or ``None``),
         ``algorithm`` and ``policy_class`` (from the static scan), ``hyperparameters`` (the
         plain JSON values of ``data``), ``pickled_entries`` (their ``:type:``), ``vgs`` (the
         scaler's configuration and counters, or ``None``), ``legacy``, ``safe`` (every global

@@ -1,0 +1,100 @@
+"""The checkpoint's own plain-JSON member, ``dppo_ckpt.json``: what this package records.
+
+SB3 owns every other member of a checkpoint. What this package adds about a checkpoint (today
+the numerics fingerprint of :mod:`dppo_ckpt.numerics`) lives in this one member, never
+pickled, so that reading it runs nothing and needs no torch::
+
+    {"format": 1, "numerics": {"numerics": "portable", "torch": "2.13.0+cpu", ...}}
+
+A checkpoint without the member (plain SB3, files older than this package's 0.2) is valid;
+:func:`parse_metadata` accepts only the shape written here, within small limits, so a hostile
+member cannot cost more than reading a few kilobytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "METADATA_FORMAT_VERSION",
+    "METADATA_MEMBER",
+    "MAX_METADATA_BYTES",
+    "MetadataError",
+    "encode_metadata",
+    "parse_metadata",
+]
+
+METADATA_MEMBER = "dppo_ckpt.json"
+METADATA_FORMAT_VERSION = 1
+#: The member is a few hundred bytes; anything far larger was not written by this package.
+MAX_METADATA_BYTES = 64 * 1024
+_MAX_KEYS = 64
+_MAX_TEXT = 512
+_SCALARS = (str, int, float, bool, type(None))
+
+
+class MetadataError(ValueError):
+    """The member does not have the shape this package writes."""
+
+
+def encode_metadata(numerics: Mapping[str, Any]) -> bytes:
+    """The member's bytes for a fingerprint (sorted keys, so equal inputs give equal bytes)."""
+    document = {"format": METADATA_FORMAT_VERSION, "numerics": dict(numerics)}
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise MetadataError(f"key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _flat_object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MetadataError(f"{where} must be a JSON object, found {type(value).__name__}")
+    if len(value) > _MAX_KEYS:
+        raise MetadataError(f"{where} holds {len(value)} keys, more than {_MAX_KEYS}")
+    for key, item in value.items():
+        if len(key) > _MAX_TEXT:
+            raise MetadataError(f"{where} has a key longer than {_MAX_TEXT} characters")
+        if not isinstance(item, _SCALARS):
+            raise MetadataError(f"{where}.{key} must be a plain value, found {type(item).__name__}")
+        if isinstance(item, str) and len(item) > _MAX_TEXT:
+            raise MetadataError(f"{where}.{key} is longer than {_MAX_TEXT} characters")
+    return value
+
+
+def parse_metadata(raw: bytes) -> dict[str, Any]:
+    """Parse and validate the member's bytes.
+
+    :return: ``{"format": int, "numerics": {flat fingerprint}}``
+    :raises MetadataError: too large, not UTF-8 JSON, duplicate keys, or another shape
+    """
+    if len(raw) > MAX_METADATA_BYTES:
+        raise MetadataError(f"{len(raw):,} bytes, more than {MAX_METADATA_BYTES:,}")
+    try:
+        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except UnicodeDecodeError as exc:
+        raise MetadataError(f"not valid UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise MetadataError("nested too deeply") from None
+    except ValueError as exc:
+        if isinstance(exc, MetadataError):
+            raise
+        raise MetadataError(f"not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise MetadataError(f"must be a JSON object, found {type(document).__name__}")
+    version = document.get("format")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise MetadataError("'format' must be a positive integer")
+    if version > METADATA_FORMAT_VERSION:
+        raise MetadataError(
+            f"format {version} is newer than this dppo-ckpt reads ({METADATA_FORMAT_VERSION})"
+        )
+    numerics = _flat_object(document.get("numerics"), "numerics")
+    return {"format": version, "numerics": numerics}
