@@ -242,6 +242,13 @@ def _render_inspection(info: dict[str, Any], console: Console) -> None:
         for key in ("step_count", "scaling_factor", "noise_ratio", "tensors", "elements"):
             row(scaler, key, vgs[key])
     console.print(scaler)
+    numerics = table("Numerics (what bit-for-bit results depend on)", "Field", "Value")
+    if info["numerics"] is None:
+        row(numerics, "fingerprint", "not recorded (plain SB3, or dppo-ckpt < 0.2)")
+    else:
+        for key, value in info["numerics"].items():
+            row(numerics, key, value)
+    console.print(numerics)
     globals_table = table("Globals referenced", "Global", "Verdict", "Where")
     for g in info["globals"]:
         where = g["member"] + (f" / {g['entry']}" if g["entry"] else "")
@@ -285,6 +292,13 @@ def inspect(
 
 # ---------------------------------------------------------------------------------------------
 # train
+
+
+_PORTABLE_OPTION = typer.Option(
+    "--portable/--no-portable",
+    help="Portable numerics: the same bits on any x86-64 CPU (one thread, CPU-independent "
+    "kernels); --no-portable uses this CPU's fastest kernels.",
+)
 
 
 @app.command("train")
@@ -349,6 +363,7 @@ def train_command(
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Log to RUN/tensorboard (needs tensorboard).")
     ] = False,
+    portable: Annotated[bool, _PORTABLE_OPTION] = True,
 ) -> None:
     """Train a DistributionalPPO agent with the scaler, into a run folder of checkpoints.
 
@@ -379,6 +394,7 @@ def train_command(
         resume=resume,
         eval_episodes=eval_episodes,
         tensorboard=tensorboard,
+        portable=portable,
     )
     # soft_wrap: status lines (paths, "environments restart fresh") stay whole for log readers.
     console = Console(highlight=False, soft_wrap=True)
@@ -504,6 +520,7 @@ def cycle_command(
             "--trust", help="Load MODEL even with globals off the allow-list (may run code!)."
         ),
     ] = False,
+    portable: Annotated[bool, _PORTABLE_OPTION] = True,
 ) -> None:
     """Save-load-train cycles with regression checks: the CI gate.
 
@@ -521,7 +538,14 @@ def cycle_command(
 
     try:
         result = cycles_module.run_cycles(
-            model, env_id=env, cycles=cycles, steps=steps, seed=seed, trust=trust
+            model,
+            env_id=env,
+            cycles=cycles,
+            steps=steps,
+            seed=seed,
+            trust=trust,
+            portable=portable,
+            note=lambda line: typer.echo(f"note: {_printable(line)}", err=True),
         )
     except cycles_module.CycleError as exc:
         typer.echo(f"error: {_printable(exc)}", err=True)

@@ -396,6 +396,8 @@ def run_cycles(
     trust: bool = False,
     workdir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    portable: bool = True,
+    note: Callable[[str], None] | None = None,
 ) -> FileReport:
     """Run ``cycles`` save-load-train cycles of ``steps`` steps and check every invariant.
 
@@ -408,9 +410,19 @@ def run_cycles(
     :param trust: load ``model_path`` even if it pickles globals off the allow-list
     :param workdir: keep the cycle checkpoints here (default: a temporary folder)
     :param progress: called with a short line as each stage starts
+    :param portable: run in portable numerics (see :mod:`dppo_ckpt.numerics`); fixed for the
+        process by its first choice
+    :param note: called with the line saying that ``model_path`` was written with other
+        numerics, so that its results here are not bit for bit those of its machine
     :return: one report, path = ``model_path`` or ``"fresh-<env_id>"``
     :raises CycleError: the start could not be used (exit 2) or was refused as unsafe (exit 3)
     """
+    from dppo_ckpt import numerics
+
+    try:  # first: the libraries fix their numerics when they load
+        numerics.apply_numerics(numerics.PORTABLE if portable else numerics.NATIVE)
+    except numerics.NumericsError as exc:
+        raise CycleError(str(exc)) from None
     if cycles < 1:
         raise CycleError(f"--cycles must be >= 1, got {cycles}")
     if steps < 1:
@@ -432,9 +444,25 @@ def run_cycles(
         else:
             folder = Path(workdir)
             folder.mkdir(parents=True, exist_ok=True)
-        results = _run(path, env_id, cycles, steps, seed, trust, folder, say)
+        results = _run(path, env_id, cycles, steps, seed, trust, folder, say, note)
     report_path = str(model_path) if model_path is not None else f"fresh-{env_id}"
     return FileReport.from_results(report_path, results)
+
+
+def _numerics_note(path: Path) -> str | None:
+    """The line saying that this process cannot reproduce the checkpoint's bits, if so.
+
+    Nothing is said of an unreadable file: the load that follows reports it with its reason.
+    """
+    from dppo_ckpt import numerics
+    from dppo_ckpt.checkpoint.archive import CheckpointError, open_checkpoint
+
+    try:
+        with open_checkpoint(path) as archive:
+            metadata = archive.metadata
+    except CheckpointError:
+        return None
+    return numerics.resume_note(metadata["numerics"] if metadata is not None else None)
 
 
 def _run(
@@ -446,6 +474,7 @@ def _run(
     trust: bool,
     folder: Path,
     say: Callable[[str], None],
+    note: Callable[[str], None] | None = None,
 ) -> list[CheckResult]:
     from dppo_ckpt.checkpoint.checks import model_checks
     from dppo_ckpt.ppo import DistributionalPPO, LegacyCheckpointWarning
@@ -455,6 +484,10 @@ def _run(
     per_cycle_model_checks: list[list[CheckResult]] = []
     say("building the starting point")
     model = _start(path, env_id, seed, trust)
+    if path is not None and note is not None:  # said once the start is known to be usable
+        line = _numerics_note(path)
+        if line is not None:
+            note(line)
     env = model.get_env()
     rollout = model.n_steps * model.n_envs
     steps_per_cycle = math.ceil(steps / rollout) * rollout

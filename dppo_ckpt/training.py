@@ -45,7 +45,6 @@ import pickle
 import signal
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +145,7 @@ class TrainOptions:
     resume: Path | None = None
     eval_episodes: int = DEFAULT_EVAL_EPISODES
     tensorboard: bool = False
+    portable: bool = True
 
 
 @dataclass
@@ -435,24 +435,29 @@ class _ResumePoint:
     manifest: dict[str, Any] | None
     n_envs: int
     timesteps: int
+    numerics: dict[str, Any] | None
 
 
 def _inspect_resume(path: Path) -> _ResumePoint:
-    """Check that ``path`` is a readable checkpoint; read its counters and the manifest."""
+    """Check that ``path`` is a readable checkpoint; read its counters, its numerics
+    fingerprint and the manifest (nothing from the file is unpickled here)."""
+    from dppo_ckpt.checkpoint.archive import CheckpointError, open_checkpoint
+
     if not path.is_file():
         raise TrainingError(f"cannot resume from {path}: no such file")
     try:
-        with zipfile.ZipFile(path) as archive:
-            data = json.loads(archive.read("data"))
-    except (OSError, zipfile.BadZipFile, KeyError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        with open_checkpoint(path) as archive:
+            data = archive.data
+            metadata = archive.metadata
+    except CheckpointError as exc:
         raise TrainingError(
-            f"cannot resume from {path}: not a readable checkpoint ({reason})"
+            f"cannot resume from {path}: not a readable checkpoint ({exc.reason})"
         ) from exc
     n_envs, timesteps = data.get("n_envs"), data.get("num_timesteps")
     if not isinstance(n_envs, int) or not isinstance(timesteps, int):
         raise TrainingError(f"cannot resume from {path}: n_envs or num_timesteps missing")
-    return _ResumePoint(path, _read_manifest(path.parent), n_envs, timesteps)
+    numerics = metadata["numerics"] if metadata is not None else None
+    return _ResumePoint(path, _read_manifest(path.parent), n_envs, timesteps, numerics)
 
 
 def _restore_environments(point: _ResumePoint, n_envs: int) -> tuple[VecEnv | None, str]:
@@ -744,6 +749,12 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
         checks (the exit code of those checks)
     :raises KeyboardInterrupt: on a third Ctrl-C
     """
+    from dppo_ckpt import numerics
+
+    try:  # first: the libraries fix their numerics when they load
+        numerics.apply_numerics(numerics.PORTABLE if options.portable else numerics.NATIVE)
+    except numerics.NumericsError as exc:
+        raise TrainingError(str(exc)) from None
     _check_options(options)
     point = _inspect_resume(options.resume) if options.resume is not None else None
     manifest_in = point.manifest if point is not None else None
@@ -816,6 +827,9 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
             f"resuming {point.checkpoint} at step {model.num_timesteps:,} of {timesteps:,} "
             f"into {run_dir}; {env_line}"
         )
+        note = numerics.resume_note(point.numerics)
+        if note is not None:
+            console.print(f"note: {note}")
 
     run = _RunFolder(run_dir, manifest)
     run._save_manifest()
