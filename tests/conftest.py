@@ -14,3 +14,10 @@ from hypothesis import settings
 settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True)
 settings.register_profile("dev", max_examples=40, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# The suite runs in portable numerics, the default of `train` and `cycle`: chosen here, before
+# any test module imports torch or numpy, so in-process runs match the command line's.
+os.environ["DPPO_CKPT_NUMERICS"] = "portable"
+from dppo_ckpt import numerics  # noqa: E402
+
+numerics.use_portable_numerics()

@@ -33,6 +33,7 @@ from fixtures.make_fixtures import (
     foreign_modules,
     write_legacy_checkpoint,
 )
+from tests._bytes import assert_same_bytes
 from tests._models import make_env, make_model
 
 LEGACY = FIXTURES_DIR / "dppo_legacy.zip"
@@ -198,7 +199,7 @@ def test_statistics_equal_the_legacy_ones_bit_for_bit(migrated, loaded):
 def test_migrated_legacy_is_what_the_fixed_code_writes(migrated):
     # The legacy and the current fixture come from the same seeded training run: migration
     # must give the fixed code's checkpoint, byte for byte.
-    assert migrated.read_bytes() == CURRENT.read_bytes()
+    assert_same_bytes(CURRENT.read_bytes(), migrated.read_bytes(), "the migrated legacy fixture")
 
 
 def test_every_member_and_data_key_is_kept(migrated):
@@ -229,7 +230,7 @@ def test_migrating_twice_is_a_no_op(migrated, tmp_path):
     result = runner.invoke(app, ["migrate", str(migrated), str(again)])
     assert result.exit_code == 0, result.output
     assert "already current" in result.output
-    assert again.read_bytes() == migrated.read_bytes()
+    assert_same_bytes(migrated.read_bytes(), again.read_bytes(), "a second migration")
 
     in_place = tmp_path / "current.zip"
     shutil.copyfile(migrated, in_place)
@@ -366,7 +367,7 @@ def test_existing_output_needs_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.zip"]
     result = runner.invoke(app, ["migrate", "--force", "--static", str(LEGACY), str(out)])
     assert result.exit_code == 0, result.output
-    assert out.read_bytes() == CURRENT.read_bytes()
+    assert_same_bytes(CURRENT.read_bytes(), out.read_bytes(), "the output")
 
 
 def test_in_place_keeps_an_atomic_backup(tmp_path):
@@ -374,18 +375,18 @@ def test_in_place_keeps_an_atomic_backup(tmp_path):
     shutil.copyfile(LEGACY, work)
     result = runner.invoke(app, ["migrate", "--in-place", "--static", str(work)])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "model.zip.bak").read_bytes() == LEGACY.read_bytes()
-    assert work.read_bytes() == CURRENT.read_bytes()
+    assert_same_bytes(LEGACY.read_bytes(), (tmp_path / "model.zip.bak").read_bytes(), "the backup")
+    assert_same_bytes(CURRENT.read_bytes(), work.read_bytes(), "the file migrated in place")
     # A second legacy file whose backup name is taken is refused, and left as it was.
     shutil.copyfile(LEGACY, work)
     result = runner.invoke(app, ["migrate", "--in-place", "--static", str(work)])
     assert result.exit_code == 2 and "exists" in result.output
-    assert work.read_bytes() == LEGACY.read_bytes()
+    assert_same_bytes(LEGACY.read_bytes(), work.read_bytes(), "the refused file")
     result = runner.invoke(
         app, ["migrate", "--in-place", "--static", "--backup-suffix", ".old", str(work)]
     )
     assert result.exit_code == 0
-    assert (tmp_path / "model.zip.old").read_bytes() == LEGACY.read_bytes()
+    assert_same_bytes(LEGACY.read_bytes(), (tmp_path / "model.zip.old").read_bytes(), "the backup")
 
 
 def test_several_inputs_with_a_summary(tmp_path):
