@@ -353,7 +353,7 @@ def train_command(
         Path | None,
         typer.Option(
             "--resume",
-            help="Continue a run from this checkpoint, exactly (trusts its run folder).",
+            help="Continue a run from this checkpoint, exactly (loaded without running code).",
             metavar="CHECKPOINT",
         ),
     ] = None,
@@ -364,16 +364,26 @@ def train_command(
         bool, typer.Option("--tensorboard", help="Log to RUN/tensorboard (needs tensorboard).")
     ] = False,
     portable: Annotated[bool, _PORTABLE_OPTION] = True,
+    trust: Annotated[
+        bool,
+        typer.Option(
+            "--trust",
+            help="With --resume: load a checkpoint with globals off the allow-list, and an "
+            "environment snapshot whose manifest is not signed with your key (may run code!).",
+        ),
+    ] = False,
 ) -> None:
     """Train a DistributionalPPO agent with the scaler, into a run folder of checkpoints.
 
     Checkpoints are written atomically, beside an environment snapshot, and verified.
 
-    --resume continues bit for bit; it loads pickles, so only resume runs you wrote yourself.
+    --resume continues bit for bit; the checkpoint loads through the allow-list loader, and
+    the environment snapshot only from a run folder signed with your key.
 
     Ctrl-C writes a final, verified checkpoint and exits with 130.
 
-    Exit code: 0 done, 1 a checkpoint failed its checks, 2 an option could not be used.
+    Exit code: 0 done, 1 a checkpoint failed its checks, 2 an option could not be used,
+    3 the resume checkpoint was refused as unsafe.
     """
     from rich.console import Console
 
@@ -395,6 +405,7 @@ def train_command(
         eval_episodes=eval_episodes,
         tensorboard=tensorboard,
         portable=portable,
+        trust=trust,
     )
     # soft_wrap: status lines (paths, "environments restart fresh") stay whole for log readers.
     console = Console(highlight=False, soft_wrap=True)

@@ -20,10 +20,13 @@ Every file is written atomically (a temporary file in the run folder, ``fsync``,
 checkpoint is then verified with the quick checks of :mod:`dppo_ckpt.checkpoint.checks`; a
 failing check stops the run.
 
-``--resume`` trusts its run folder: it loads the checkpoint with ``DistributionalPPO.load``
-and the environment snapshot with ``pickle``, both of which can run code stored in the files.
-A snapshot is only loaded when the run folder's manifest lists it beside that very checkpoint
-and both files still have the sha256 recorded when ``train`` wrote them.
+``--resume`` trusts no file: the checkpoint is scanned and loaded with the allow-list loader
+(:func:`~dppo_ckpt.checkpoint.safe_pickle.safe_load`), exactly as ``cycle`` loads one, so a
+hostile checkpoint is refused with exit 3 and nothing in it runs. The environment snapshot is a
+pickle by nature; it is loaded only when the folder's manifest carries a valid HMAC made with
+the user's own key (:mod:`dppo_ckpt.signing`, kept outside every run folder), lists the
+snapshot beside that very checkpoint, and both files still have the sha256 it recorded.
+Anything else restarts the environments fresh and says why. ``--trust`` lifts both rules.
 
 Ctrl-C (SIGINT) asks the run to stop at the next rollout boundary (the rollout under way is
 completed and trained on); it writes a final checkpoint there, verifies it and exits with 130
@@ -146,6 +149,7 @@ class TrainOptions:
     eval_episodes: int = DEFAULT_EVAL_EPISODES
     tensorboard: bool = False
     portable: bool = True
+    trust: bool = False
 
 
 @dataclass
@@ -360,14 +364,18 @@ def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
 class _RunFolder:
     """The run folder: writes checkpoints, environment snapshots and the manifest."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], key: bytes | None) -> None:
         self.path = path
         self.manifest = manifest
+        self.key = key
         self.snapshot_error: str | None = None
 
     def _save_manifest(self) -> None:
+        from dppo_ckpt import signing
+
+        document = signing.sign(self.manifest, self.key) if self.key else self.manifest
         # default=str: TOML dates in the model settings have no JSON form.
-        text = json.dumps(self.manifest, indent=2, sort_keys=True, default=str) + "\n"
+        text = json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
         write_atomically(self.path / MANIFEST_NAME, text.encode("utf-8"))
 
     def write(self, model: DistributionalPPO, rng_state: dict[str, Any] | None) -> Path:
@@ -460,9 +468,22 @@ def _inspect_resume(path: Path) -> _ResumePoint:
     return _ResumePoint(path, _read_manifest(path.parent), n_envs, timesteps, numerics)
 
 
-def _restore_environments(point: _ResumePoint, n_envs: int) -> tuple[VecEnv | None, str]:
+def _manifest_problem(manifest: dict[str, Any], key: bytes | None, key_error: str | None) -> str:
+    """Why ``manifest`` is not authenticated, or ``""`` when its signature verifies."""
+    from dppo_ckpt import signing
+
+    if key is None:
+        return f"cannot be authenticated ({key_error})"
+    return signing.verify(manifest, key) or ""
+
+
+def _restore_environments(
+    point: _ResumePoint, n_envs: int, authenticated: str, trust: bool
+) -> tuple[VecEnv | None, str]:
     """The environment snapshot beside the checkpoint, if train wrote it and it loads.
 
+    :param authenticated: ``""`` when the manifest's signature verifies, else why not
+    :param trust: load the snapshot of a manifest that is not authenticated
     :return: the environments (or None) and a line saying what happened
     """
     from stable_baselines3.common.vec_env import VecEnv
@@ -472,6 +493,11 @@ def _restore_environments(point: _ResumePoint, n_envs: int) -> tuple[VecEnv | No
     manifest = point.manifest
     if manifest is None:
         return None, f"{_FRESH} (no {MANIFEST_NAME} beside the checkpoint)"
+    if authenticated and not trust:
+        return None, (
+            f"{_FRESH} (the snapshot is a pickle and {MANIFEST_NAME} {authenticated}, so "
+            "nothing vouches for it; --trust loads it anyway)"
+        )
     entry = next(
         (e for e in manifest["checkpoints"] if e.get("file") == point.checkpoint.name), None
     )
@@ -490,7 +516,8 @@ def _restore_environments(point: _ResumePoint, n_envs: int) -> tuple[VecEnv | No
     if _sha256(data) != entry["envs"].get("sha256"):
         return None, f"{_FRESH} (environment snapshot {snapshot_name} changed since written)"
     try:
-        env = pickle.loads(data)  # trusted: written by train into this run folder, sha256 checked
+        # Authenticated: train wrote it for this user (or --trust); the sha256 matches.
+        env = pickle.loads(data)
     except Exception as exc:  # a snapshot of another software version
         return None, f"{_FRESH} (snapshot {snapshot_name} cannot be loaded: {exc})"
     if not isinstance(env, VecEnv) or env.num_envs != point.n_envs:
@@ -682,6 +709,50 @@ def _make_callback(
     return TrainingCallback()
 
 
+def _load_checkpoint(
+    path: Path,
+    env: VecEnv,
+    settings: Mapping[str, Any],
+    restored: bool,
+    tensorboard_log: str | None,
+    options: TrainOptions,
+) -> DistributionalPPO:
+    """Load the resume checkpoint as ``cycle`` does: scanned, then through the allow-list
+    loader (``--trust`` lets refused globals load)."""
+    from dppo_ckpt.checkpoint.archive import CheckpointError
+    from dppo_ckpt.checkpoint.results import EXIT_UNSAFE
+    from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError, safe_load
+    from dppo_ckpt.ppo import DistributionalPPO
+
+    try:
+        model = safe_load(
+            path,
+            algo_cls=DistributionalPPO,
+            env=env,
+            device=settings.get("device", "cpu"),
+            trust=options.trust,
+            force_reset=not restored,
+            tensorboard_log=tensorboard_log,
+        )
+    except UnsafePickleError as exc:
+        raise TrainingError(
+            f"{path} refused as unsafe: {_first_line(exc)} (--trust loads it anyway)",
+            EXIT_UNSAFE,
+        ) from None
+    except CheckpointError as exc:
+        raise TrainingError(f"cannot resume from {path}: {exc.reason}") from None
+    except Exception as exc:  # SB3 raises anything from a mismatching file
+        raise TrainingError(f"cannot resume from {path}: {_first_line(exc)}") from None
+    if not isinstance(model, DistributionalPPO):
+        raise TrainingError(f"cannot resume from {path}: not a DistributionalPPO checkpoint")
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _make_env(env_id: str, n_envs: int, seed: int | None) -> VecEnv:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -775,7 +846,15 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
 
     import torch as th
 
+    from dppo_ckpt import signing
     from dppo_ckpt.ppo import DistributionalPPO
+
+    key_error: str | None = None
+    try:
+        key: bytes | None = signing.load_key()
+    except signing.SigningKeyError as exc:
+        key, key_error = None, str(exc)
+        console.print(f"note: the run manifest is not signed: {key_error}")
 
     if point is None:
         settings = _model_settings(options, config, env_id)
@@ -794,28 +873,25 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
         n_envs = options.n_envs or point.n_envs
         settings = dict(previous.get("model_settings") or {})
         seed = options.seed if options.seed is not None else previous.get("seed", 0)
-        env, env_line = _restore_environments(point, n_envs)
+        authenticated = (
+            _manifest_problem(point.manifest, key, key_error) if point.manifest else "is missing"
+        )
+        env, env_line = _restore_environments(point, n_envs, authenticated, options.trust)
         restored = env is not None
         # Fresh environments are seeded past the original start, so that they do not replay
         # the episodes the run began with.
         fresh_seed = (int(seed) + point.timesteps) % 2**32
         if env is None:
             env = _make_env(env_id, n_envs, fresh_seed)
-        try:
-            model = DistributionalPPO.load(
-                point.checkpoint,
-                env=env,
-                device=settings.get("device", "cpu"),
-                force_reset=not restored,
-                tensorboard_log=tensorboard_log,
-            )
-        except Exception as exc:  # SB3 raises anything from a mismatching or broken file
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise TrainingError(f"cannot resume from {point.checkpoint}: {message}") from exc
+        model = _load_checkpoint(
+            point.checkpoint, env, settings, restored, tensorboard_log, options
+        )
         if not restored:
             # load() re-seeds the environments with the run's original seed.
             model.get_env().seed(fresh_seed)
-        if resuming_here and manifest_in is not None:
+        # Only an authenticated manifest is carried on: re-signing a forged one would make
+        # its entries (snapshots included) look like ours to the next resume.
+        if resuming_here and manifest_in is not None and not authenticated:
             manifest = manifest_in
             manifest["timesteps"] = timesteps
             manifest["checkpoint_every"] = every
@@ -831,7 +907,7 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
         if note is not None:
             console.print(f"note: {note}")
 
-    run = _RunFolder(run_dir, manifest)
+    run = _RunFolder(run_dir, manifest, key)
     run._save_manifest()
     run_checks = _load_run_checks()
     summary = TrainSummary(

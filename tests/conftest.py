@@ -21,3 +21,9 @@ os.environ["DPPO_CKPT_NUMERICS"] = "portable"
 from dppo_ckpt import numerics  # noqa: E402
 
 numerics.use_portable_numerics()
+
+# `train` signs run manifests with the user's key; tests keep theirs out of the real home.
+import tempfile  # noqa: E402
+
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="dppo-ckpt-test-config-")
+os.environ.pop("DPPO_CKPT_KEY", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 
 from dppo_ckpt import DistributionalPPO
 from dppo_ckpt.checkpoint.checks import run_checks
+from fixtures.make_fixtures import FIXTURES_DIR, marker_payload
 from tests._models import optimizer_state_bytes, parameters_bytes, scaler_state_bytes
 
 pytestmark = pytest.mark.slow
@@ -277,3 +279,122 @@ def test_a_checkpoint_failing_its_checks_stops_the_run(workspace):
     assert result.stderr.count("\n") == 1, result.stderr
     assert "checkpoint_000000128.zip failed its checks: DPPO005" in result.stderr
     assert not (workspace / "leaky" / "checkpoint_000000256.zip").exists()
+
+
+# -- nothing from a resume folder runs unless it is authenticated or --trust is given ---------
+
+HOSTILE = sorted(p.name for p in FIXTURES_DIR.glob("hostile_*.zip"))
+
+
+def _forge_run_folder(folder: Path, checkpoint: Path, snapshot: bytes) -> Path:
+    """A folder as an attacker would hand it over: a checkpoint, a snapshot and a run.json
+    that lists both with their true sha256 (anyone can compute them)."""
+    folder.mkdir()
+    target = folder / "checkpoint_000000064.zip"
+    shutil.copy(checkpoint, target)
+    (folder / "checkpoint_000000064.envs.pkl").write_bytes(snapshot)
+    manifest = {
+        "format_version": 1,
+        "env_id": "Pendulum-v1",
+        "n_envs": 1,
+        "seed": 0,
+        "timesteps": 128,
+        "checkpoint_every": 64,
+        "model_settings": {"device": "cpu"},
+        "resumed_from": None,
+        "checkpoints": [
+            {
+                "file": target.name,
+                "timesteps": 64,
+                "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+                "envs": {
+                    "file": "checkpoint_000000064.envs.pkl",
+                    "sha256": hashlib.sha256(snapshot).hexdigest(),
+                },
+            }
+        ],
+    }
+    (folder / "run.json").write_text(json.dumps(manifest))
+    return target
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_resume_refuses_every_hostile_checkpoint_even_with_a_forged_manifest(tmp_path, name):
+    target = _forge_run_folder(
+        tmp_path / "forged", FIXTURES_DIR / name, marker_payload("snapshot_" + name)
+    )
+    result = dppo_ckpt("train", "--resume", str(target), "--eval-episodes", "0", cwd=tmp_path)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "refused as unsafe" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not list(tmp_path.rglob("MARKER_pwned*"))
+
+
+def test_a_forged_snapshot_beside_a_sound_checkpoint_is_never_unpickled(tmp_path):
+    target = _forge_run_folder(
+        tmp_path / "forged", FIXTURES_DIR / "dppo_quantile_vgs.zip", marker_payload("snapshot")
+    )
+    result = dppo_ckpt("train", "--resume", str(target), "--eval-episodes", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "environments restart fresh" in result.stdout
+    assert "run.json is not signed" in result.stdout
+    assert not list(tmp_path.rglob("MARKER_pwned*"))
+
+
+def _edited_copy(run_dir: Path, copy: Path) -> None:
+    shutil.copytree(run_dir, copy)
+    manifest = json.loads((copy / "run.json").read_text())
+    manifest["seed"] = 1
+    (copy / "run.json").write_text(json.dumps(manifest))
+
+
+def test_an_edited_manifest_does_not_vouch_for_its_snapshot(run_a, workspace):
+    run_dir, _ = run_a
+    _edited_copy(run_dir, workspace / "edited")
+    result = dppo_ckpt(
+        "train", "--resume", "edited/checkpoint_000000256.zip", "--eval-episodes", "0",
+        cwd=workspace,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "environments restart fresh" in result.stdout
+    assert "run.json was changed after it was signed" in result.stdout
+    # The forged entries are not carried on and re-signed: the folder gets a new manifest.
+    manifest = json.loads((workspace / "edited" / "run.json").read_text())
+    assert [entry["file"] for entry in manifest["checkpoints"]] == ["checkpoint_000000512.zip"]
+
+
+def test_a_folder_signed_with_another_key_is_not_trusted(run_a, workspace):
+    run_dir, _ = run_a
+    shutil.copytree(run_dir, workspace / "foreign")
+    env = {**_environment(), "DPPO_CKPT_KEY": "another user's key, long enough to be one"}
+    result = subprocess.run(
+        _command("train", "--resume", "foreign/checkpoint_000000256.zip", "--eval-episodes", "0"),
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "run.json was signed with another key than yours" in result.stdout
+
+
+def test_trust_loads_the_snapshot_of_an_unauthenticated_folder(run_a, workspace):
+    run_dir, _ = run_a
+    _edited_copy(run_dir, workspace / "trusted")
+    result = dppo_ckpt(
+        "train", "--resume", "trusted/checkpoint_000000256.zip", "--eval-episodes", "0",
+        "--trust",
+        cwd=workspace,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "environments restored from checkpoint_000000256.envs.pkl" in result.stdout
+
+
+def test_the_key_is_created_once_with_mode_0600(run_a):
+    from dppo_ckpt import signing
+
+    path = signing.key_path()
+    assert path.is_file() and (path.stat().st_mode & 0o777) == 0o600
+    manifest = json.loads((run_a[0] / "run.json").read_text())
+    assert signing.verify(manifest, signing.load_key()) is None
