@@ -1,6 +1,10 @@
 """Actor-critic policy whose critic predicts a return distribution.
 
-The actor is stable-baselines3's, unchanged (Box and Discrete actions, gSDE). The value head
+The actor is stable-baselines3's, unchanged (Box, Discrete, MultiDiscrete and MultiBinary
+actions, gSDE). Features come from any SB3 feature extractor: ``FlattenExtractor`` for flat
+observations, ``NatureCNN`` for images (:class:`DistributionalCnnPolicy`),
+``CombinedExtractor`` for ``Dict`` observations (:class:`DistributionalMultiInputPolicy`),
+shared by actor and critic or one each (``share_features_extractor``). The value head
 outputs either ``n_quantiles`` quantile locations (QR, Dabney et al. 2018) or ``n_atoms`` logits
 over a fixed support (C51, Bellemare et al. 2017). Everything SB3 itself calls -- ``forward``,
 ``predict_values``, ``evaluate_actions`` -- still sees a scalar value per state: the
@@ -19,6 +23,11 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import (
+    BaseFeaturesExtractor,
+    CombinedExtractor,
+    NatureCNN,
+)
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
@@ -31,6 +40,13 @@ from dppo_ckpt.distributional import (
 )
 
 CRITICS = ("quantile", "categorical")
+
+__all__ = [
+    "CRITICS",
+    "CustomActorCriticPolicy",
+    "DistributionalCnnPolicy",
+    "DistributionalMultiInputPolicy",
+]
 
 
 class CustomActorCriticPolicy(ActorCriticPolicy):
@@ -242,3 +258,47 @@ class CustomActorCriticPolicy(ActorCriticPolicy):
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         """Scalar values ``(batch, 1)`` in return units, as SB3 expects."""
         return self.scalar_value(self.predict_value_distribution(obs))
+
+
+class DistributionalCnnPolicy(CustomActorCriticPolicy):
+    """:class:`CustomActorCriticPolicy` for image observations (``"CnnPolicy"``): NatureCNN
+    features (Mnih et al. 2015) by default, as SB3's ``ActorCriticCnnPolicy``."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *,
+        features_extractor_class: type[BaseFeaturesExtractor] = NatureCNN,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
+        )
+
+
+class DistributionalMultiInputPolicy(CustomActorCriticPolicy):
+    """:class:`CustomActorCriticPolicy` for ``Dict`` observations (``"MultiInputPolicy"``):
+    SB3's ``CombinedExtractor`` (a CNN per image key, flattening for the others) by default."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *,
+        features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
+        )

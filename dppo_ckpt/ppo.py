@@ -35,7 +35,11 @@ from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import explained_variance
 
 from dppo_ckpt import numerics
-from dppo_ckpt.buffers import DistributionalRolloutBuffer
+from dppo_ckpt.buffers import (
+    DistributionalBufferMixin,
+    DistributionalDictRolloutBuffer,
+    DistributionalRolloutBuffer,
+)
 from dppo_ckpt.checkpoint.metadata import METADATA_MEMBER, encode_metadata
 from dppo_ckpt.distributional import (
     categorical_cross_entropy,
@@ -45,7 +49,12 @@ from dppo_ckpt.distributional import (
     shift_and_reproject,
     two_hot,
 )
-from dppo_ckpt.policy import CRITICS, CustomActorCriticPolicy
+from dppo_ckpt.policy import (
+    CRITICS,
+    CustomActorCriticPolicy,
+    DistributionalCnnPolicy,
+    DistributionalMultiInputPolicy,
+)
 from dppo_ckpt.rng import capture_rng_state, restore_rng_state
 from dppo_ckpt.vgs import VarianceGradientScaler
 
@@ -92,7 +101,11 @@ class DistributionalPPO(PPO):
         categorical critic by clipping the mean and shifting and reprojecting).
     """
 
-    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": CustomActorCriticPolicy}
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": CustomActorCriticPolicy,
+        "CnnPolicy": DistributionalCnnPolicy,
+        "MultiInputPolicy": DistributionalMultiInputPolicy,
+    }
     policy: CustomActorCriticPolicy
     rollout_buffer: DistributionalRolloutBuffer
 
@@ -135,7 +148,6 @@ class DistributionalPPO(PPO):
         self.vgs_warmup_steps = vgs_warmup_steps
         self.vgs_kwargs = dict(vgs_kwargs or {})
         self._variance_gradient_scaler: VarianceGradientScaler | None = None
-        kwargs.setdefault("rollout_buffer_class", DistributionalRolloutBuffer)
         super().__init__(policy, env, **kwargs)
 
     # -- setup ----------------------------------------------------------------------------
@@ -158,15 +170,26 @@ class DistributionalPPO(PPO):
             and issubclass(self.policy_class, CustomActorCriticPolicy)
         ):
             raise TypeError(
-                "DistributionalPPO needs a CustomActorCriticPolicy (or 'MlpPolicy'), "
-                f"got {self.policy_class!r}"
+                "DistributionalPPO needs a CustomActorCriticPolicy (or 'MlpPolicy', 'CnnPolicy', "
+                f"'MultiInputPolicy'), got {self.policy_class!r}"
             )
-        if isinstance(self.observation_space, spaces.Dict):
-            raise TypeError("DistributionalPPO does not support Dict observation spaces")
+        dict_observations = isinstance(self.observation_space, spaces.Dict)
+        buffer_for_space = (
+            DistributionalDictRolloutBuffer if dict_observations else DistributionalRolloutBuffer
+        )
         if self.rollout_buffer_class is None:
-            self.rollout_buffer_class = DistributionalRolloutBuffer
-        if not issubclass(self.rollout_buffer_class, DistributionalRolloutBuffer):
-            raise TypeError("rollout_buffer_class must subclass DistributionalRolloutBuffer")
+            self.rollout_buffer_class = buffer_for_space
+        if not issubclass(self.rollout_buffer_class, DistributionalBufferMixin):
+            raise TypeError(
+                "rollout_buffer_class must be a DistributionalRolloutBuffer or "
+                "DistributionalDictRolloutBuffer (or a subclass)"
+            )
+        holds_dicts = issubclass(self.rollout_buffer_class, DistributionalDictRolloutBuffer)
+        if dict_observations != holds_dicts:
+            raise TypeError(
+                f"{self.rollout_buffer_class.__name__} does not hold "
+                f"{'Dict' if dict_observations else 'array'} observations"
+            )
         self.policy_kwargs = {**self.policy_kwargs, **self._critic_policy_kwargs()}
         super()._setup_model()
         self._setup_variance_gradient_scaler()

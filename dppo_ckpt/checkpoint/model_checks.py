@@ -216,7 +216,11 @@ def _probe_loss(model: Any) -> torch.Tensor:
     policy = model.policy
     rng = np.random.default_rng(_PROBE_SEED)
     obs, _ = policy.obs_to_tensor(_sample(policy.observation_space, rng, _PROBE_BATCH))
-    actions = torch.as_tensor(_sample(policy.action_space, rng, _PROBE_BATCH), device=model.device)
+    # Float actions, as the rollout buffer hands them out: MultiBinary samples are int8, and
+    # the Bernoulli log-probability cannot take them.
+    actions = torch.as_tensor(
+        _sample(policy.action_space, rng, _PROBE_BATCH), dtype=torch.float32, device=model.device
+    )
     if isinstance(policy.action_space, spaces.Discrete):
         actions = actions.long().flatten()
     values, log_prob, entropy = policy.evaluate_actions(obs, actions)

@@ -114,6 +114,15 @@ ALLOWED_GLOBALS: Final[Mapping[tuple[str, str], str]] = MappingProxyType(
         ("stable_baselines3.common.policies", "ActorCriticCnnPolicy"): (
             "policy_class of CnnPolicy"
         ),
+        ("stable_baselines3.common.torch_layers", "NatureCNN"): (
+            "policy_kwargs features_extractor_class; SB3 builds it over the observation space"
+        ),
+        ("stable_baselines3.common.torch_layers", "CombinedExtractor"): (
+            "policy_kwargs features_extractor_class (Dict observations)"
+        ),
+        ("stable_baselines3.common.torch_layers", "FlattenExtractor"): (
+            "policy_kwargs features_extractor_class (SB3's default)"
+        ),
         ("stable_baselines3.common.buffers", "RolloutBuffer"): "rollout_buffer_class",
         ("stable_baselines3.common.buffers", "DictRolloutBuffer"): (
             "rollout_buffer_class with dict observations"
@@ -159,8 +168,15 @@ ALLOWED_GLOBALS: Final[Mapping[tuple[str, str], str]] = MappingProxyType(
             "DistributionalPPO's _variance_gradient_scaler (config, counters, tensor buffers)"
         ),
         ("dppo_ckpt.policy", "CustomActorCriticPolicy"): "policy_class of DistributionalPPO",
+        ("dppo_ckpt.policy", "DistributionalCnnPolicy"): "policy_class of its CnnPolicy",
+        ("dppo_ckpt.policy", "DistributionalMultiInputPolicy"): (
+            "policy_class of its MultiInputPolicy"
+        ),
         ("dppo_ckpt.buffers", "DistributionalRolloutBuffer"): (
             "rollout_buffer_class of DistributionalPPO"
+        ),
+        ("dppo_ckpt.buffers", "DistributionalDictRolloutBuffer"): (
+            "rollout_buffer_class of DistributionalPPO with Dict observations"
         ),
     }
 )
