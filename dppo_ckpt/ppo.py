@@ -64,6 +64,9 @@ SelfDistributionalPPO = TypeVar("SelfDistributionalPPO", bound="DistributionalPP
 
 MIGRATE_HINT = "run `dppo-ckpt migrate OLD.zip NEW.zip` to rewrite it"
 
+# DistributionalPPO keywords that configure the scaler, and its config key for each.
+_SCALER_KEYWORDS = {"vgs_beta": "beta", "vgs_alpha": "alpha", "vgs_warmup_steps": "warmup_steps"}
+
 
 class LegacyCheckpointWarning(UserWarning):
     """A checkpoint's scaler still carried pickled parameter copies (fixed on load)."""
@@ -233,6 +236,44 @@ class DistributionalPPO(PPO):
             scaler.load_state_dict(state)
         scaler.logger = self.__dict__.get("_logger")
         self._variance_gradient_scaler = scaler
+
+    def _apply_scaler_overrides(self, custom_objects: dict[str, Any]) -> None:
+        """Make ``vgs_*`` values given to ``load(custom_objects=...)`` reach the live scaler.
+
+        The scaler is rebuilt from its saved configuration, so a changed attribute alone would
+        be silently ignored. Its statistics are kept; only the configuration changes.
+
+        :raises ValueError: a ``vgs_*`` value for a model whose scaler is off, an unknown key,
+            or a value the scaler refuses
+        """
+        given = {key: value for key, value in custom_objects.items() if key.startswith("vgs_")}
+        if not given:
+            return
+        scaler = self._variance_gradient_scaler
+        if scaler is None:
+            raise ValueError(
+                f"custom_objects sets {', '.join(sorted(given))}, but this model's scaler is off "
+                "(variance_gradient_scaling=False)"
+            )
+        state = scaler.state_dict()
+        config = dict(state["config"])
+        for key, value in given.items():
+            if key == "vgs_kwargs":
+                if not isinstance(value, dict):
+                    raise ValueError(f"custom_objects vgs_kwargs must be a dict, got {value!r}")
+                updates = dict(value)
+            elif key in _SCALER_KEYWORDS:
+                updates = {_SCALER_KEYWORDS[key]: value}
+            else:
+                raise ValueError(
+                    f"custom_objects key {key!r} is no scaler setting; expected one of "
+                    f"{sorted([*_SCALER_KEYWORDS, 'vgs_kwargs'])}"
+                )
+            unknown = sorted(set(updates) - set(config))
+            if unknown:
+                raise ValueError(f"custom_objects {key}: unknown scaler setting(s) {unknown}")
+            config.update(updates)
+        scaler.load_state_dict({**state, "config": config})
 
     def _check_parameter_links(self) -> VarianceGradientScaler | None:
         """Make sure the optimizer and the scaler act on the policy's own parameter objects.
@@ -450,6 +491,7 @@ class DistributionalPPO(PPO):
         )
         if env is not None and hasattr(env, "_seeds"):
             env._seeds = pending_seeds or [None] * len(env._seeds)
+        model._apply_scaler_overrides(custom_objects or {})
         rng_state = model.__dict__.pop("_rng_state", None)
         # Restored last: SB3's load re-seeds and samples gSDE noise, which moved the generators.
         if rng_state is not None:

@@ -398,3 +398,24 @@ def test_random_damage_static(scratch: Path, raw: bytes) -> None:
 @given(raw=_member_edit())
 def test_random_damage_full_load(scratch: Path, raw: bytes) -> None:
     _check_damaged(scratch, raw, quick=True)
+
+
+def test_verify_trust_passes_a_sound_distributional_checkpoint_with_a_lambda_schedule(
+    tmp_path: Path,
+) -> None:
+    # The full run, round trip included: every load goes through the same trusted path.
+    from tests._models import make_model
+
+    model = make_model(learning_rate=lambda progress: 1e-3 * progress)
+    model.learn(64)
+    path = tmp_path / "lambda.zip"
+    model.save(path)
+    assert run_checks(path).exit_code == 3
+    trusted = run_checks(path, trust=True)
+    assert trusted.exit_code == 0, [(r.check_id, r.message) for r in trusted.results]
+    by_id = {r.check_id: r for r in trusted.results}
+    assert by_id["DPPO004"].verdict is Verdict.SKIP
+    assert "--trust: accepted code pickled by value" in by_id["DPPO004"].message
+    assert by_id["DPPO004"].details["refused"], "the finding is listed in the report"
+    assert "with code from the file allowed to run (--trust)" in by_id["DPPO007"].message
+    assert by_id["DPPO012"].verdict is Verdict.PASS

@@ -330,3 +330,54 @@ def test_load_leaves_the_environment_seeds_as_they_were(trained):
     env.seed(123)
     DistributionalPPO.load(path, env=env, force_reset=False)
     assert env._seeds == [123 + i for i in range(env.num_envs)]
+
+
+# -- custom_objects reach the live scaler --------------------------------------------------------
+
+
+def test_custom_objects_vgs_values_reach_the_live_scaler(tmp_path):
+    from tests._models import make_model as _make
+
+    model = _make()
+    model.learn(128)
+    model.save(tmp_path / "model.zip")
+    saved = model._variance_gradient_scaler.state_dict()
+    loaded = DistributionalPPO.load(
+        tmp_path / "model.zip",
+        device="cpu",
+        custom_objects={"vgs_alpha": 0.5, "vgs_kwargs": {"min_scale": 0.2}},
+    )
+    scaler = loaded._variance_gradient_scaler
+    assert loaded.vgs_alpha == 0.5
+    state = scaler.state_dict()
+    assert state["config"]["alpha"] == 0.5 and state["config"]["min_scale"] == 0.2
+    # Statistics are kept: only the configuration changed.
+    assert state["step_count"] == saved["step_count"]
+    for kept, stored in zip(state["exp_avg"], saved["exp_avg"], strict=True):
+        assert th.equal(kept, stored)
+
+
+@pytest.mark.parametrize(
+    ("custom", "reason"),
+    [
+        ({"vgs_kwargs": {"no_such": 1}}, "unknown scaler setting"),
+        ({"vgs_typo": 1}, "is no scaler setting"),
+        ({"vgs_alpha": -1.0}, "alpha"),
+    ],
+)
+def test_unusable_custom_objects_vgs_values_are_refused(tmp_path, custom, reason):
+    from tests._models import make_model as _make
+
+    _make().save(tmp_path / "model.zip")
+    with pytest.raises(ValueError, match=reason):
+        DistributionalPPO.load(tmp_path / "model.zip", device="cpu", custom_objects=custom)
+
+
+def test_custom_objects_vgs_values_for_a_model_without_scaler_are_refused(tmp_path):
+    from tests._models import make_model as _make
+
+    _make(variance_gradient_scaling=False).save(tmp_path / "model.zip")
+    with pytest.raises(ValueError, match="scaler is off"):
+        DistributionalPPO.load(
+            tmp_path / "model.zip", device="cpu", custom_objects={"vgs_alpha": 0.5}
+        )

@@ -491,8 +491,13 @@ def _load(ctx: _Context) -> CheckResult:
     model = ctx.model
     name = type(model).__name__
     params = sum(p.numel() for p in model.policy.parameters())
+    how = (
+        "with code from the file allowed to run (--trust)"
+        if ctx.trust and ctx.scan is not None and ctx.scan.refused
+        else "without running code from the file"
+    )
     return spec.passed(
-        f"{name} loaded without running code from the file ({params} policy parameters)",
+        f"{name} loaded {how} ({params} policy parameters)",
         algorithm=name,
         parameters=params,
         warnings=ctx.load_warnings,
@@ -531,7 +536,12 @@ def _load_checks(ctx: _Context) -> list[CheckResult]:
     if ctx.quick:
         results.append(CHECKS["DPPO012"].skipped("--quick: the round trip was not run"))
     else:
-        results.append(_timed(CHECKS["DPPO012"], lambda: mc.check_round_trip(ctx.model, ctx.env)))
+        results.append(
+            _timed(
+                CHECKS["DPPO012"],
+                lambda: mc.check_round_trip(ctx.model, ctx.env, trust=ctx.trust),
+            )
+        )
     return results
 
 

@@ -358,9 +358,13 @@ def model_state(model: Any) -> dict[str, Any]:
     )
 
 
-def check_round_trip(model: Any, env: Any = None) -> CheckResult:
+def check_round_trip(model: Any, env: Any = None, *, trust: bool = False) -> CheckResult:
     """DPPO012: save to a temporary file, load it back with the allow-list loader, and
-    compare policy parameters and buffers, optimizer state and scaler state bit for bit."""
+    compare policy parameters and buffers, optimizer state and scaler state bit for bit.
+
+    :param trust: reload through the same trusted path the model was loaded with (a model
+        with a closure schedule saves that closure again, which the allow-list refuses)
+    """
     from dppo_ckpt.checkpoint.safe_pickle import safe_load
 
     spec = CHECKS["DPPO012"]
@@ -370,7 +374,7 @@ def check_round_trip(model: Any, env: Any = None) -> CheckResult:
         model.save(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reloaded = safe_load(path, env=env, device="cpu")
+            reloaded = safe_load(path, env=env, device="cpu", trust=trust)
     difference = _first_difference(before, model_state(reloaded))
     if difference is not None:
         return spec.failed(f"the state after save -> load differs at {difference}")
