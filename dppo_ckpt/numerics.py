@@ -227,7 +227,6 @@ def _numpy_simd() -> str:
 
 def fingerprint() -> dict[str, Any]:
     """What this process's training results depend on, as a flat JSON-ready dict."""
-    import numpy as np  # noqa: F401  (loads numpy's CPU probe)
     import torch
 
     configure_torch()  # what this process trains with, even before the algorithm is imported
