@@ -291,11 +291,38 @@ def test_zip_bomb_by_compression_ratio(tmp_path: Path) -> None:
     assert error.member == "policy.pth"
 
 
-def test_small_members_are_exempt_from_the_ratio_check() -> None:
-    members = [("data", b"{}"), ("pad", b"\0" * 100_000)]
-    with open_checkpoint(zip_bytes(members, compression=zipfile.ZIP_DEFLATED)) as archive:
+def test_the_ratio_check_applies_to_members_of_every_size_with_bounded_slack() -> None:
+    small = [("data", b"{}"), ("pad", b"\0" * 60_000)]
+    with open_checkpoint(zip_bytes(small, compression=zipfile.ZIP_DEFLATED)) as archive:
         assert archive.member("pad").ratio > 100
-        assert archive.read_member("pad") == b"\0" * 100_000
+        assert archive.read_member("pad") == b"\0" * 60_000
+    medium = [("data", b"{}"), ("pad", b"\0" * 200_000)]
+    assert_refused(zip_bytes(medium, compression=zipfile.ZIP_DEFLATED), "zip bomb")
+
+
+def test_members_with_names_differing_only_in_case_are_refused() -> None:
+    raw = zip_bytes([("data", b"{}"), ("policy.pth", b"a"), ("POLICY.pth", b"b")])
+    assert_refused(raw, "differ only in case")
+
+
+def test_nested_archives_share_one_decompressed_budget(ppo_zip: Path) -> None:
+    from dppo_ckpt.checkpoint.archive import BudgetExceeded
+
+    size = ppo_zip.stat().st_size
+    limits = Limits(max_decompressed_bytes=size)
+    with open_checkpoint(ppo_zip, limits) as archive, pytest.raises(BudgetExceeded) as info:
+        for _name, _inner in archive.iter_pth():
+            for member in _inner.names() if _inner is not None else ():
+                _inner.read_member(member)
+    assert "budget max_decompressed exceeded" in str(info.value)
+
+
+def test_a_fifo_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "model.zip"
+    os.mkfifo(fifo)
+    assert_refused(fifo, "not a regular file")
 
 
 def test_member_and_total_size_limits() -> None:

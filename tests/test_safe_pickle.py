@@ -290,7 +290,7 @@ def test_scaler_tensors_are_scanned_inside_their_blobs(
     ]
     assert nested, "the scaler's tensor storages were not scanned"
     assert {f.global_name for f in nested} == {"torch.FloatStorage"}
-    assert all(f.path[0].startswith("tensor blob at byte ") for f in nested)
+    assert all(f.path[0].startswith("tensor blob") for f in nested)
     assert {f.path[1] for f in nested} == {"pickle 4 of 5"}
 
 
@@ -571,7 +571,7 @@ def test_scanner_names_the_hostile_global(hostile: tuple[HostileCase, Path, Path
         assert finding.path == ()
     else:
         assert finding.path[-1] == case.inner
-    assert any(p.startswith("tensor blob at byte ") for p in finding.path) == case.blob
+    assert any(p.startswith("tensor blob") for p in finding.path) == case.blob
     assert not marker.exists()
 
 
@@ -716,7 +716,9 @@ def test_nested_blob_is_refused_by_the_unpickler_itself(tmp_path: Path) -> None:
     payload = reduce_payload(nested_blob(legacy_torch_stream(touch_command(marker))))
     with pytest.raises(UnsafePickleError, match="posix.system") as caught:
         SafeUnpickler(io.BytesIO(payload), entry="blob").load()
-    assert caught.value.global_name == "torch.storage._load_from_bytes"
+    # The static analysis of the same model follows the blob and names the global inside.
+    assert caught.value.global_name == "posix.system"
+    assert caught.value.nesting[0].startswith("tensor blob")
     assert not marker.exists()
 
 
@@ -804,7 +806,7 @@ def test_corrupt_entry_in_a_checkpoint(
 
 def test_corrupt_nested_blob(tmp_path: Path) -> None:
     payload = reduce_payload(nested_blob(legacy_torch_stream(1)[:30]))
-    with pytest.raises(PickleScanError, match="tensor blob at byte"):
+    with pytest.raises(PickleScanError, match=r"tensor blob \d+ > pickle 3 of 5"):
         scan_pickle(payload, entry="e")
     zipped = reduce_payload(nested_blob(b"PK\x03\x04" + b"\0" * 50))
     with pytest.raises(PickleScanError, match="nested torch archive"):
@@ -896,8 +898,8 @@ def _tensor_hook_pickle() -> bytes:
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
-        (_dtype_overflow_pickle, "crafted numpy dtype"),
-        (_class_patch_pickle, "modify 'FloatSchedule' itself"),
+        (_dtype_overflow_pickle, "crafted numpy.dtype"),
+        (_class_patch_pickle, "BUILD on stable_baselines3.common.utils.FloatSchedule"),
         (_tensor_hook_pickle, "BUILD on a tensor"),
     ],
     ids=["dtype-out-of-bounds", "class-patch", "tensor-hooks"],

@@ -13,6 +13,11 @@ import pytest
 from dppo_ckpt.checkpoint.archive import open_checkpoint
 from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler
 from dppo_ckpt.checkpoint.stub_pickle import (
+    ReadBudget,
+    ReadBudgetExceeded,
+    StubExtension,
+    StubPersistent,
+    stub_model,
     RawBytes,
     StubCall,
     StubGlobal,
@@ -86,8 +91,8 @@ def test_bytes_are_views_not_copies():
         b"\x80\x05K\x01",
         b"\x80\x05)R.",  # REDUCE with too few operands
         b"\x80\x05h\x07.",  # memo key missing
-        b"\x80\x05P1\n.",  # persistent id
-        pickle.dumps(1, protocol=1),  # before protocol 2
+        b"\x80\x05\x97.",  # out-of-band buffer
+        b"\x80\x05\xff.",  # no such opcode
     ],
 )
 def test_corrupt_or_unsupported_pickles_raise(payload):
@@ -112,3 +117,55 @@ def test_random_corruption_gives_a_clean_error_or_a_value():
             continue
         with contextlib.suppress(StubPickleError, RecursionError):
             stub_dumps(root, 5)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_every_protocol_decodes_to_the_same_structure(protocol):
+    import collections
+
+    value = {"a": [1, -2**70, 2.5, "x\u00e9\n", (None, True, False)], "b": {3: b"y" * 3}}
+    value["od"] = collections.OrderedDict(k=1)
+    model = stub_model(pickle.dumps(value, protocol=protocol))
+    root = model.root
+    assert root["a"] == value["a"]
+    assert [type(v) for v in root["a"]] == [type(v) for v in value["a"]]
+    assert model.globals_seen[("collections", "OrderedDict")] == 1
+    od = root["od"]
+    assert isinstance(od, StubCall) and od.func.name == "collections.OrderedDict"
+
+
+def test_persistent_ids_and_extensions_become_stand_ins():
+    model = stub_model(b"\x80\x02X\x01\x00\x00\x00sQ\x82\x07\x86.")
+    pid, ext = model.root
+    assert isinstance(pid, StubPersistent) and pid.pid == "s"
+    assert isinstance(ext, StubExtension) and ext.code == 7
+    assert model.extensions == [7]
+    with pytest.raises(StubPickleError):
+        stub_dumps(model.root, 2)
+
+
+def test_build_on_a_global_is_recorded_not_fatal():
+    payload = b"\x80\x02cbuiltins\nlist\n}b."
+    model = stub_model(payload)
+    assert model.builds_on_globals == ["builtins.list"]
+
+
+def test_a_structural_error_keeps_the_globals_read_before_it():
+    payload = b"\x80\x02cos\nsystem\n)R0000"
+    with pytest.raises(StubPickleError) as info:
+        stub_model(payload)
+    assert info.value.globals_seen[("os", "system")] == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "budget"),
+    [
+        (b"\x80\x02\x8b" + (5000).to_bytes(4, "little") + b"\x01" * 5000 + b".", "max_int_bytes"),
+        (b"L" + b"9" * 5000 + b"L\n.", "max_int_bytes"),
+        (b"\x80\x02" + b"N0" * 10_000 + b"N.", "max_opcodes"),
+    ],
+)
+def test_budgets_refuse_before_the_work(payload, budget):
+    with pytest.raises(ReadBudgetExceeded) as info:
+        stub_model(payload, budget=ReadBudget(max_opcodes=10_000))
+    assert info.value.budget == budget

@@ -111,6 +111,42 @@ class ArchiveError(CheckpointError):
         return f"{self.path}: {self.reason}" if self.path else self.reason
 
 
+class BudgetExceeded(ArchiveError):
+    """A file needs more than one of its budgets allows (exit code 2).
+
+    :param budget: the budget's name (``max_memory``, ``timeout``, ...).
+    :param reason: what would have exceeded it.
+    """
+
+    def __init__(self, budget: str, reason: str, *, path: str | None = None) -> None:
+        self.budget = budget
+        super().__init__(f"budget {budget} exceeded: {reason}", path=path)
+
+
+class _Tally:
+    """Decompressed bytes over a checkpoint and every archive nested in it.
+
+    Each member counts once, by its place in the nesting, however often it is re-read.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self._seen: set[tuple[str, str]] = set()
+
+    def add(self, label: str, member: str, size: int) -> None:
+        if (label, member) in self._seen:
+            return
+        self._seen.add((label, member))
+        self.total += size
+        if self.total > self.limit:
+            raise BudgetExceeded(
+                "max_decompressed",
+                f"the file and the archives nested in it inflate to more than {self.limit} bytes",
+                path=label,
+            )
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource limits applied to every zip read, the checkpoint and the ``.pth`` zips in it.
@@ -124,18 +160,22 @@ class Limits:
     :param max_member_bytes: largest uncompressed size of a single member.
     :param max_total_bytes: largest sum of uncompressed member sizes of one zip.
     :param max_compression_ratio: largest uncompressed/compressed ratio of a member, checked
-        for members larger than ``ratio_floor_bytes``.
-    :param ratio_floor_bytes: members up to this size are exempt from the ratio check (small
-        JSON or zero-filled records compress well and cannot bomb anything).
+        for members of every size.
+    :param ratio_floor_bytes: bytes a member may inflate beyond that ratio (a small JSON or
+        zero-filled record compresses arbitrarily well, and bounded slack cannot bomb
+        anything: nested archives share :attr:`max_decompressed_bytes`).
     :param max_file_bytes: largest checkpoint file accepted (``safe_load`` reads it whole).
+    :param max_decompressed_bytes: decompressed bytes over the checkpoint and every archive
+        nested in it (``.pth`` members, tensor blobs), each member counted once.
     """
 
     max_members: int = 4096
     max_member_bytes: int = 1 * _GiB
     max_total_bytes: int = 2 * _GiB
     max_compression_ratio: float = 100.0
-    ratio_floor_bytes: int = 1 * _MiB
+    ratio_floor_bytes: int = 64 * 1024
     max_file_bytes: int = 2 * _GiB
+    max_decompressed_bytes: int = 4 * _GiB
 
     def __post_init__(self) -> None:
         for name in (
@@ -144,6 +184,7 @@ class Limits:
             "max_total_bytes",
             "max_compression_ratio",
             "max_file_bytes",
+            "max_decompressed_bytes",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)!r}")
@@ -276,13 +317,22 @@ class ZipMembers:
     :param limits: limits to enforce.
     :param label: name used in error messages (the path, or ``outer.zip:policy.pth``).
     :param owns_file: close ``fileobj`` on :meth:`close`.
+    :param tally: the decompressed-bytes count of the enclosing checkpoint, for a nested
+        archive (a new one is started otherwise).
     """
 
     def __init__(
-        self, fileobj: BinaryIO, limits: Limits, label: str, *, owns_file: bool = False
+        self,
+        fileobj: BinaryIO,
+        limits: Limits,
+        label: str,
+        *,
+        owns_file: bool = False,
+        tally: _Tally | None = None,
     ) -> None:
         self.limits = limits
         self.label = label
+        self.tally = tally if tally is not None else _Tally(limits.max_decompressed_bytes)
         self._fileobj = fileobj
         self._owns_file = owns_file
         self._zip: zipfile.ZipFile | None = None
@@ -310,12 +360,22 @@ class ZipMembers:
                 f"{len(infos)} members, more than the limit of {limits.max_members}", path=label
             )
         table: dict[str, zipfile.ZipInfo] = {}
+        folded: dict[str, str] = {}
         total = 0
         for info in infos:
             name = info.filename
             _check_member_name(info.orig_filename, name, label)
             if name in table:
                 raise ArchiveError(f"duplicate member name {name!r}", path=label, member=name)
+            # torch finds records by a lookup that ignores case: two such names would let the
+            # loader read a member other than the one scanned.
+            other = folded.setdefault(name.casefold(), name)
+            if other != name:
+                raise ArchiveError(
+                    f"member names {other!r} and {name!r} differ only in case",
+                    path=label,
+                    member=name,
+                )
             if info.flag_bits & 0x1:
                 raise ArchiveError(f"member {name!r} is encrypted", path=label, member=name)
             if info.compress_type not in _SUPPORTED_COMPRESSION:
@@ -332,7 +392,8 @@ class ZipMembers:
                     member=name,
                 )
             ratio = info.file_size / max(info.compress_size, 1)
-            if info.file_size > limits.ratio_floor_bytes and ratio > limits.max_compression_ratio:
+            allowed = limits.max_compression_ratio * info.compress_size + limits.ratio_floor_bytes
+            if info.file_size > allowed:
                 raise ArchiveError(
                     f"member {name!r} has compression ratio {ratio:.0f}:1, more than the limit "
                     f"of {limits.max_compression_ratio:.0f}:1 (zip bomb?)",
@@ -384,6 +445,7 @@ class ZipMembers:
             raise ArchiveError(
                 f"member {name!r}: cannot open ({exc})", path=self.label, member=name
             ) from None
+        self.tally.add(self.label, name, info.file_size)
         limit = min(info.file_size, self.limits.max_member_bytes)
         reader = _BoundedReader(
             raw, limit=limit, declared=info.file_size, member=name, label=self.label
@@ -643,7 +705,13 @@ class CheckpointArchive(ZipMembers):
         :raises ArchiveError: the member is not a zip, or the inner zip breaks a rule.
         """
         spool = self.spool_member(name)
-        return ZipMembers(spool, self.limits, f"{self.path}:{name}", owns_file=True)  # type: ignore[arg-type]
+        return ZipMembers(
+            spool,  # type: ignore[arg-type]
+            self.limits,
+            f"{self.path}:{name}",
+            owns_file=True,
+            tally=self.tally,
+        )
 
     def pth_pickles(self, name: str) -> dict[str, bytes]:
         """Every pickle (``*.pkl`` member) of the torch archive in ``name``, by inner name.
@@ -688,9 +756,11 @@ def torch_data_pkl_name(inner: ZipMembers) -> str:
             "not a torch archive: first record is not in a directory", path=inner.label
         )
     candidate = names[0].split("/", 1)[0] + "/data.pkl"
-    if candidate not in inner:
+    # As torch's reader finds it: ignoring case (names differing only in case are refused).
+    found = next((n for n in names if n.casefold() == candidate.casefold()), None)
+    if found is None:
         raise ArchiveError(f"not a torch archive: no {candidate!r}", path=inner.label)
-    return candidate
+    return found
 
 
 def torch_archive_pickles(inner: ZipMembers) -> dict[str, bytes]:
@@ -699,12 +769,17 @@ def torch_archive_pickles(inner: ZipMembers) -> dict[str, bytes]:
     :raises ArchiveError: the archive is not laid out as ``torch.load`` expects.
     """
     torch_data_pkl_name(inner)  # refuse archives torch itself would not read
-    return {n: inner.read_member(n) for n in inner.names() if n.endswith(".pkl")}
+    return {n: inner.read_member(n) for n in inner.names() if n.casefold().endswith(".pkl")}
 
 
-def open_torch_archive(data: bytes, limits: Limits, label: str) -> ZipMembers:
-    """Open a torch zip archive held in memory (e.g. a tensor blob nested in a pickle)."""
-    return ZipMembers(io.BytesIO(data), limits, label, owns_file=True)
+def open_torch_archive(
+    data: bytes, limits: Limits, label: str, tally: _Tally | None = None
+) -> ZipMembers:
+    """Open a torch zip archive held in memory (e.g. a tensor blob nested in a pickle).
+
+    :param tally: the enclosing checkpoint's decompressed-bytes count.
+    """
+    return ZipMembers(io.BytesIO(data), limits, label, owns_file=True, tally=tally)
 
 
 def is_zip_bytes(data: bytes) -> bool:
@@ -745,8 +820,17 @@ def open_checkpoint(
 
 
 def _open_regular_file(path: str, limits: Limits) -> BinaryIO:
+    # Checked before opening: opening a FIFO blocks until a writer appears, and a device
+    # can have effects of its own. O_NONBLOCK covers a swap between the check and the open.
     try:
-        fileobj = open(path, "rb")  # noqa: SIM115 - owned and closed by the archive
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            kind = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise ArchiveError(
+                "is a directory, not a checkpoint file" if kind == "a directory" else kind,
+                path=path,
+            )
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        fileobj = os.fdopen(fd, "rb")
     except FileNotFoundError:
         raise ArchiveError("no such file", path=path) from None
     except IsADirectoryError:

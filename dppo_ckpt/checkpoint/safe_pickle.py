@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import importlib
 import io
+import math
 import os
 import pickle
-import pickletools
 import sys
 import types
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
@@ -42,6 +42,30 @@ from dppo_ckpt.checkpoint.archive import (
     open_torch_archive,
     read_checkpoint_bytes,
     torch_archive_pickles,
+    torch_data_pkl_name,
+)
+from dppo_ckpt.checkpoint.budgets import DEFAULT_BUDGETS, BudgetExceeded, Budgets
+from dppo_ckpt.checkpoint.materialise import (
+    CALL_RULES,
+    LOAD_FROM_BYTES_TOKEN,
+    NDARRAY_TOKEN,
+    NEW_EMPTY,
+    LoadBudget,
+    LoadBudgetExceeded,
+    MaterialiseRefused,
+    checked,
+    materialise,
+)
+from dppo_ckpt.checkpoint.stub_pickle import (
+    PickleModel,
+    RawBytes,
+    ReadBudget,
+    ReadBudgetExceeded,
+    StubCall,
+    StubGlobal,
+    StubPickleError,
+    iter_stubs,
+    stub_model,
 )
 
 if TYPE_CHECKING:
@@ -347,7 +371,7 @@ class Finding:
     :param verdict: the classification.
     :param path: nesting below the member: inner pickle name (``archive/data.pkl``), tensor
         blobs (``tensor blob at byte N``) and the pickle within a legacy stream.
-    :param offset: byte offset of the opcode in the innermost pickle.
+    :param count: how many times the pickle names it there.
     """
 
     member: str
@@ -355,7 +379,7 @@ class Finding:
     global_name: str
     verdict: GlobalVerdict
     path: tuple[str, ...] = ()
-    offset: int = 0
+    count: int = 1
 
     @property
     def allowed(self) -> bool:
@@ -389,32 +413,19 @@ class ScanReport:
         return frozenset(f.global_name for f in self.findings)
 
 
-def _dedupe(findings: Iterable[Finding]) -> tuple[Finding, ...]:
-    seen: dict[tuple[Any, ...], Finding] = {}
-    for f in findings:
-        seen.setdefault((f.member, f.entry, f.global_name, f.verdict, f.path), f)
-    return tuple(seen.values())
-
-
 # ---------------------------------------------------------------------------------------------
-# Static scanner
+# Static scan: analyses of the interpreter's output
 # ---------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class _GlobalRef:
-    module: str
-    name: str
-
-
-@dataclass(frozen=True)
-class _DtypeCall:
-    """A ``numpy.dtype(...)`` call on the scanner's stack, whose later BUILD state matters."""
-
-    args: Any
-
-
-_NUMPY_DTYPE: Final = _GlobalRef("numpy", "dtype")
+_NUMPY_DTYPE: Final = ("numpy", "dtype")
+# Replacements written by this package, callable in data entries whatever CALL_RULES says.
+_REBUILDS: Final = frozenset(
+    {
+        _LOAD_FROM_BYTES,
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"),
+    }
+)
 
 
 def _crafted_dtype(args: Any, state: Any) -> bool:
@@ -432,47 +443,47 @@ def _crafted_dtype(args: Any, state: Any) -> bool:
     return any(item is not None for item in state[2:5])
 
 
-_MARK: Final = object()
-_UNKNOWN: Final = object()
-_STRING_OPS: Final = frozenset(
-    {
-        "STRING",
-        "BINSTRING",
-        "SHORT_BINSTRING",
-        "UNICODE",
-        "BINUNICODE",
-        "SHORT_BINUNICODE",
-        "BINUNICODE8",
-    }
-)
-_BYTES_OPS: Final = frozenset({"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"})
-_PUT_OPS: Final = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-_GET_OPS: Final = frozenset({"GET", "BINGET", "LONG_BINGET"})
+def _rule_violation(call: StubCall) -> str | None:
+    """Why this call of an allowed global breaks the global's rule, or None.
 
-
-class _Malformed(Exception):
-    """Internal: the opcode stream cannot be a valid pickle."""
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, _GlobalRef):
-        return f"{value.module}.{value.name}"
-    return "?"
+    The static half of :mod:`~dppo_ckpt.checkpoint.materialise`'s rules, so that ``--static``
+    refuses what the loader would refuse without building anything.
+    """
+    func = call.func
+    key = (func.module, func.qualname)
+    rule = CALL_RULES.get(key)
+    if call.kind in ("NEWOBJ", "NEWOBJ_EX"):
+        if rule is not NEW_EMPTY or call.args or call.kwargs:
+            return f"<{func.name} created by {call.kind}, allowed only as a value>"
+        return None
+    if key in _REBUILDS or (rule is not None and rule is not NEW_EMPTY):
+        return None
+    return f"<{func.name} called, allowed only as a value>"
 
 
 @dataclass
 class _Scanner:
-    """Walks pickles symbolically: a stack of literal strings, bytes, tuples and global
-    references (everything else is opaque), enough to name every global and to find the
-    bytes handed to ``torch.storage._load_from_bytes``."""
+    """Runs the analyses over the models of every pickle of one file.
+
+    Each pickle is decoded once (:func:`~dppo_ckpt.checkpoint.stub_pickle.stub_model`);
+    findings are counted per global, never stored per opcode. ``models`` keeps the decoded
+    ``data`` entries, so that the loader builds objects from exactly what was scanned.
+    """
 
     allow: Mapping[tuple[str, str], Any]
     limits: Limits
-    max_depth: int
-    findings: list[Finding] = field(default_factory=list)
+    budgets: Budgets
+    max_depth: int = _DEFAULT_MAX_DEPTH
+    tally: Any = None
+    read_budget: ReadBudget = field(init=False)
+    findings: dict[tuple[Any, ...], Finding] = field(default_factory=dict)
+    models: dict[str, PickleModel] = field(default_factory=dict)
+    pth_roots: dict[str, Any] = field(default_factory=dict)
     pickles_scanned: int = 0
+    blobs: int = 0
+
+    def __post_init__(self) -> None:
+        self.read_budget = self.budgets.read_budget()
 
     def record(
         self,
@@ -481,46 +492,46 @@ class _Scanner:
         global_name: str,
         verdict: GlobalVerdict,
         path: tuple[str, ...],
-        offset: int,
+        count: int = 1,
     ) -> None:
-        self.findings.append(Finding(member, entry, global_name, verdict, path, offset))
-
-    def record_global(
-        self,
-        module: str,
-        name: str,
-        member: str,
-        entry: str | None,
-        path: tuple[str, ...],
-        pos: int,
-    ) -> None:
-        verdict = classify_global(module, name, self.allow)
-        self.record(member, entry, f"{module}.{name}", verdict, path, pos)
+        key = (member, entry, global_name, verdict, path)
+        seen = self.findings.get(key)
+        total = count + (seen.count if seen is not None else 0)
+        self.findings[key] = Finding(member, entry, global_name, verdict, path, total)
 
     def report(self) -> ScanReport:
-        return ScanReport(_dedupe(self.findings), self.pickles_scanned)
+        return ScanReport(tuple(self.findings.values()), self.pickles_scanned)
+
+    def _record_globals(
+        self, seen: Mapping[tuple[str, str], int], member: str, entry: str | None,
+        path: tuple[str, ...],
+    ) -> None:  # fmt: skip
+        for (module, name), count in seen.items():
+            verdict = classify_global(module, name, self.allow)
+            self.record(member, entry, f"{module}.{name}", verdict, path, count)
 
     # -- one pickle ----------------------------------------------------------------------
 
     def scan(
         self,
-        data: bytes,
+        data: bytes | memoryview,
         *,
         member: str,
         entry: str | None,
         path: tuple[str, ...] = (),
         start: int = 0,
         depth: int = 0,
-    ) -> int:
-        """Walk the pickle starting at ``start``; return the offset just past its STOP."""
-        stream = io.BytesIO(data)
-        stream.seek(start)
+    ) -> PickleModel:
+        """Decode and analyse the pickle at ``start`` of ``data``."""
         self.pickles_scanned += 1
         try:
-            return self._walk(stream, member, entry, path, depth)
-        except PickleScanError:
-            raise
-        except _Malformed as exc:
+            model = stub_model(data, start=start, budget=self.read_budget)
+        except ReadBudgetExceeded as exc:
+            raise BudgetExceeded(exc.budget, f"{_where(member, entry)}: {exc}") from None
+        except StubPickleError as exc:
+            # What was read before the damage still counts: an unsafe global found earlier
+            # in the stream is reported as unsafe, not hidden behind "corrupt".
+            self._record_globals(exc.globals_seen, member, entry, path)
             raise PickleScanError(
                 f"corrupt pickle: {exc}",
                 member=member,
@@ -528,201 +539,88 @@ class _Scanner:
                 path=path,
                 findings=self.report().findings,
             ) from None
-        except Exception as exc:  # genops raises many types on malformed input
-            raise PickleScanError(
-                f"corrupt pickle: {type(exc).__name__}: {exc}",
-                member=member,
-                entry=entry,
-                path=path,
-                findings=self.report().findings,
-            ) from None
+        self._analyse(model, member, entry, path, depth)
+        return model
 
-    def _walk(
-        self, stream: io.BytesIO, member: str, entry: str | None, path: tuple[str, ...], depth: int
-    ) -> int:
-        stack: list[Any] = []
-        memo: dict[int, Any] = {}
-
-        def pop() -> Any:
-            if not stack:
-                raise _Malformed(f"stack underflow at byte {pos}")
-            return stack.pop()
-
-        def pop_to_mark() -> list[Any]:
-            for i in range(len(stack) - 1, -1, -1):
-                if stack[i] is _MARK:
-                    items = stack[i + 1 :]
-                    del stack[i:]
-                    return items
-            raise _Malformed(f"no MARK on the stack at byte {pos}")
-
-        def call(fn: Any, args: Any) -> None:
-            if isinstance(fn, _GlobalRef) and (fn.module, fn.name) == _LOAD_FROM_BYTES:
-                self._blob(args, member, entry, (*path, f"tensor blob at byte {pos}"), depth, pos)
-
-        pos = 0
-        for opcode, arg, pos in pickletools.genops(stream):
-            name = opcode.name
-            if name in _STRING_OPS:
-                stack.append(arg if isinstance(arg, str) else _UNKNOWN)
-            elif name in _BYTES_OPS:
-                stack.append(bytes(arg))
-            elif name in _PUT_OPS:
-                if not stack:
-                    raise _Malformed(f"memo put on an empty stack at byte {pos}")
-                memo[arg] = stack[-1]
-            elif name == "MEMOIZE":
-                if not stack:
-                    raise _Malformed(f"memoize on an empty stack at byte {pos}")
-                memo[len(memo)] = stack[-1]
-            elif name in _GET_OPS:
-                if arg not in memo:
-                    raise _Malformed(f"memo key {arg} missing at byte {pos}")
-                stack.append(memo[arg])
-            elif name == "GLOBAL":
-                module, _, qualname = str(arg).partition(" ")
-                self.record_global(module, qualname, member, entry, path, pos)
-                stack.append(_GlobalRef(module, qualname))
-            elif name == "INST":
-                module, _, qualname = str(arg).partition(" ")
-                self.record_global(module, qualname, member, entry, path, pos)
-                call(_GlobalRef(module, qualname), tuple(pop_to_mark()))
-                stack.append(_UNKNOWN)
-            elif name == "STACK_GLOBAL":
-                qualname, module = pop(), pop()
-                if isinstance(module, str) and isinstance(qualname, str):
-                    self.record_global(module, qualname, member, entry, path, pos)
-                    stack.append(_GlobalRef(module, qualname))
-                else:
-                    self.record(
-                        member,
-                        entry,
-                        f"<dynamic global {_describe(module)}.{_describe(qualname)}>",
-                        GlobalVerdict.DYNAMIC,
-                        path,
-                        pos,
-                    )
-                    stack.append(_UNKNOWN)
-            elif name in ("EXT1", "EXT2", "EXT4"):
-                # The copyreg extension registry maps codes to globals outside the file.
-                extension = f"<copyreg extension {arg}>"
-                self.record(member, entry, extension, GlobalVerdict.NOT_ALLOWED, path, pos)
-                stack.append(_UNKNOWN)
-            elif name == "REDUCE":
-                args = pop()
-                fn = pop()
-                call(fn, args)
-                stack.append(_DtypeCall(args) if fn == _NUMPY_DTYPE else _UNKNOWN)
-            elif name == "NONE":
-                stack.append(None)
-            elif name == "OBJ":
-                items = pop_to_mark()
-                if not items:
-                    raise _Malformed(f"OBJ without a class at byte {pos}")
-                call(items[0], tuple(items[1:]))
-                stack.append(_UNKNOWN)
-            elif name == "EMPTY_TUPLE":
-                stack.append(())
-            elif name == "TUPLE":
-                stack.append(tuple(pop_to_mark()))
-            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                n = int(name[-1])
-                items = [pop() for _ in range(n)][::-1]
-                stack.append(tuple(items))
-            elif name == "BUILD":
-                state = pop()
-                target = pop()
-                if isinstance(target, _DtypeCall) and _crafted_dtype(target.args, state):
-                    self.record(
-                        member,
-                        entry,
-                        "<BUILD with a crafted numpy.dtype state>",
-                        GlobalVerdict.NOT_ALLOWED,
-                        path,
-                        pos,
-                    )
-                elif isinstance(target, _GlobalRef):
-                    # BUILD on a bare global rewrites the class or function itself.
-                    self.record(
-                        member,
-                        entry,
-                        f"<BUILD on {target.module}.{target.name}>",
-                        GlobalVerdict.NOT_ALLOWED,
-                        path,
-                        pos,
-                    )
-                stack.append(target)
-            elif name == "DUP":
-                if not stack:
-                    raise _Malformed(f"DUP on an empty stack at byte {pos}")
-                stack.append(stack[-1])
-            elif name == "STOP":
-                pop()
-                return pos + 1
-            else:
-                self._generic(opcode, pop, pop_to_mark, stack)
-        raise _Malformed("pickle ends without STOP")
-
-    @staticmethod
-    def _generic(
-        opcode: pickletools.OpcodeInfo,
-        pop: Callable[[], Any],
-        pop_to_mark: Callable[[], list[Any]],
-        stack: list[Any],
-    ) -> None:
-        before, after = opcode.stack_before, opcode.stack_after
-        if pickletools.markobject in before:
-            pop_to_mark()
-            for _ in range(before.index(pickletools.markobject)):
-                pop()
-        else:
-            for _ in before:
-                pop()
-        for kind in after:
-            stack.append(_MARK if kind is pickletools.markobject else _UNKNOWN)
+    def _analyse(
+        self, model: PickleModel, member: str, entry: str | None, path: tuple[str, ...],
+        depth: int,
+    ) -> None:  # fmt: skip
+        self._record_globals(model.globals_seen, member, entry, path)
+        for name in model.dynamic:
+            self.record(member, entry, f"<dynamic global {name}>", GlobalVerdict.DYNAMIC, path)
+        for name in model.builds_on_globals:
+            # BUILD on a bare global rewrites the class or function itself.
+            self.record(member, entry, f"<BUILD on {name}>", GlobalVerdict.NOT_ALLOWED, path)
+        for code in model.extensions:
+            # The copyreg extension registry maps codes to globals outside the file.
+            self.record(
+                member, entry, f"<copyreg extension {code}>", GlobalVerdict.NOT_ALLOWED, path
+            )
+        checks_rules = member == DATA_MEMBER and depth == 0
+        for index, obj in enumerate(iter_stubs(model.root)):
+            if index % 65536 == 65535:
+                self.read_budget.spend(0)  # the clock, on very large graphs
+            if not isinstance(obj, StubCall):
+                continue
+            func = obj.func
+            if not isinstance(func, StubGlobal):
+                self.record(
+                    member, entry, "<call of a value built by the pickle>",
+                    GlobalVerdict.DYNAMIC, path,
+                )  # fmt: skip
+                continue
+            key = (func.module, func.qualname)
+            if key == _NUMPY_DTYPE and any(_crafted_dtype(obj.args, s) for s in obj.states):
+                self.record(
+                    member, entry, "<BUILD with a crafted numpy.dtype state>",
+                    GlobalVerdict.NOT_ALLOWED, path,
+                )  # fmt: skip
+            if key == _LOAD_FROM_BYTES:
+                self.blobs += 1
+                self._blob(obj.args, member, entry, (*path, f"tensor blob {self.blobs}"), depth)
+            if checks_rules and classify_global(*key, self.allow) is GlobalVerdict.ALLOWED:
+                violation = _rule_violation(obj)
+                if violation is not None:
+                    self.record(member, entry, violation, GlobalVerdict.NOT_ALLOWED, path)
 
     # -- nested tensor blobs -------------------------------------------------------------
 
     def _blob(
+        self, args: Any, member: str, entry: str | None, path: tuple[str, ...], depth: int
+    ) -> None:
+        """Scan the bytes given to ``torch.storage._load_from_bytes``: a torch.save stream,
+        legacy (consecutive pickles, then raw storage) or zip."""
+        if not (len(args) == 1 and isinstance(args[0], (RawBytes, bytearray))):
+            self.record(
+                member, entry, "<torch.storage._load_from_bytes of a non-literal argument>",
+                GlobalVerdict.DYNAMIC, path,
+            )  # fmt: skip
+            return
+        if depth + 1 > self.max_depth:
+            self.record(
+                member, entry, f"<tensor blob nested deeper than {self.max_depth} levels>",
+                GlobalVerdict.DYNAMIC, path,
+            )  # fmt: skip
+            return
+        blob = args[0].view if isinstance(args[0], RawBytes) else memoryview(args[0])
+        self.scan_torch_stream(blob, member=member, entry=entry, path=path, depth=depth + 1)
+
+    def scan_torch_stream(
         self,
-        args: Any,
+        blob: bytes | memoryview,
+        *,
         member: str,
         entry: str | None,
         path: tuple[str, ...],
         depth: int,
-        pos: int,
-    ) -> None:
-        """Scan the bytes given to ``torch.storage._load_from_bytes``: a torch.save stream,
-        legacy (consecutive pickles, then raw storage) or zip."""
-        if not (isinstance(args, tuple) and len(args) == 1 and isinstance(args[0], bytes)):
-            self.record(
-                member,
-                entry,
-                "<torch.storage._load_from_bytes of a non-literal argument>",
-                GlobalVerdict.DYNAMIC,
-                path,
-                pos,
-            )
-            return
-        if depth + 1 > self.max_depth:
-            self.record(
-                member,
-                entry,
-                f"<tensor blob nested deeper than {self.max_depth} levels>",
-                GlobalVerdict.DYNAMIC,
-                path,
-                pos,
-            )
-            return
-        self.scan_torch_stream(args[0], member=member, entry=entry, path=path, depth=depth + 1)
-
-    def scan_torch_stream(
-        self, blob: bytes, *, member: str, entry: str | None, path: tuple[str, ...], depth: int
     ) -> None:
         """Scan what ``torch.load`` would unpickle from ``blob``."""
-        if is_zip_bytes(blob):
+        if is_zip_bytes(bytes(blob[:4])):
             try:
-                with open_torch_archive(blob, self.limits, " > ".join((member, *path))) as inner:
+                with open_torch_archive(
+                    bytes(blob), self.limits, " > ".join((member, *path)), self.tally
+                ) as inner:
                     pickles = torch_archive_pickles(inner)
             except PickleScanError:
                 raise
@@ -749,7 +647,24 @@ class _Scanner:
                 path=(*path, f"pickle {index + 1} of {_LEGACY_STREAM_PICKLES}"),
                 start=offset,
                 depth=depth,
-            )
+            ).end
+
+    def scan_archive(self, archive: CheckpointArchive) -> None:
+        """Scan every pickle SB3's loader would unpickle from ``archive``."""
+        self.tally = archive.tally
+        for key, payload in archive.serialized_entries().items():
+            self.models[key] = self.scan(payload, member=DATA_MEMBER, entry=key)
+        for name, inner in archive.iter_pth():
+            if inner is None:
+                self.scan_torch_stream(
+                    archive.read_member(name), member=name, entry=None, path=(), depth=0
+                )
+                continue
+            data_pkl = torch_data_pkl_name(inner)
+            for inner_name, pickled in torch_archive_pickles(inner).items():
+                model = self.scan(pickled, member=name, entry=None, path=(inner_name,))
+                if inner_name == data_pkl:
+                    self.pth_roots[name] = model.root
 
 
 def scan_pickle(
@@ -760,6 +675,7 @@ def scan_pickle(
     allow: Mapping[tuple[str, str], Any] = ALLOWED_GLOBALS,
     limits: Limits | None = None,
     max_depth: int = _DEFAULT_MAX_DEPTH,
+    budgets: Budgets = DEFAULT_BUDGETS,
 ) -> ScanReport:
     """Statically list the globals one pickle names, nested tensor blobs included.
 
@@ -771,9 +687,11 @@ def scan_pickle(
     :param allow: allow-list to classify against.
     :param limits: limits for torch zip archives nested in the pickle.
     :param max_depth: how many levels of nested tensor blobs to follow.
+    :param budgets: reading budgets.
     :raises PickleScanError: the pickle (or a nested one) is corrupt.
+    :raises BudgetExceeded: reading it would exceed a budget.
     """
-    scanner = _Scanner(allow, limits or Limits(), max_depth)
+    scanner = _Scanner(allow, limits or Limits(), budgets, max_depth)
     scanner.scan(data, member=member, entry=entry)
     return scanner.report()
 
@@ -783,6 +701,7 @@ def scan_checkpoint(
     *,
     allow: Mapping[tuple[str, str], Any] = ALLOWED_GLOBALS,
     max_depth: int = _DEFAULT_MAX_DEPTH,
+    budgets: Budgets = DEFAULT_BUDGETS,
 ) -> ScanReport:
     """Statically scan every pickle SB3's loader would unpickle from ``archive``.
 
@@ -792,23 +711,15 @@ def scan_checkpoint(
 
     :raises ArchiveError: the zip, ``data`` or a base64 payload is unusable.
     :raises PickleScanError: a pickle is corrupt.
+    :raises BudgetExceeded: reading the pickles would exceed a budget.
     """
-    scanner = _Scanner(allow, archive.limits, max_depth)
-    for key, payload in archive.serialized_entries().items():
-        scanner.scan(payload, member=DATA_MEMBER, entry=key)
-    for name, inner in archive.iter_pth():
-        if inner is None:
-            scanner.scan_torch_stream(
-                archive.read_member(name), member=name, entry=None, path=(), depth=0
-            )
-            continue
-        for inner_name, pickled in torch_archive_pickles(inner).items():
-            scanner.scan(pickled, member=name, entry=None, path=(inner_name,))
+    scanner = _Scanner(allow, archive.limits, budgets, max_depth)
+    scanner.scan_archive(archive)
     return scanner.report()
 
 
 # ---------------------------------------------------------------------------------------------
-# Allow-list unpickler
+# The safe loader: objects built from the scanned model
 # ---------------------------------------------------------------------------------------------
 
 
@@ -830,13 +741,16 @@ def _resolve(module: str, qualname: str) -> Any:
 def _refuse_build(target: Any, state: Any) -> str | None:
     """Why applying ``BUILD`` with ``state`` to ``target`` is unsafe, or None when it is fine.
 
-    Allow-listed classes are harmless to *call*, but ``BUILD`` hands file content to their
+    Allow-listed classes are harmless to *create*, but ``BUILD`` hands file content to their
     ``__setstate__`` (or ``setattr``), which is a different contract:
 
     - on a class, function or module it rewrites process-wide behaviour (e.g. a schedule's
       ``__call__``), affecting every later load and the user's own objects;
     - ``numpy.dtype.__setstate__`` trusts field offsets and flags, so a crafted structured or
       object dtype makes numpy read and write memory out of bounds;
+    - ``ndarray.__setstate__`` trusts the dtype and the buffer it is given, and frees the old
+      buffer while a view may still use it: arrays get their state only through the checked
+      rebuild of :mod:`~dppo_ckpt.checkpoint.materialise`;
     - ``torch.Tensor.__setstate__`` installs backward hooks that the rebuild functions refuse.
     """
     if isinstance(
@@ -851,73 +765,64 @@ def _refuse_build(target: Any, state: Any) -> str | None:
         if state != target.__reduce__()[2]:
             return f"BUILD with a crafted numpy dtype state {state!r:.80}"
         return None
+    if numpy is not None and isinstance(target, (numpy.ndarray, numpy.generic)):
+        return "BUILD on a numpy array (its state is rebuilt only by the checked constructor)"
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(target, torch.Tensor):
         return "BUILD on a tensor (it could install backward hooks)"
     return None
 
 
-class SafeUnpickler(pickle._Unpickler):
-    """Unpickler that resolves only allow-listed globals and never runs code from the file.
-
-    - ``find_class`` returns globals of :data:`ALLOWED_GLOBALS` (or ``allow``) only; anything
-      else raises :class:`UnsafePickleError` naming member, entry and global.
-    - ``torch.storage._load_from_bytes`` is replaced by a function that rebuilds the nested
-      tensor blob with ``torch.load(..., weights_only=True)`` (torch is imported lazily, here).
-    - ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter`` refuse tensors that carry
-      backward hooks (callables that would run during a later backward pass).
-    - ``BUILD`` is checked before it runs (see :func:`_refuse_build`); that is why this is
-      the pure-Python unpickler, whose opcode table can be extended.
-
-    :param file: binary file holding the pickle.
-    :param member: zip member, for error messages.
-    :param entry: ``data`` entry, for error messages.
-    :param allow: allow-list (exact ``(module, name)`` pairs).
-    :param map_location: where nested tensors are rebuilt.
-    """
+class _EntryLoader:
+    """Builds one data entry's objects from its model, with the file's budgets."""
 
     def __init__(
         self,
-        file: io.BufferedIOBase | io.BytesIO,
         *,
-        member: str = DATA_MEMBER,
-        entry: str | None = None,
-        allow: Mapping[tuple[str, str], Any] = ALLOWED_GLOBALS,
-        map_location: str = "cpu",
+        member: str,
+        entry: str | None,
+        allow: Mapping[tuple[str, str], Any],
+        map_location: str,
+        budget: LoadBudget,
     ) -> None:
-        super().__init__(file)
         self.member = member
         self.entry = entry
         self.allow = allow
         self.map_location = map_location
-        self._overrides: dict[tuple[str, str], Callable[..., Any]] = {
-            _LOAD_FROM_BYTES: self._load_from_bytes,
+        self.budget = budget
+        self._overrides: dict[tuple[str, str], Any] = {
+            _LOAD_FROM_BYTES: LOAD_FROM_BYTES_TOKEN,
+            ("numpy", "ndarray"): NDARRAY_TOKEN,
             ("torch._utils", "_rebuild_tensor_v2"): self._hookless("_rebuild_tensor_v2", 5),
             ("torch._utils", "_rebuild_parameter"): self._hookless("_rebuild_parameter", 2),
         }
 
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def _checked_build(self) -> None:
-        if len(self.stack) < 2:
-            raise PickleScanError("BUILD without a target", member=self.member, entry=self.entry)
-        reason = _refuse_build(self.stack[-2], self.stack[-1])
-        if reason is not None:
-            raise UnsafePickleError(
-                self.member,
-                self.entry,
-                f"{type(self.stack[-2]).__module__}.{type(self.stack[-2]).__qualname__}",
-                GlobalVerdict.NOT_ALLOWED,
-                detail=reason,
+    def load(self, model: PickleModel) -> Any:
+        try:
+            return materialise(
+                model.root,
+                resolve=self._resolve_global,
+                build_check=_refuse_build,
+                load_bytes=self._load_from_bytes,
+                budget=self.budget,
             )
-        pickle._Unpickler.load_build(self)
+        except MaterialiseRefused as exc:
+            raise UnsafePickleError(
+                self.member, self.entry, exc.global_name, GlobalVerdict.NOT_ALLOWED,
+                detail=exc.reason,
+            ) from None  # fmt: skip
+        except LoadBudgetExceeded as exc:
+            raise BudgetExceeded(exc.budget, f"{_where(self.member, self.entry)}: {exc}") from None
 
-    dispatch[pickle.BUILD[0]] = _checked_build
-
-    def find_class(self, module: str, name: str) -> Any:
-        verdict = classify_global(module, name, self.allow)
+    def _resolve_global(self, glob: StubGlobal) -> Any:
+        module, name = glob.module, glob.qualname
+        verdict = (
+            GlobalVerdict.DYNAMIC
+            if module == "<dynamic>"
+            else classify_global(module, name, self.allow)
+        )
         if verdict is not GlobalVerdict.ALLOWED:
-            raise UnsafePickleError(self.member, self.entry, f"{module}.{name}", verdict)
+            raise UnsafePickleError(self.member, self.entry, glob.name, verdict)
         override = self._overrides.get((module, name))
         if override is not None:
             return override
@@ -926,16 +831,10 @@ class SafeUnpickler(pickle._Unpickler):
         except LookupError as exc:
             raise PickleScanError(str(exc), member=self.member, entry=self.entry) from None
 
-    def persistent_load(self, pid: Any) -> Any:
-        raise PickleScanError(
-            "unexpected persistent id in a data entry", member=self.member, entry=self.entry
-        )
-
-    def _load_from_bytes(self, blob: Any) -> Any:
-        if not isinstance(blob, (bytes, bytearray)):
-            raise PickleScanError("tensor blob is not bytes", member=self.member, entry=self.entry)
+    def _load_from_bytes(self, blob: bytes) -> Any:
         import torch
 
+        self.budget.spend(len(blob), "a nested tensor blob")
         try:
             return torch.load(io.BytesIO(blob), weights_only=True, map_location=self.map_location)
         except pickle.UnpicklingError as exc:
@@ -956,8 +855,9 @@ class SafeUnpickler(pickle._Unpickler):
             ) from None
 
     def _hookless(self, name: str, hooks_index: int) -> Callable[..., Any]:
-        member, entry = self.member, self.entry
+        member, entry, budget = self.member, self.entry, self.budget
 
+        @checked
         def rebuild(*args: Any, **kwargs: Any) -> Any:
             hooks = args[hooks_index] if len(args) > hooks_index else kwargs.get("backward_hooks")
             if hooks:
@@ -968,25 +868,114 @@ class SafeUnpickler(pickle._Unpickler):
                     GlobalVerdict.NOT_ALLOWED,
                     detail="the tensor carries backward hooks",
                 )
+            import torch
             import torch._utils
 
+            if name == "_rebuild_tensor_v2":
+                _check_tensor_view(args, member, entry, budget)
+            elif not (args and isinstance(args[0], torch.Tensor)):
+                raise UnsafePickleError(
+                    member, entry, f"torch._utils.{name}", GlobalVerdict.NOT_ALLOWED,
+                    detail="a Parameter must wrap a tensor",
+                )  # fmt: skip
             return getattr(torch._utils, name)(*args, **kwargs)
 
         return rebuild
 
 
-def _safe_loads(
-    payload: bytes,
+def _check_tensor_view(
+    args: tuple[Any, ...], member: str, entry: str | None, budget: LoadBudget
+) -> None:
+    """Refuse a tensor view that reaches outside its storage or is larger than the budget
+    (a stride-0 view of one element can declare billions)."""
+    import torch
+
+    def refuse(reason: str) -> UnsafePickleError:
+        return UnsafePickleError(
+            member, entry, "torch._utils._rebuild_tensor_v2", GlobalVerdict.NOT_ALLOWED,
+            detail=reason,
+        )  # fmt: skip
+
+    if len(args) < 4:
+        raise refuse("a tensor needs (storage, offset, size, stride)")
+    storage, offset, size, stride = args[:4]
+    if not isinstance(storage, (torch.UntypedStorage, torch.TypedStorage)):
+        raise refuse("a tensor's storage is not a storage")
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)):
+        raise refuse("a tensor's size and stride are not tuples of one length")
+    if not all(type(v) is int and v >= 0 for v in (offset, *size, *stride)):
+        raise refuse("a tensor's offset, sizes and strides must be non-negative integers")
+    numel = math.prod(size)
+    try:
+        budget.elements(numel, "a tensor")
+    except LoadBudgetExceeded as exc:
+        raise BudgetExceeded(exc.budget, f"{_where(member, entry)}: {exc}") from None
+    # torch's own set_() checks untyped storages; a typed one is checked here, in elements.
+    if isinstance(storage, torch.TypedStorage) and numel:
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+        if last >= storage._size():
+            raise refuse("a tensor view reaches outside its storage")
+
+
+class SafeUnpickler:
+    """Decode one pickle without running code from it: the model, its analysis, then objects
+    built by checked constructors only (see :mod:`~dppo_ckpt.checkpoint.materialise`).
+
+    :param file: binary file holding the pickle.
+    :param member: zip member, for error messages.
+    :param entry: ``data`` entry, for error messages.
+    :param allow: allow-list (exact ``(module, name)`` pairs).
+    :param map_location: where nested tensors are rebuilt.
+    :param budgets: what decoding may cost.
+    """
+
+    def __init__(
+        self,
+        file: io.BufferedIOBase | io.BytesIO,
+        *,
+        member: str = DATA_MEMBER,
+        entry: str | None = None,
+        allow: Mapping[tuple[str, str], Any] = ALLOWED_GLOBALS,
+        map_location: str = "cpu",
+        budgets: Budgets = DEFAULT_BUDGETS,
+    ) -> None:
+        self._payload = file.read()
+        self.member = member
+        self.entry = entry
+        self.allow = allow
+        self.map_location = map_location
+        self.budgets = budgets
+
+    def load(self) -> Any:
+        scanner = _Scanner(self.allow, Limits(), self.budgets)
+        model = scanner.scan(self._payload, member=self.member, entry=self.entry)
+        return _decode_model(
+            model, scanner.report(), member=self.member, entry=self.entry, allow=self.allow,
+            map_location=self.map_location, budget=self.budgets.load_budget(),
+        )  # fmt: skip
+
+
+def _decode_model(
+    model: PickleModel,
+    report: ScanReport,
     *,
     member: str,
     entry: str | None,
     allow: Mapping[tuple[str, str], Any],
     map_location: str,
+    budget: LoadBudget,
 ) -> Any:
+    refused = [f for f in report.refused if f.member == member and f.entry == entry]
+    if refused:
+        first = refused[0]
+        raise UnsafePickleError(
+            first.member, first.entry, first.global_name, first.verdict, path=first.path
+        )
+    loader = _EntryLoader(
+        member=member, entry=entry, allow=allow, map_location=map_location, budget=budget
+    )
     try:
-        return SafeUnpickler(
-            io.BytesIO(payload), member=member, entry=entry, allow=allow, map_location=map_location
-        ).load()
+        return loader.load(model)
     except CheckpointError:
         raise
     except Exception as exc:  # allowed constructors may reject hostile arguments in any way
@@ -1013,11 +1002,13 @@ def decode_entries(
     allow: Mapping[tuple[str, str], Any] = ALLOWED_GLOBALS,
     skip: Collection[str] = (),
     map_location: str = "cpu",
+    budgets: Budgets = DEFAULT_BUDGETS,
+    scanner: _Scanner | None = None,
 ) -> dict[str, Any]:
     """Decode every ``:serialized:`` entry of ``data`` without running code from the file.
 
-    Each entry is scanned statically first, so that a refusal names the exact global even
-    when it hides in a nested tensor blob, then decoded with :class:`SafeUnpickler`.
+    Each entry is decoded once into its model; the scan's verdict on that model decides, and
+    the objects are built from that same model.
 
     :param archive: the open checkpoint.
     :param trust: decode entries the allow-list refuses with plain ``cloudpickle.loads``
@@ -1025,33 +1016,34 @@ def decode_entries(
     :param allow: allow-list.
     :param skip: entry names not to decode (the caller supplies them).
     :param map_location: where nested tensors are rebuilt.
+    :param budgets: what decoding may cost.
+    :param scanner: a scanner that already scanned ``archive`` (its models are reused).
     :return: decoded values by entry name.
     :raises UnsafePickleError: an entry names a refused global (and ``trust`` is false).
     :raises PickleScanError: an entry is corrupt or cannot be decoded.
+    :raises BudgetExceeded: decoding would exceed a budget.
     """
+    if scanner is None:
+        scanner = _Scanner(allow, archive.limits, budgets)
+        for key, payload in archive.serialized_entries().items():
+            if key not in skip:
+                scanner.models[key] = scanner.scan(payload, member=DATA_MEMBER, entry=key)
+    report = scanner.report()
+    budget = budgets.load_budget()
+    payloads = archive.serialized_entries() if trust else {}
     decoded: dict[str, Any] = {}
-    for key, payload in archive.serialized_entries().items():
+    for key, model in scanner.models.items():
         if key in skip:
             continue
-        report = scan_pickle(
-            payload, member=DATA_MEMBER, entry=key, allow=allow, limits=archive.limits
-        )
-        if not report.ok:
-            if trust:
-                decoded[key] = _trusted_loads(payload, member=DATA_MEMBER, entry=key)
-                continue
-            first = report.refused[0]
-            raise UnsafePickleError(
-                first.member, first.entry, first.global_name, first.verdict, path=first.path
-            )
         try:
-            decoded[key] = _safe_loads(
-                payload, member=DATA_MEMBER, entry=key, allow=allow, map_location=map_location
-            )
+            decoded[key] = _decode_model(
+                model, report, member=DATA_MEMBER, entry=key, allow=allow,
+                map_location=map_location, budget=budget,
+            )  # fmt: skip
         except UnsafePickleError:
             if not trust:
                 raise
-            decoded[key] = _trusted_loads(payload, member=DATA_MEMBER, entry=key)
+            decoded[key] = _trusted_loads(payloads[key], member=DATA_MEMBER, entry=key)
     return decoded
 
 
@@ -1101,13 +1093,15 @@ def safe_load(
     limits: Limits | None = None,
     allow: Mapping[tuple[str, str], Any] = ALLOWED_GLOBALS,
     custom_objects: Mapping[str, Any] | None = None,
+    budgets: Budgets = DEFAULT_BUDGETS,
     **kwargs: Any,
 ) -> BaseAlgorithm:
     """Load an SB3 / DistributionalPPO checkpoint without running code from it.
 
     The file is read into memory once, so what is scanned is exactly what is loaded. Every
-    pickle is scanned (refusals name member, entry and global), every ``:serialized:`` entry
-    is decoded with :class:`SafeUnpickler`, and all of them are handed to
+    pickle is decoded once into its model and scanned (refusals name member, entry and
+    global), every ``:serialized:`` entry is built from that model by checked constructors
+    (:mod:`~dppo_ckpt.checkpoint.materialise`), and all of them are handed to
     ``algo_cls.load(custom_objects=...)``: SB3 then never calls ``cloudpickle.loads`` on file
     content, and it reads the ``.pth`` members with ``torch.load(weights_only=True)``.
 
@@ -1122,6 +1116,7 @@ def safe_load(
     :param limits: zip limits (defaults to :class:`Limits`, or the archive's own).
     :param allow: allow-list.
     :param custom_objects: values to use instead of decoding these entries (as in SB3).
+    :param budgets: what reading and decoding the file may cost.
     :param kwargs: passed on to ``algo_cls.load``; ``tensorboard_log`` defaults to None, so
         that the file cannot choose where training writes logs.
     :raises ArchiveError: the file is unusable (includes :class:`PickleScanError`).
@@ -1135,8 +1130,9 @@ def safe_load(
         raw = read_checkpoint_bytes(path_or_archive, limits)
     overrides = dict(custom_objects or {})
     with open_checkpoint(raw, limits) as archive:
-        report = scan_checkpoint(archive, allow=allow)
-        for finding in report.refused:
+        scanner = _Scanner(allow, archive.limits, budgets)
+        scanner.scan_archive(archive)
+        for finding in scanner.report().refused:
             if finding.entry is not None and finding.entry in overrides:
                 continue
             if trust:
@@ -1145,11 +1141,87 @@ def safe_load(
                 finding.member, finding.entry, finding.global_name, finding.verdict,
                 path=finding.path,
             )  # fmt: skip
-        decoded = decode_entries(archive, trust, allow=allow, skip=overrides.keys())
+        decoded = decode_entries(
+            archive, trust, allow=allow, skip=overrides.keys(), budgets=budgets, scanner=scanner
+        )
         decoded.update(overrides)
         if algo_cls is None:
             algo_cls = _choose_algorithm(archive.data, decoded)
+        check_attribute_paths(archive, scanner.pth_roots, algo_cls)
+        check_network_size(decoded.get("policy_kwargs"), budgets)
     # A plain JSON key can steer file writes too: a stored ``tensorboard_log`` would make the
     # next learn() create folders wherever the file says. Only the caller may set one.
     kwargs.setdefault("tensorboard_log", None)
     return algo_cls.load(io.BytesIO(raw), env=env, device=device, custom_objects=decoded, **kwargs)
+
+
+_PYTORCH_VARIABLES: Final = "pytorch_variables.pth"
+
+
+def check_attribute_paths(
+    archive: CheckpointArchive, pth_roots: Mapping[str, Any], algo_cls: type[BaseAlgorithm]
+) -> None:
+    """Refuse ``.pth`` members and ``pytorch_variables`` keys the algorithm does not declare.
+
+    SB3 turns both into attribute paths on the model: a member ``NAME.pth`` is loaded with
+    ``recursive_getattr(model, NAME).load_state_dict(...)``, and every key of
+    ``pytorch_variables`` is *assigned* with ``recursive_setattr(model, f"{key}.data", ...)``,
+    which can reach class attributes shared by the whole process (``policy.__class__...``).
+    Only the names of ``algo_cls._get_torch_save_params`` are accepted.
+
+    :raises UnsafePickleError: an undeclared member or key (exit code 3).
+    """
+    try:
+        state_dicts, variables = algo_cls._get_torch_save_params(algo_cls.__new__(algo_cls))
+    except Exception as exc:  # an algorithm whose method needs a built model
+        raise CheckpointError(
+            f"cannot tell which attributes {algo_cls.__name__} saves: {exc}"
+        ) from None
+    declared = {f"{name}.pth" for name in state_dicts} | {_PYTORCH_VARIABLES}
+    for name in archive.pth_members():
+        if name not in declared:
+            raise UnsafePickleError(
+                name, None, f"<attribute path {name[:-4]!r}>", GlobalVerdict.NOT_ALLOWED,
+                detail=f"{algo_cls.__name__} saves only {', '.join(sorted(declared))}",
+            )  # fmt: skip
+    root = pth_roots.get(_PYTORCH_VARIABLES)
+    if root is None:
+        return
+    keys = list(root) if isinstance(root, dict) else None
+    if keys is None or any(k not in variables for k in keys):
+        bad = next((k for k in keys or [] if k not in variables), "<not a dict>")
+        raise UnsafePickleError(
+            _PYTORCH_VARIABLES, None, f"<attribute path {str(bad)[:80]!r}>",
+            GlobalVerdict.NOT_ALLOWED,
+            detail=(
+                f"{algo_cls.__name__} declares "
+                f"{'no torch variables' if not variables else ', '.join(variables)}"
+            ),
+        )  # fmt: skip
+
+
+def check_network_size(policy_kwargs: Any, budgets: Budgets) -> None:
+    """Refuse a ``policy_kwargs`` whose ``net_arch`` asks for more weights than the memory
+    budget allows: SB3 allocates them (and Adam twice more) before anything can be checked.
+
+    :raises BudgetExceeded: the network would not fit in ``budgets.max_memory``.
+    """
+    if not isinstance(policy_kwargs, dict):
+        return
+    arch = policy_kwargs.get("net_arch")
+    branches = list(arch.values()) if isinstance(arch, dict) else [arch]
+    weights = 0
+    for branch in branches:
+        if not isinstance(branch, (list, tuple)):
+            continue
+        sizes = [n for n in branch if isinstance(n, int) and not isinstance(n, bool)]
+        if any(n < 0 for n in sizes):
+            raise BudgetExceeded("max_memory", "net_arch holds a negative layer size")
+        weights += sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False)) + sum(sizes)
+    # float32 weights, and Adam's two moments beside them.
+    if 3 * 4 * weights > budgets.max_memory:
+        raise BudgetExceeded(
+            "max_memory",
+            f"policy_kwargs net_arch asks for {weights} weights, more than "
+            f"{budgets.max_memory} bytes can hold with the optimizer state",
+        )

@@ -1,6 +1,11 @@
-"""Decode a pickle into inert stand-ins, and write the stand-ins back as the same pickle.
+"""The one reader of pickle bytes: decode a pickle into inert stand-ins, and write them back.
 
-:func:`stub_loads` interprets the opcodes of a (protocol 2 or later) pickle without importing
+Every part of the package that looks at pickle bytes (the static scan, ``inspect``, legacy
+detection, ``migrate`` and the safe loader) goes through :func:`stub_model`; there is no
+second opcode table. The scan and the loader are analyses of the same decoded graph, so what
+is scanned is, by construction, what is loaded.
+
+:func:`stub_loads` interprets the opcodes of a pickle of any protocol without importing
 or calling anything it names: a global becomes a :class:`StubGlobal` holding its module and
 qualified name, a call (``REDUCE``, ``NEWOBJ``, ``NEWOBJ_EX``, ``OBJ``, ``INST``) becomes a
 :class:`StubCall` recording the callable, its arguments and what was applied to the result
@@ -15,32 +20,89 @@ global, call or bytes. A stub round trip of a pickle written by ``pickle``/``clo
 therefore reproduces it byte for byte, and editing the graph in between (e.g. dropping keys
 of a ``BUILD`` state) gives exactly what the pickler would have written for the edited state.
 
-Nothing here imports torch or numpy, and nothing from the pickle is ever executed.
+Nothing here imports torch or numpy, and nothing from the pickle is ever executed. The
+reader is bounded: a budget on opcodes, on the size of integers and on wall time is checked
+as it goes (:class:`ReadBudget`), so a small hostile file cannot make it run long or grow
+large.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import pickle
 import struct
+import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final
 
 __all__ = [
+    "PickleModel",
     "RawBytes",
+    "ReadBudget",
+    "ReadBudgetExceeded",
     "StubCall",
+    "StubExtension",
     "StubGlobal",
+    "StubPersistent",
     "StubPickleError",
     "iter_stubs",
     "pickle_protocol",
     "stub_dumps",
     "stub_loads",
+    "stub_model",
 ]
 
 
 class StubPickleError(ValueError):
-    """The pickle is corrupt, or uses a construct the stand-ins cannot represent faithfully."""
+    """The pickle is corrupt, or uses a construct the stand-ins cannot represent faithfully.
+
+    ``globals_seen`` holds the globals read before the error, so that a caller can report an
+    unsafe global found earlier in the stream ahead of the structural error that follows it.
+    """
+
+    def __init__(self, reason: str, globals_seen: Counter[tuple[str, str]] | None = None):
+        super().__init__(reason)
+        self.globals_seen: Counter[tuple[str, str]] = globals_seen or Counter()
+
+
+class ReadBudgetExceeded(StubPickleError):
+    """The pickle needs more of a budget than :class:`ReadBudget` grants.
+
+    :param budget: the budget's name, as the command line spells its option.
+    """
+
+    def __init__(self, budget: str, reason: str) -> None:
+        super().__init__(reason)
+        self.budget = budget
+
+
+@dataclass
+class ReadBudget:
+    """What reading pickles may cost, shared by every pickle of one file.
+
+    :param max_opcodes: opcodes over all pickles read with this budget.
+    :param max_int_bytes: the largest integer, in bytes of two's complement (a decimal
+        integer is limited to the same magnitude); converting huge integers is quadratic.
+    :param deadline: ``time.monotonic()`` value after which reading stops, or ``None``.
+    """
+
+    max_opcodes: int = 5_000_000
+    max_int_bytes: int = 1024
+    deadline: float | None = None
+    opcodes: int = field(default=0, init=False)
+
+    def spend(self, opcodes: int) -> None:
+        self.opcodes += opcodes
+        if self.opcodes > self.max_opcodes:
+            raise ReadBudgetExceeded(
+                "max_opcodes", f"more than {self.max_opcodes} pickle opcodes in one file"
+            )
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise ReadBudgetExceeded("timeout", "reading the pickles took longer than the timeout")
 
 
 class StubGlobal:
@@ -108,6 +170,31 @@ class StubCall:
         return f"StubCall({self.kind}, {self.func!r}, {len(self.args)} args, {len(self.ops)} ops)"
 
 
+class StubPersistent:
+    """A persistent id (``PERSID``/``BINPERSID``): torch's reference to a tensor storage."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: Any) -> None:
+        self.pid = pid
+
+    def __repr__(self) -> str:
+        return f"StubPersistent({self.pid!r})"
+
+
+class StubExtension:
+    """A ``copyreg`` extension code (``EXT1``/``EXT2``/``EXT4``): a global named by a number
+    whose meaning lives in the reading process, not in the file."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def __repr__(self) -> str:
+        return f"StubExtension({self.code})"
+
+
 class RawBytes:
     """A ``bytes`` payload of the pickle, kept as a view of the input (never copied)."""
 
@@ -141,31 +228,88 @@ def pickle_protocol(data: bytes | memoryview) -> int:
     return 0
 
 
+@dataclass
+class PickleModel:
+    """One decoded pickle: its graph of stand-ins and what the reader saw on the way.
+
+    :param root: the unpickled value, with stand-ins for globals, calls and bytes.
+    :param globals_seen: every global named, with how often (``GLOBAL``, ``STACK_GLOBAL``
+        and ``INST``); ``("?", "?")``-style names mark a ``STACK_GLOBAL`` of non-strings.
+    :param dynamic: descriptions of globals whose names are not literal strings.
+    :param builds_on_globals: globals that a ``BUILD`` was applied to (it would rewrite the
+        class or function itself).
+    :param extensions: the ``copyreg`` extension codes used.
+    :param end: offset just past the ``STOP`` opcode.
+    """
+
+    root: Any
+    globals_seen: Counter[tuple[str, str]]
+    dynamic: list[str]
+    builds_on_globals: list[str]
+    extensions: list[int]
+    end: int
+
+
+def stub_model(
+    data: bytes | bytearray | memoryview, *, start: int = 0, budget: ReadBudget | None = None
+) -> PickleModel:
+    """Decode the pickle at ``start`` of ``data`` into stand-ins, with what the reader saw.
+
+    :param data: the bytes; ``RawBytes`` in the result are views of them, so keep them alive.
+    :param start: offset of the pickle (torch's legacy format holds several in a row).
+    :param budget: limits shared with the other pickles of the file.
+    :raises ReadBudgetExceeded: the pickle needs more than ``budget`` grants.
+    :raises StubPickleError: corrupt pickle, or an unsupported construct (out-of-band
+        buffers, ``POP_MARK`` of values that were built).
+    """
+    reader = _StubReader(memoryview(data).cast("B"), start, budget or ReadBudget())
+    try:
+        root = reader.load()
+    except StubPickleError as exc:
+        exc.globals_seen = reader.globals_seen
+        raise
+    except RecursionError:
+        raise StubPickleError("corrupt pickle: nested too deeply", reader.globals_seen) from None
+    except (
+        IndexError, struct.error, ValueError, TypeError, KeyError, OverflowError, MemoryError,
+    ) as exc:  # fmt: skip
+        raise StubPickleError(
+            f"corrupt pickle: {type(exc).__name__}: {exc}", reader.globals_seen
+        ) from None
+    return PickleModel(
+        root,
+        reader.globals_seen,
+        reader.dynamic,
+        reader.builds_on_globals,
+        reader.extensions,
+        reader.pos,
+    )
+
+
 def stub_loads(data: bytes | bytearray | memoryview) -> Any:
     """Decode one pickle into stand-ins without importing or calling anything.
 
     :param data: the pickle; ``RawBytes`` in the result are views of it, so keep it alive.
     :return: the root of the decoded graph.
-    :raises StubPickleError: corrupt pickle, protocol below 2, or an unsupported construct
-        (persistent ids, out-of-band buffers, extension codes, ``POP`` of a built object).
+    :raises StubPickleError: see :func:`stub_model`.
     """
-    try:
-        return _StubReader(memoryview(data).cast("B")).load()
-    except StubPickleError:
-        raise
-    except (IndexError, struct.error, ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise StubPickleError(f"corrupt pickle: {type(exc).__name__}: {exc}") from None
+    return stub_model(data).root
 
 
 class _StubReader:
     """A pickle virtual machine whose only effects are building stand-ins."""
 
-    def __init__(self, buf: memoryview) -> None:
+    def __init__(self, buf: memoryview, start: int, budget: ReadBudget) -> None:
         self.buf = buf
-        self.pos = 0
+        self.pos = start
+        self.budget = budget
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
+        self.globals_seen: Counter[tuple[str, str]] = Counter()
+        self.dynamic: list[str] = []
+        self.builds_on_globals: list[str] = []
+        self.extensions: list[int] = []
 
     def _take(self, n: int) -> memoryview:
         end = self.pos + n
@@ -200,30 +344,47 @@ class _StubReader:
     def _text(self, n: int) -> str:
         return str(self._take(n), "utf-8", "surrogatepass")
 
-    def _line(self) -> str:
-        end = bytes(self.buf[self.pos : self.pos + 4096]).find(b"\n")
+    def _raw_line(self) -> memoryview:
+        end = bytes(self.buf[self.pos : self.pos + _MAX_LINE]).find(b"\n")
         if end < 0:
             raise StubPickleError(f"unterminated line at byte {self.pos}")
-        text = self._take(end + 1)[:-1]
-        return str(text, "utf-8")
+        return self._take(end + 1)[:-1]
+
+    def _line(self) -> str:
+        return str(self._raw_line(), "utf-8")
+
+    def _int(self, value: int) -> int:
+        if value.bit_length() > 8 * self.budget.max_int_bytes:
+            raise ReadBudgetExceeded(
+                "max_int_bytes",
+                f"an integer at byte {self.pos} is larger than {self.budget.max_int_bytes} bytes",
+            )
+        return value
 
     def load(self) -> Any:
-        if pickle_protocol(self.buf) < 2:
-            raise StubPickleError("only pickles of protocol 2 or later are supported")
-        while True:
-            if self.pos >= len(self.buf):
-                raise StubPickleError("pickle ends without STOP")
-            start = self.pos
-            code = self.buf[self.pos]
-            self.pos += 1
-            handler = _HANDLERS.get(code)
-            if handler is None:
-                raise StubPickleError(f"unsupported opcode {bytes([code])!r} at byte {start}")
-            if handler(self) is _STOP:
-                result = self._pop()
-                if self.stack or self.metastack:
-                    raise StubPickleError("values left on the stack at STOP")
-                return result
+        handlers = _HANDLERS
+        count = 0
+        try:
+            while True:
+                if self.pos >= len(self.buf):
+                    raise StubPickleError("pickle ends without STOP")
+                start = self.pos
+                code = self.buf[self.pos]
+                self.pos += 1
+                count += 1
+                if count == _BUDGET_EVERY:
+                    self.budget.spend(count)
+                    count = 0
+                handler = handlers.get(code)
+                if handler is None:
+                    raise StubPickleError(f"unknown opcode {bytes([code])!r} at byte {start}")
+                if handler(self) is _STOP:
+                    result = self._pop()
+                    if self.stack or self.metastack:
+                        raise StubPickleError("values left on the stack at STOP")
+                    return result
+        finally:
+            self.budget.spend(count)
 
     # -- opcodes ----------------------------------------------------------------------------
 
@@ -267,6 +428,11 @@ class _StubReader:
 
     def op_long4(self) -> None:
         n = self._unpack("<i")
+        if n > self.budget.max_int_bytes:
+            raise ReadBudgetExceeded(
+                "max_int_bytes",
+                f"an integer at byte {self.pos} is larger than {self.budget.max_int_bytes} bytes",
+            )
         self.stack.append(int.from_bytes(self._take(n), "little", signed=True))
 
     def op_binfloat(self) -> None:
@@ -373,15 +539,104 @@ class _StubReader:
             raise StubPickleError(f"ADDITEMS on a {type(target).__name__} at byte {self.pos}")
         target.update(items)
 
+    # -- protocols 0 and 1 (text opcodes) ------------------------------------------------
+
+    def op_int(self) -> None:
+        line = bytes(self._raw_line())
+        if line == b"00":
+            self.stack.append(False)
+        elif line == b"01":
+            self.stack.append(True)
+        else:
+            self.stack.append(self._int(self._decimal(line)))
+
+    def op_long(self) -> None:
+        line = bytes(self._raw_line())
+        self.stack.append(self._int(self._decimal(line[:-1] if line.endswith(b"L") else line)))
+
+    def _decimal(self, line: bytes) -> int:
+        # Checked before int() runs: decimal conversion is quadratic in the digit count.
+        if len(line) > 3 * self.budget.max_int_bytes:
+            raise ReadBudgetExceeded(
+                "max_int_bytes",
+                f"an integer at byte {self.pos} is larger than {self.budget.max_int_bytes} bytes",
+            )
+        return int(line)
+
+    def op_float(self) -> None:
+        self.stack.append(float(bytes(self._raw_line())))
+
+    def op_string(self) -> None:
+        line = bytes(self._raw_line())
+        if len(line) < 2 or line[0] != line[-1] or line[0] not in b"\"'":
+            raise StubPickleError(f"STRING opcode argument must be quoted at byte {self.pos}")
+        # As the standard unpickler does (its default encoding is ASCII).
+        self.stack.append(str(codecs.escape_decode(line[1:-1])[0], "ascii"))
+
+    def op_binstring(self) -> None:
+        n = self._unpack("<i")
+        self.stack.append(str(self._take(n), "ascii"))
+
+    def op_short_binstring(self) -> None:
+        self.stack.append(str(self._take(self._unpack("<B")), "ascii"))
+
+    def op_unicode(self) -> None:
+        self.stack.append(str(self._raw_line(), "raw-unicode-escape"))
+
+    def op_put(self) -> None:
+        self.memo[int(bytes(self._raw_line()))] = self._top()
+
+    def op_get(self) -> None:
+        self._get(int(bytes(self._raw_line())))
+
+    def op_pop(self) -> None:
+        if self.stack:
+            self.stack.pop()
+        else:
+            self._pop_mark()
+
+    def op_pop_mark(self) -> None:
+        self._pop_mark()
+
+    def op_persid(self) -> None:
+        self.stack.append(StubPersistent(str(self._raw_line(), "ascii")))
+
+    def op_binpersid(self) -> None:
+        self.stack.append(StubPersistent(self._pop()))
+
+    def _extension(self, code: int) -> None:
+        self.extensions.append(code)
+        self.stack.append(StubExtension(code))
+
+    def op_ext1(self) -> None:
+        self._extension(self._unpack("<B"))
+
+    def op_ext2(self) -> None:
+        self._extension(self._unpack("<H"))
+
+    def op_ext4(self) -> None:
+        self._extension(self._unpack("<i"))
+
+    def op_out_of_band(self) -> None:
+        raise StubPickleError(f"out-of-band buffer at byte {self.pos} (none was supplied)")
+
+    # -- globals and calls ---------------------------------------------------------------
+
     def op_global(self) -> None:
         module = self._line()
         qualname = self._line()
+        self.globals_seen[(module, qualname)] += 1
         self.stack.append(StubGlobal(module, qualname, stacked=False))
 
     def op_stack_global(self) -> None:
         qualname, module = self._pop(), self._pop()
         if not (isinstance(module, str) and isinstance(qualname, str)):
-            raise StubPickleError(f"STACK_GLOBAL of non-strings at byte {self.pos}")
+            # Named by values built at load time: refused by every analysis, never resolved.
+            described = f"{_describe(module)}.{_describe(qualname)}"
+            self.dynamic.append(described)
+            self.stack.append(StubGlobal("<dynamic>", described, stacked=True))
+            return
+        self.globals_seen[(module, qualname)] += 1
         # The very string objects are kept, so their memo entries are reproduced on writing.
         self.stack.append(StubGlobal(module, qualname, stacked=True))
 
@@ -412,6 +667,7 @@ class _StubReader:
     def op_inst(self) -> None:
         module = self._line()
         qualname = self._line()
+        self.globals_seen[(module, qualname)] += 1
         args = tuple(self._pop_mark())
         glob = StubGlobal(module, qualname, stacked=False)
         self.stack.append(StubCall("INST", glob, args, inst=(module, qualname)))
@@ -419,6 +675,10 @@ class _StubReader:
     def op_build(self) -> None:
         state = self._pop()
         target = self._top()
+        if isinstance(target, StubGlobal):
+            # Recorded, not fatal: the analyses refuse it as unsafe rather than as damage.
+            self.builds_on_globals.append(target.name)
+            return
         if not isinstance(target, StubCall):
             raise StubPickleError(f"BUILD on a {type(target).__name__} at byte {self.pos}")
         target.ops.append(("build", state))
@@ -444,7 +704,18 @@ class _StubReader:
         self._get(self._unpack("<I"))
 
 
+def _describe(value: object) -> str:
+    if isinstance(value, str):
+        return repr(value)[:80]
+    if isinstance(value, StubGlobal):
+        return value.name
+    return "?"
+
+
 _STOP: Final = object()
+_MAX_LINE: Final = 64 * 1024
+# How many opcodes run between two checks of the shared budget (and of the clock).
+_BUDGET_EVERY: Final = 4096
 
 _HANDLERS: Final = {
     pickle.PROTO[0]: _StubReader.op_proto,
@@ -497,6 +768,24 @@ _HANDLERS: Final = {
     pickle.MEMOIZE[0]: _StubReader.op_memoize,
     pickle.BINGET[0]: _StubReader.op_binget,
     pickle.LONG_BINGET[0]: _StubReader.op_long_binget,
+    pickle.INT[0]: _StubReader.op_int,
+    pickle.LONG[0]: _StubReader.op_long,
+    pickle.FLOAT[0]: _StubReader.op_float,
+    pickle.STRING[0]: _StubReader.op_string,
+    pickle.BINSTRING[0]: _StubReader.op_binstring,
+    pickle.SHORT_BINSTRING[0]: _StubReader.op_short_binstring,
+    pickle.UNICODE[0]: _StubReader.op_unicode,
+    pickle.PUT[0]: _StubReader.op_put,
+    pickle.GET[0]: _StubReader.op_get,
+    pickle.POP[0]: _StubReader.op_pop,
+    pickle.POP_MARK[0]: _StubReader.op_pop_mark,
+    pickle.PERSID[0]: _StubReader.op_persid,
+    pickle.BINPERSID[0]: _StubReader.op_binpersid,
+    pickle.EXT1[0]: _StubReader.op_ext1,
+    pickle.EXT2[0]: _StubReader.op_ext2,
+    pickle.EXT4[0]: _StubReader.op_ext4,
+    pickle.NEXT_BUFFER[0]: _StubReader.op_out_of_band,
+    pickle.READONLY_BUFFER[0]: _StubReader.op_out_of_band,
 }
 
 
@@ -516,7 +805,15 @@ class _StubPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
     def persistent_id(self, obj: Any) -> None:
         return None
 
+    def _unwritable(self, obj: Any) -> None:
+        raise StubPickleError(f"a {type(obj).__name__} cannot be rewritten")
+
+    dispatch[StubPersistent] = _unwritable
+    dispatch[StubExtension] = _unwritable
+
     def _save_global_stub(self, obj: StubGlobal) -> None:
+        if obj.module == "<dynamic>":
+            raise StubPickleError(f"a global named at load time ({obj.qualname}) is not writable")
         if obj.stacked and self.proto >= 4:
             self.save(obj.module)
             self.save(obj.qualname)
