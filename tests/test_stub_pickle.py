@@ -13,18 +13,18 @@ import pytest
 from dppo_ckpt.checkpoint.archive import open_checkpoint
 from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler
 from dppo_ckpt.checkpoint.stub_pickle import (
+    RawBytes,
     ReadBudget,
     ReadBudgetExceeded,
-    StubExtension,
-    StubPersistent,
-    stub_model,
-    RawBytes,
     StubCall,
+    StubExtension,
     StubGlobal,
+    StubPersistent,
     StubPickleError,
     iter_stubs,
     stub_dumps,
     stub_loads,
+    stub_model,
 )
 from fixtures.make_fixtures import FIXTURES_DIR
 
@@ -123,7 +123,7 @@ def test_random_corruption_gives_a_clean_error_or_a_value():
 def test_every_protocol_decodes_to_the_same_structure(protocol):
     import collections
 
-    value = {"a": [1, -2**70, 2.5, "x\u00e9\n", (None, True, False)], "b": {3: b"y" * 3}}
+    value = {"a": [1, -(2**70), 2.5, "x\u00e9\n", (None, True, False)], "b": {3: b"y" * 3}}
     value["od"] = collections.OrderedDict(k=1)
     model = stub_model(pickle.dumps(value, protocol=protocol))
     root = model.root
