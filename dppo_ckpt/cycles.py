@@ -28,15 +28,11 @@ so the reference then trains in K ``learn()`` calls of N steps as well; the repo
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import math
-import pickletools
 import tempfile
 import time
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -242,17 +238,14 @@ def _shared_parameters(model: DistributionalPPO) -> str | None:
 
 
 def _pickled_parameter_copies(path: Path) -> bool:
-    """Whether the checkpoint's scaler entry pickles a ``_parameters`` attribute.
+    """Whether the checkpoint's scaler entry is legacy, by the one rule of
+    :func:`~dppo_ckpt.checkpoint.contents.scaler_is_legacy` (nothing is unpickled)."""
+    from dppo_ckpt.checkpoint.archive import open_checkpoint
+    from dppo_ckpt.checkpoint.contents import scaler_is_legacy, scaler_payload
 
-    The pickle is only disassembled (``pickletools``), never loaded.
-    """
-    with zipfile.ZipFile(path) as archive:
-        data = json.loads(archive.read("data"))
-    entry = data.get("_variance_gradient_scaler")
-    if not isinstance(entry, dict) or ":serialized:" not in entry:
-        return False
-    blob = base64.b64decode(entry[":serialized:"])
-    return any(arg == "_parameters" for _, arg, _ in pickletools.genops(blob))
+    with open_checkpoint(path) as archive:
+        payload = scaler_payload(archive)
+    return payload is not None and scaler_is_legacy(payload)
 
 
 # ---------------------------------------------------------------------------------------------

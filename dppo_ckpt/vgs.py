@@ -599,14 +599,16 @@ class VarianceGradientScaler:
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore an unlinked scaler, discarding parameter copies held by older pickles."""
         state = dict(state)
-        legacy_parameters = state.pop("_parameters", None)
-        state.pop("_logger", None)
-        state.pop("_legacy_parameters_dropped", None)
+        # Any of these keys marks a pickle of an earlier version (the checkpoint checks and
+        # migrate apply the same rule): this scaler never pickles them.
+        legacy = [key for key in _UNPICKLED_ATTRIBUTES if key in state]
+        for key in legacy:
+            state.pop(key)
         self.__dict__.update(_STATE_DEFAULTS)
         self.__dict__.update(state)
         self._parameters = None
         self._logger = None
-        self._legacy_parameters_dropped = legacy_parameters is not None
+        self._legacy_parameters_dropped = bool(legacy)
 
     def __repr__(self) -> str:
         config = ", ".join(f"{key}={getattr(self, key)!r}" for key in _CONFIG_KEYS)

@@ -55,7 +55,7 @@ from dppo_ckpt.checkpoint.contents import (
     identify_algorithm,
     parse_system_info,
     policy_class_name,
-    scaler_has_pickled_parameters,
+    scaler_is_legacy,
     scaler_payload,
 )
 from dppo_ckpt.checkpoint.results import CheckResult, FileReport, Severity, Verdict
@@ -410,8 +410,8 @@ def check_nothing_unsafe(ctx: _Context) -> CheckResult:
 
 
 def check_scaler_not_legacy(ctx: _Context) -> CheckResult:
-    """DPPO005: the scaler entry does not pickle ``_parameters`` (the stale-copy bug), read
-    from the pickle opcodes without unpickling."""
+    """DPPO005: the scaler entry holds none of the legacy state keys (``_parameters``, the
+    stale-copy bug), read from the interpreter's model without unpickling."""
     spec = CHECKS["DPPO005"]
     archive = ctx.archive
     assert archive is not None
@@ -420,10 +420,10 @@ def check_scaler_not_legacy(ctx: _Context) -> CheckResult:
         value = archive.data.get(SCALER_ENTRY, "absent")
         reason = "scaler is off (entry is null)" if value is None else "no scaler entry"
         return spec.skipped(reason)
-    if scaler_has_pickled_parameters(payload):
+    if scaler_is_legacy(payload):
         return spec.failed(
-            "the scaler entry pickles its parameter objects (_parameters): a legacy "
-            "checkpoint whose scaler held stale copies",
+            "the scaler entry holds legacy state (_parameters): a checkpoint of an earlier "
+            "version, whose scaler pickled its parameter objects",
             member="data",
             entry=SCALER_ENTRY,
         )

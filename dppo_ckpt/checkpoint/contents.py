@@ -1,21 +1,17 @@
 """What a checkpoint holds, read without executing anything from it (``dppo-ckpt inspect``).
 
 Everything here is static: the zip's member table, the ``data`` JSON, the text members and the
-pickle opcodes. Pickled values that a report needs (the Variance Gradient Scaler's
-configuration and counters) are decoded by :func:`decode_stub`, an unpickler that resolves
-*no* global at all: every class or function the pickle names becomes an inert stand-in that
-only records its name and arguments. Nothing is imported, called or constructed on behalf of
-the file, so the decoding is safe whatever the pickle says. Neither torch nor numpy is imported.
+pickles as the one interpreter (:mod:`~dppo_ckpt.checkpoint.stub_pickle`) models them: every
+class or function a pickle names is an inert stand-in that records its name, arguments and
+state. Nothing is imported, called or constructed on behalf of the file, so the decoding is
+safe whatever the pickle says. Neither torch nor numpy is imported.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
-import pickle
-import pickletools
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -26,18 +22,20 @@ from dppo_ckpt.checkpoint.archive import (
     open_checkpoint,
 )
 from dppo_ckpt.checkpoint.safe_pickle import ScanReport, scan_checkpoint
+from dppo_ckpt.checkpoint.stub_pickle import StubCall, StubGlobal, StubPickleError, stub_model
 
 __all__ = [
     "DPPO_DATA_KEYS",
     "DPPO_POLICY",
+    "LEGACY_STATE_KEYS",
     "SCALER_ENTRY",
-    "StubObject",
-    "decode_stub",
     "identify_algorithm",
     "inspect_checkpoint",
+    "legacy_state_keys",
     "parse_system_info",
     "policy_class_name",
-    "scaler_has_pickled_parameters",
+    "scaler_is_legacy",
+    "scaler_model",
     "scaler_payload",
     "scaler_summary",
 ]
@@ -55,94 +53,10 @@ _SB3_ACTOR_CRITIC: Final = frozenset(
         "stable_baselines3.common.policies.ActorCriticCnnPolicy",
     }
 )
-_STRING_OPS: Final = frozenset(
-    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING"}
-)
-_MEMO_OPS: Final = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
-
-
-# ---------------------------------------------------------------------------------------------
-# Code-free decoding
-# ---------------------------------------------------------------------------------------------
-
-
-class StubObject:
-    """Stand-in for an object a pickle builds: the global it names, its arguments, its state.
-
-    Subclasses are made per global by :class:`_StubUnpickler`; ``stub_global`` names it.
-    """
-
-    stub_global: str = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> StubObject:
-        obj = super().__new__(cls)
-        obj.args = args
-        obj.kwargs = kwargs
-        obj.state = None
-        obj.items = []
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Arguments are recorded by __new__ (NEWOBJ calls only __new__, REDUCE calls both).
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.items.append((key, value))
-
-    def append(self, value: Any) -> None:
-        self.items.append(value)
-
-    def extend(self, values: Any) -> None:
-        self.items.extend(values)
-
-    def __repr__(self) -> str:
-        return f"<stub {self.stub_global}>"
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    state: Any
-    items: list[Any]
-
-
-class _StubUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
-    """Resolves every global to a :class:`StubObject` subclass; imports and runs nothing.
-
-    The pure-Python unpickler is used on purpose: its memo is a dict, so a hostile memo index
-    cannot make it allocate a huge table the way the C unpickler's array memo would.
-    """
-
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file)
-        self._stubs: dict[tuple[str, str], type[StubObject]] = {}
-
-    def find_class(self, module: str, name: str) -> type[StubObject]:
-        key = (str(module), str(name))
-        stub = self._stubs.get(key)
-        if stub is None:
-            stub = type("Stub", (StubObject,), {"stub_global": f"{key[0]}.{key[1]}"})
-            self._stubs[key] = stub
-        return stub
-
-    def persistent_load(self, pid: Any) -> Any:
-        return ("<persistent id>", pid)
-
-
-def decode_stub(payload: bytes) -> Any:
-    """Decode a pickle without resolving any global: classes and functions become stubs.
-
-    Safe on hostile input: nothing is imported, no callable of the file is called.
-
-    :raises ValueError: the pickle is corrupt (any decoding failure, as one line).
-    """
-    try:
-        return _StubUnpickler(io.BytesIO(payload)).load()
-    except RecursionError:
-        raise ValueError("pickle nests too deeply") from None
-    except Exception as exc:
-        raise ValueError(f"cannot decode pickle: {type(exc).__name__}: {exc}") from None
+#: Scaler state keys that only checkpoints of earlier versions hold: the pickled parameter
+#: objects (stale copies), the logger, and a load-time flag. The scaler drops all three
+#: when it pickles itself, so any of them present means a legacy entry.
+LEGACY_STATE_KEYS: Final = ("_parameters", "_logger", "_legacy_parameters_dropped")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,46 +88,48 @@ def scaler_payload(archive: CheckpointArchive) -> bytes | None:
         ) from None
 
 
-def scaler_has_pickled_parameters(payload: bytes) -> bool:
-    """Whether a pickled scaler carries parameter objects (``_parameters`` not ``None``).
+def scaler_model(payload: bytes) -> tuple[str, dict[str, Any]]:
+    """The class a pickled scaler names and its ``BUILD`` state, decoded code-free.
 
-    Read from the opcodes alone: the key ``"_parameters"`` followed (after an optional memo
-    store) by anything but ``None``. This is the layout of checkpoints written before the
-    scaler stopped pickling its parameters.
-
-    :raises ValueError: the pickle is corrupt.
+    :raises ValueError: the pickle is corrupt, or not an object with a state dict.
     """
     try:
-        ops = pickletools.genops(io.BytesIO(payload))
-        after_key = False
-        for opcode, arg, _ in ops:
-            name = opcode.name
-            if after_key:
-                if name in _MEMO_OPS:
-                    continue
-                if name != "NONE":
-                    return True
-                after_key = False
-            if name in _STRING_OPS and arg == "_parameters":
-                after_key = True
-            if name == "STOP":
-                break
-    except Exception as exc:
-        raise ValueError(f"cannot read pickle opcodes: {type(exc).__name__}: {exc}") from None
-    return after_key
+        root = stub_model(payload).root
+    except StubPickleError as exc:
+        raise ValueError(f"cannot decode pickle: {exc}") from None
+    if not (isinstance(root, StubCall) and isinstance(root.func, StubGlobal)):
+        raise ValueError("the scaler entry is not a pickled object")
+    states = root.states
+    if len(states) != 1 or not isinstance(states[0], dict):
+        raise ValueError("the scaler entry is not a pickled object with a state dict")
+    return root.func.name, states[0]
+
+
+def legacy_state_keys(state: Mapping[Any, Any]) -> list[str]:
+    """The :data:`LEGACY_STATE_KEYS` a scaler state holds; the one rule for "legacy"."""
+    return [key for key in LEGACY_STATE_KEYS if key in state]
+
+
+def scaler_is_legacy(payload: bytes) -> bool:
+    """Whether a pickled scaler is a legacy entry (see :data:`LEGACY_STATE_KEYS`).
+
+    :raises ValueError: the pickle is corrupt or not a pickled scaler.
+    """
+    return bool(legacy_state_keys(scaler_model(payload)[1]))
 
 
 def _tensor_size(value: Any) -> tuple[int, ...] | None:
-    """The shape of a stub ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter`` call."""
-    if not isinstance(value, StubObject):
+    """The shape of a stand-in ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter``."""
+    if not (isinstance(value, StubCall) and isinstance(value.func, StubGlobal)):
         return None
-    if value.stub_global == "torch._utils._rebuild_parameter" and value.args:
+    name = value.func.name
+    if name == "torch._utils._rebuild_parameter" and value.args:
         return _tensor_size(value.args[0])
-    if value.stub_global == "torch._utils._rebuild_tensor_v2" and len(value.args) >= 3:
+    if name == "torch._utils._rebuild_tensor_v2" and len(value.args) >= 3:
         size = value.args[2]
-        if isinstance(size, StubObject) and size.args:  # torch.Size((...))
+        if isinstance(size, StubCall) and size.args:  # torch.Size((...))
             size = size.args[0]
-        if isinstance(size, tuple) and all(isinstance(n, int) and n >= 0 for n in size):
+        if isinstance(size, tuple) and all(type(n) is int and n >= 0 for n in size):
             return size
     return None
 
@@ -226,10 +142,22 @@ def _elements(shape: tuple[int, ...]) -> int:
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-able copy of a decoded scalar value (stubs become their description)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
+    """A JSON-able copy of a decoded scalar value; anything else becomes a short description
+    (never a full repr: a file can nest a value deeply enough to exhaust the stack)."""
+    if value is None or isinstance(value, (bool, float, str)):
+        return value if not isinstance(value, str) else value[:200]
+    if isinstance(value, int):
+        return value if value.bit_length() <= 64 else f"<integer of {value.bit_length()} bits>"
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    if isinstance(value, (StubCall, StubGlobal)):
+        name = (
+            value.func.name
+            if isinstance(value, StubCall) and isinstance(value.func, StubGlobal)
+            else getattr(value, "name", "?")
+        )
+        return f"<{name}>"
+    return f"<{type(value).__name__}>"
 
 
 def scaler_summary(payload: bytes) -> dict[str, Any]:
@@ -241,12 +169,9 @@ def scaler_summary(payload: bytes) -> dict[str, Any]:
         pickled inside).
     :raises ValueError: the pickle is corrupt or is not a pickled object with a state dict.
     """
-    obj = decode_stub(payload)
-    if not isinstance(obj, StubObject) or not isinstance(obj.state, dict):
-        raise ValueError("the scaler entry is not a pickled object with a state dict")
-    state = obj.state
+    class_name, state = scaler_model(payload)
     summary: dict[str, Any] = {
-        "class": obj.stub_global,
+        "class": class_name,
         # The scaler's hyperparameters are its only public attributes; counters, statistics
         # and links are private, so no copy of the key list is needed here.
         "config": {
@@ -259,7 +184,7 @@ def scaler_summary(payload: bytes) -> dict[str, Any]:
         "noise_ratio": _plain(state.get("_noise_ratio")),
         "tensors": None,
         "elements": None,
-        "legacy": state.get("_parameters") is not None,
+        "legacy": bool(legacy_state_keys(state)),
     }
     exp_avg = state.get("_exp_avg")
     if isinstance(exp_avg, list):
@@ -344,7 +269,6 @@ def inspect_archive(archive: CheckpointArchive) -> dict[str, Any]:
     if payload is not None:
         try:
             vgs = scaler_summary(payload)
-            vgs["legacy"] = scaler_has_pickled_parameters(payload)
         except ValueError as exc:
             vgs = {"error": str(exc)}
     return {

@@ -355,8 +355,10 @@ def _space_state(obj: Any, state: Any, budget: LoadBudget) -> str | None:
     elif isinstance(obj, spaces.Discrete):
         n = state.get("n")
         n = int(n) if isinstance(n, (int, np.integer)) else None
-        if n is None or not 0 < n <= budget.max_elements:
-            return "Discrete n is not a positive size within the element budget"
+        if n is None or n <= 0:
+            return "Discrete n is not a positive size"
+        # SB3 builds an output layer with n units from it.
+        budget.elements(n, "a Discrete space")
     elif isinstance(obj, spaces.MultiDiscrete):
         nvec = state.get("nvec")
         if not isinstance(nvec, np.ndarray) or nvec.dtype.kind not in "iu":

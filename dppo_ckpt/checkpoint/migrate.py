@@ -55,6 +55,7 @@ from dppo_ckpt.checkpoint.archive import (
     CheckpointError,
     open_checkpoint,
 )
+from dppo_ckpt.checkpoint.contents import LEGACY_STATE_KEYS, legacy_state_keys
 from dppo_ckpt.checkpoint.results import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -102,7 +103,7 @@ __all__ = [
 SCALER_ENTRY: Final = "_variance_gradient_scaler"
 #: Attributes the fixed scaler never pickles (``VarianceGradientScaler.__getstate__``); the
 #: list is repeated here because this module must not import torch.
-DROPPED_STATE_KEYS: Final = ("_parameters", "_logger", "_legacy_parameters_dropped")
+DROPPED_STATE_KEYS: Final = LEGACY_STATE_KEYS
 #: Classes of this package that older code kept in other modules. Migration only *names*
 #: them, so they are accepted from any module in these entries (see :func:`is_exempt`).
 _NAMED_CLASSES: Final = {
@@ -244,7 +245,7 @@ def rewrite_scaler_pickle(payload: bytes) -> tuple[bytes | None, dict[str, Any]]
     """
     root = _stub(payload, SCALER_ENTRY)
     state = _scaler_state(root)
-    removed = [key for key in DROPPED_STATE_KEYS if key in state]
+    removed = legacy_state_keys(state)
     parameters = state.get("_parameters")
     facts: dict[str, Any] = {
         "scaler_class": root.func.name,

@@ -23,6 +23,7 @@ import io
 import math
 import os
 import pickle
+import re
 import sys
 import types
 from collections.abc import Callable, Collection, Mapping
@@ -443,6 +444,23 @@ def _crafted_dtype(args: Any, state: Any) -> bool:
     return any(item is not None for item in state[2:5])
 
 
+_ARRAY_BUILDERS: Final = frozenset(
+    {
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "scalar"),
+    }
+)
+_RECONSTRUCT: Final = frozenset(
+    {("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")}
+)
+# numpy type codes of plain numeric and string dtypes (never object, void or structured).
+_PLAIN_DTYPE_CODE: Final = re.compile(
+    r"[<>=|]?[biufcmMSU?]\d*(\[\w+\])?|bool|(u?int|float|complex)(8|16|32|64|128)"
+)
+
+
 def _rule_violation(call: StubCall) -> str | None:
     """Why this call of an allowed global breaks the global's rule, or None.
 
@@ -452,6 +470,14 @@ def _rule_violation(call: StubCall) -> str | None:
     func = call.func
     key = (func.module, func.qualname)
     rule = CALL_RULES.get(key)
+    if key == _NUMPY_DTYPE and call.args:
+        code = call.args[0]
+        if not isinstance(code, str) or not _PLAIN_DTYPE_CODE.fullmatch(code):
+            return f"<numpy.dtype of type code {str(code)[:20]!r}, not a plain dtype>"
+    if key in _ARRAY_BUILDERS and call.ops:
+        return f"<BUILD on a numpy array made by {func.name}>"
+    if key in _RECONSTRUCT and [op for op, _ in call.ops] != ["build"]:
+        return f"<{func.name} without exactly one state>"
     if call.kind in ("NEWOBJ", "NEWOBJ_EX"):
         if rule is not NEW_EMPTY or call.args or call.kwargs:
             return f"<{func.name} created by {call.kind}, allowed only as a value>"
@@ -665,6 +691,10 @@ class _Scanner:
                 model = self.scan(pickled, member=name, entry=None, path=(inner_name,))
                 if inner_name == data_pkl:
                     self.pth_roots[name] = model.root
+        for member, path_name in undeclared_attribute_paths(
+            archive.pth_members(), self.pth_roots, _ON_POLICY_TORCH_PARAMS
+        ):
+            self.record(member, None, path_name, GlobalVerdict.NOT_ALLOWED, ())
 
 
 def scan_pickle(
@@ -1156,6 +1186,34 @@ def safe_load(
 
 
 _PYTORCH_VARIABLES: Final = "pytorch_variables.pth"
+#: What ``_get_torch_save_params`` declares for SB3's on-policy algorithms (PPO and
+#: DistributionalPPO): the static scan's rule; the loader asks the algorithm class itself.
+_ON_POLICY_TORCH_PARAMS: Final = (("policy", "policy.optimizer"), ())
+
+
+def undeclared_attribute_paths(
+    pth_members: Collection[str],
+    pth_roots: Mapping[str, Any],
+    declared: tuple[Collection[str], Collection[str]],
+) -> list[tuple[str, str]]:
+    """``(member, description)`` of every ``.pth`` member and ``pytorch_variables`` key that
+    is not among the ``declared`` state dicts and torch variables."""
+    state_dicts, variables = declared
+    allowed = {f"{name}.pth" for name in state_dicts} | {_PYTORCH_VARIABLES}
+    found = [
+        (name, f"<attribute path {name[:-4]!r}>") for name in pth_members if name not in allowed
+    ]
+    root = pth_roots.get(_PYTORCH_VARIABLES)
+    if root is not None:
+        if not isinstance(root, dict):
+            found.append((_PYTORCH_VARIABLES, "<pytorch_variables that is not a dict>"))
+        else:
+            found += [
+                (_PYTORCH_VARIABLES, f"<attribute path {str(key)[:80]!r}>")
+                for key in root
+                if key not in variables
+            ]
+    return found
 
 
 def check_attribute_paths(
@@ -1177,24 +1235,15 @@ def check_attribute_paths(
         raise CheckpointError(
             f"cannot tell which attributes {algo_cls.__name__} saves: {exc}"
         ) from None
-    declared = {f"{name}.pth" for name in state_dicts} | {_PYTORCH_VARIABLES}
-    for name in archive.pth_members():
-        if name not in declared:
-            raise UnsafePickleError(
-                name, None, f"<attribute path {name[:-4]!r}>", GlobalVerdict.NOT_ALLOWED,
-                detail=f"{algo_cls.__name__} saves only {', '.join(sorted(declared))}",
-            )  # fmt: skip
-    root = pth_roots.get(_PYTORCH_VARIABLES)
-    if root is None:
-        return
-    keys = list(root) if isinstance(root, dict) else None
-    if keys is None or any(k not in variables for k in keys):
-        bad = next((k for k in keys or [] if k not in variables), "<not a dict>")
+    problems = undeclared_attribute_paths(
+        archive.pth_members(), pth_roots, (state_dicts, variables)
+    )
+    if problems:
+        member, what = problems[0]
         raise UnsafePickleError(
-            _PYTORCH_VARIABLES, None, f"<attribute path {str(bad)[:80]!r}>",
-            GlobalVerdict.NOT_ALLOWED,
+            member, None, what, GlobalVerdict.NOT_ALLOWED,
             detail=(
-                f"{algo_cls.__name__} declares "
+                f"{algo_cls.__name__} saves only {', '.join(state_dicts)} and "
                 f"{'no torch variables' if not variables else ', '.join(variables)}"
             ),
         )  # fmt: skip
