@@ -59,7 +59,12 @@ from dppo_ckpt.checkpoint.contents import (
     scaler_payload,
 )
 from dppo_ckpt.checkpoint.results import CheckResult, FileReport, Severity, Verdict
-from dppo_ckpt.checkpoint.safe_pickle import GlobalVerdict, PickleScanError, scan_checkpoint
+from dppo_ckpt.checkpoint.safe_pickle import (
+    GlobalVerdict,
+    PickleScanError,
+    ScanReport,
+    scan_checkpoint,
+)
 
 if TYPE_CHECKING:
     from dppo_ckpt.checkpoint.safe_pickle import ScanReport
@@ -309,10 +314,14 @@ def check_archive_sound(ctx: _Context) -> CheckResult:
         ctx.scan = scan_checkpoint(archive)
         archive.metadata  # noqa: B018  (validates dppo_ckpt.json when present)
     except CheckpointError as exc:
-        ctx.unusable = _describe(exc)
         details = {"member": exc.member} if getattr(exc, "member", None) else {}
         if isinstance(exc, PickleScanError) and exc.entry is not None:
             details["entry"] = exc.entry
+        if isinstance(exc, PickleScanError) and any(not f.allowed for f in exc.findings):
+            # An unsafe global read before the damage decides: DPPO004 refuses the file.
+            ctx.scan = ScanReport(exc.findings)
+            return spec.failed(_describe(exc), **details)
+        ctx.unusable = _describe(exc)
         return spec.failed(ctx.unusable, **details)
     return spec.passed(
         f"{len(archive.members)} members read, {ctx.scan.pickles_scanned} pickles parsed",
