@@ -14,6 +14,7 @@ from dppo_ckpt import __version__
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from dppo_ckpt.checkpoint.budgets import Budgets
     from dppo_ckpt.checkpoint.results import FileReport
 
 app = typer.Typer(
@@ -71,37 +72,60 @@ def _write_atomic(path: Path, text: str) -> None:
     write_atomically(path, text.encode("utf-8"))
 
 
-def _failed_run_report(path: str, reason: str) -> FileReport:
-    """The report of a file whose checks could not run at all (e.g. a worker died)."""
-    from dppo_ckpt.checkpoint.checks import CHECKS
-    from dppo_ckpt.checkpoint.results import FileReport
+_SIZE_UNITS: dict[str, int] = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
-    return FileReport.from_results(path, [CHECKS["DPPO001"].errored(reason)])
+
+def _budgets(max_memory: str, timeout: float) -> Budgets:
+    """The per-file budgets of the command line (``--max-memory 512MiB``, ``--timeout``)."""
+    import re
+
+    from dppo_ckpt.checkpoint.budgets import Budgets
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", max_memory, re.IGNORECASE)
+    if match is None:
+        typer.echo(
+            f"error: --max-memory {max_memory!r}: give a size such as 512MiB or 4GiB", err=True
+        )
+        raise typer.Exit(2)
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if size <= 0:
+        typer.echo("error: --max-memory must be positive", err=True)
+        raise typer.Exit(2)
+    return Budgets(max_memory=size, timeout=timeout)
 
 
 def _verify_all(
-    paths: list[str], *, static: bool, trust: bool, quick: bool, jobs: int
+    paths: list[str],
+    *,
+    static: bool,
+    trust: bool,
+    quick: bool,
+    jobs: int,
+    isolate: bool,
+    budgets: Budgets,
 ) -> list[FileReport]:
-    """Run the checks on every file, in worker processes when ``jobs > 1``; input order."""
+    """Run the checks on every file; input order.
+
+    Static checks run here (no torch). Load checks run one file per child process unless
+    ``isolate`` is off (and always under ``jobs > 1``), so a crash is that file's verdict.
+    """
+    import functools
+
     from dppo_ckpt.checkpoint.checks import run_checks
 
-    options: dict[str, Any] = {"static": static, "trust": trust, "quick": quick}
-    if jobs <= 1 or len(paths) <= 1:
-        return [run_checks(path, **options) for path in paths]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    check = functools.partial(run_checks, static=static, trust=trust, quick=quick, budgets=budgets)
+    if static or (not isolate and jobs <= 1):
+        return [check(path) for path in paths]
+    from dppo_ckpt.checkpoint.isolation import crash_report, run_many_isolated
 
-    # spawn: torch and forked worker processes do not mix well.
-    context = multiprocessing.get_context("spawn")
-    reports: list[FileReport] = []
-    with ProcessPoolExecutor(max_workers=min(jobs, len(paths)), mp_context=context) as pool:
-        futures = [pool.submit(run_checks, path, **options) for path in paths]
-        for path, future in zip(paths, futures, strict=True):
-            try:
-                reports.append(future.result())
-            except Exception as exc:
-                reports.append(_failed_run_report(path, f"the check process failed: {exc!r}"))
-    return reports
+    # A little beyond the budget, so the child's own deadline speaks first where it can.
+    outcomes = run_many_isolated(
+        check, [(path,) for path in paths], jobs=jobs, timeout=budgets.timeout + 5
+    )
+    return [
+        outcome.value if outcome.ok else crash_report(path, outcome, budgets.timeout)
+        for path, outcome in zip(paths, outcomes, strict=True)
+    ]
 
 
 def _render(reports: list[FileReport], fmt: VerifyFormat, console: Console | None) -> str:
@@ -147,6 +171,20 @@ def verify(
     jobs: Annotated[
         int, typer.Option("--jobs", "-j", min=1, help="Check this many files in parallel.")
     ] = 1,
+    isolate: Annotated[
+        bool,
+        typer.Option(
+            "--isolate/--no-isolate",
+            help="Load each file in its own child process, so a crash is that file's verdict.",
+        ),
+    ] = True,
+    max_memory: Annotated[
+        str,
+        typer.Option("--max-memory", help="Memory budget per file for what its pickles build."),
+    ] = "4GiB",
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="Wall-time budget per file, in seconds.")
+    ] = 120.0,
 ) -> None:
     """Check checkpoints: archive, safety, legacy layout, parameter links, statistics.
 
@@ -155,7 +193,11 @@ def verify(
     from dppo_ckpt.checkpoint.results import overall_exit_code
 
     paths = [str(path) for path in models]
-    reports = _verify_all(paths, static=static, trust=trust, quick=quick, jobs=jobs)
+    budgets = _budgets(max_memory, timeout)
+    reports = _verify_all(
+        paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
+        budgets=budgets,
+    )  # fmt: skip
     code = overall_exit_code(reports)
     for rep in reports:
         # The reason a file could not be used, on one line where scripts look for errors.
@@ -187,14 +229,9 @@ def verify(
 
 
 def _printable(value: Any) -> str:
-    """Names from a hostile file may hold control characters: show them escaped."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode()
-        for ch in text
-    )
+    from dppo_ckpt.checkpoint.results import printable
+
+    return printable(value)
 
 
 def _render_inspection(info: dict[str, Any], console: Console) -> None:

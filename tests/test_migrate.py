@@ -515,3 +515,34 @@ def test_base64_in_data_is_the_only_text_that_changes_for_a_big_file(big_legacy,
     old_pickle = base64.b64decode(old[SCALER][":serialized:"])
     new_pickle = base64.b64decode(new[SCALER][":serialized:"])
     assert len(new_pickle) < len(old_pickle) * 0.75  # a third of it was parameter copies
+
+
+def test_a_later_run_removes_stale_temporaries_of_its_own_and_says_so(tmp_path: Path) -> None:
+    dst = tmp_path / "new.zip"
+    stale = tmp_path / ".new.zip.abc123.migrate-tmp"
+    fresh = tmp_path / ".new.zip.def456.migrate-tmp"
+    foreign = tmp_path / ".other.zip.abc123.migrate-tmp"
+    for path in (stale, fresh, foreign):
+        path.write_bytes(b"partial")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    os.utime(foreign, (old, old))
+    outcome = migrate.migrate_file(LEGACY, dst, static=True)
+    assert outcome.exit_code == 0, outcome.message
+    assert "removed 1 stale temporary file" in outcome.message
+    assert not stale.exists()
+    assert fresh.exists() and foreign.exists()  # in use, or not this destination's
+
+
+def test_migrate_into_a_read_only_folder_is_unusable_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As root every folder is writable, so the refusal of a read-only one is simulated
+    # where the operating system reports it: creating the temporary file.
+    def refuse(*args: object, dir: str, **kwargs: object) -> None:  # noqa: A002
+        raise PermissionError(13, "Permission denied", dir)
+
+    monkeypatch.setattr(migrate.tempfile, "mkstemp", refuse)
+    outcome = migrate.migrate_file(LEGACY, tmp_path / "new.zip", static=True)
+    assert outcome.exit_code == 2
+    assert outcome.message == f"cannot write {tmp_path}: Permission denied"

@@ -609,12 +609,18 @@ def test_legacy_pickle_drops_parameter_copies(monkeypatch: pytest.MonkeyPatch) -
     assert clean.legacy_parameters_dropped is False
 
 
-def test_legacy_pickle_with_no_parameters_is_not_flagged() -> None:
+def test_a_pickle_holding_parameters_none_is_legacy_by_the_one_rule() -> None:
+    from dppo_ckpt.checkpoint.contents import legacy_state_keys
+
     scaler = VarianceGradientScaler(None)
-    state = dict(scaler.__dict__)  # _parameters is None here
+    state = dict(scaler.__dict__)  # _parameters is None here, but the key was pickled
     restored = VarianceGradientScaler.__new__(VarianceGradientScaler)
     restored.__setstate__(state)
-    assert restored.legacy_parameters_dropped is False
+    # The same answer as DPPO005, CYC007 and migrate give for this state.
+    assert restored.legacy_parameters_dropped is bool(legacy_state_keys(state)) is True
+    modern = VarianceGradientScaler.__new__(VarianceGradientScaler)
+    modern.__setstate__(scaler.__getstate__())
+    assert modern.legacy_parameters_dropped is False
     # An old pickle missing newer attributes still unpickles to a usable scaler.
     restored = VarianceGradientScaler.__new__(VarianceGradientScaler)
     restored.__setstate__({"beta": 0.9, "_parameters": [torch.zeros(2)]})

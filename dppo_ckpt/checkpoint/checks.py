@@ -50,6 +50,7 @@ from dppo_ckpt.checkpoint.archive import (
     CheckpointError,
     open_checkpoint,
 )
+from dppo_ckpt.checkpoint.budgets import DEFAULT_BUDGETS, Budgets
 from dppo_ckpt.checkpoint.contents import (
     SCALER_ENTRY,
     identify_algorithm,
@@ -266,6 +267,7 @@ class _Context:
     trust: bool
     quick: bool
     env: Any
+    budgets: Budgets = DEFAULT_BUDGETS
     archive: CheckpointArchive | None = None
     unusable: str | None = None
     scan: ScanReport | None = None
@@ -311,7 +313,7 @@ def check_archive_sound(ctx: _Context) -> CheckResult:
             _drain(archive, name)
         # The scan parses `data`, decodes every entry and opens every torch archive: any of
         # them being unusable surfaces here as an ArchiveError.
-        ctx.scan = scan_checkpoint(archive)
+        ctx.scan = scan_checkpoint(archive, budgets=ctx.budgets)
         archive.metadata  # noqa: B018  (validates dppo_ckpt.json when present)
     except CheckpointError as exc:
         details = {"member": exc.member} if getattr(exc, "member", None) else {}
@@ -483,7 +485,9 @@ def _load(ctx: _Context) -> CheckResult:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ctx.model = safe_load(ctx.archive, env=ctx.env, device="cpu", trust=ctx.trust)
+            ctx.model = safe_load(
+                ctx.archive, env=ctx.env, device="cpu", trust=ctx.trust, budgets=ctx.budgets
+            )
     except UnsafePickleError as exc:
         ctx.load_blocker = "the loader refused the file as unsafe (DPPO007)"
         return spec.failed(
@@ -566,6 +570,7 @@ def run_checks(
     trust: bool = False,
     quick: bool = False,
     env: Any = None,
+    budgets: Budgets = DEFAULT_BUDGETS,
 ) -> FileReport:
     """Run every check on one checkpoint file.
 
@@ -575,10 +580,13 @@ def run_checks(
     :param trust: accept globals off the allow-list (the file may run code when loaded).
     :param quick: skip the save/load round trip (``DPPO012``).
     :param env: environment handed to the loader (as in SB3's ``load``).
+    :param budgets: what reading and loading the file may cost.
     :return: the results of all twelve checks and the exit code they amount to; never raises
         for anything about the file.
     """
-    ctx = _Context(path=os.fspath(path), static=static, trust=trust, quick=quick, env=env)
+    ctx = _Context(
+        path=os.fspath(path), static=static, trust=trust, quick=quick, env=env, budgets=budgets
+    )
     try:
         return FileReport.from_results(ctx.path, _run_all(ctx))
     finally:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ import shutil
 import stat
 import struct
 import tempfile
+import time
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -64,6 +66,7 @@ from dppo_ckpt.checkpoint.results import (
     FileReport,
     Verdict,
     overall_exit_code,
+    printable,
 )
 from dppo_ckpt.checkpoint.safe_pickle import (
     Finding,
@@ -639,6 +642,29 @@ def _temporary(folder: Path, name: str, mode: int) -> Iterator[tuple[IO[bytes], 
             tmp.unlink()
 
 
+# Temporaries older than this are no longer being written by a running migrate.
+_STALE_AFTER_S: Final = 600.0
+
+
+def _remove_stale_temporaries(folder: Path, name: str) -> int:
+    """Remove temporaries that an interrupted run left for ``name`` in ``folder``.
+
+    Only files named as :func:`_temporary` names them (``.NAME.<random>.migrate-tmp``),
+    regular, and untouched for :data:`_STALE_AFTER_S`; anything else is left alone.
+    """
+    removed = 0
+    now = time.time()
+    for candidate in folder.glob(f".{glob.escape(name)}.*{_TMP_SUFFIX}"):
+        try:
+            info = candidate.lstat()
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > _STALE_AFTER_S:
+                candidate.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
 def _sync(handle: IO[bytes]) -> None:
     handle.flush()
     os.fsync(handle.fileno())
@@ -687,7 +713,17 @@ def _verify(path: Path, *, static: bool, foreign: Sequence[str]) -> FileReport:
     import (no class of the file is named from a foreign module) and ``static`` is off."""
     from dppo_ckpt.checkpoint.checks import run_checks
 
-    report = run_checks(path, static=static or bool(foreign))
+    static = static or bool(foreign)
+    if static:
+        report = run_checks(path, static=True)
+    else:
+        from dppo_ckpt.checkpoint.budgets import DEFAULT_BUDGETS
+        from dppo_ckpt.checkpoint.isolation import crash_report, run_isolated
+
+        # The load checks of the result run in a child: a crash fails this file only.
+        timeout = DEFAULT_BUDGETS.timeout
+        outcome = run_isolated(run_checks, os.fspath(path), timeout=timeout + 5)
+        report = outcome.value if outcome.ok else crash_report(os.fspath(path), outcome, timeout)
     problems = []
     for result in report.results:
         if result.verdict not in (Verdict.FAIL, Verdict.ERROR):
@@ -790,7 +826,11 @@ def migrate_file(
     where = None if dst is None else os.fspath(dst)
     backup = Path(f"{src}{backup_suffix}") if in_place else None
 
+    tidied: list[int] = []
+
     def outcome(status: str, message: str, code: int, **extra: Any) -> MigrationOutcome:
+        if tidied and tidied[0]:
+            message += f"; removed {tidied[0]} stale temporary file(s) of an interrupted run"
         return MigrationOutcome(label, where, status, message, code, **extra)
 
     try:
@@ -809,6 +849,8 @@ def migrate_file(
         with open_checkpoint(src) as archive:
             plan = plan_migration(archive)
         del archive  # it caches the parsed `data`, which can be large
+        if not dry_run:
+            tidied.append(_remove_stale_temporaries(dst.parent, dst.name))
         facts = dict(plan.facts)
         if plan.foreign:
             facts["named_off_allow_list"] = plan.foreign
@@ -850,7 +892,11 @@ def migrate_file(
         return outcome("unusable", str(exc), EXIT_UNUSABLE)
     except CheckpointError as exc:
         return outcome("unusable", exc.reason, EXIT_UNUSABLE)
-    except (OSError, UnicodeDecodeError, binascii.Error) as exc:
+    except OSError as exc:
+        # A folder that cannot be written, a full disk: the input could not be used as asked.
+        where_ = f" {exc.filename}" if exc.filename else ""
+        return outcome("unusable", f"cannot write{where_}: {exc.strerror or exc}", EXIT_UNUSABLE)
+    except (UnicodeDecodeError, binascii.Error) as exc:
         return outcome("failed", f"{type(exc).__name__}: {exc}", EXIT_CHECK_FAILED)
     except Exception as exc:  # a hostile file must give an exit code, never a traceback
         return outcome("failed", f"unexpected {type(exc).__name__}: {exc}", EXIT_CHECK_FAILED)
@@ -967,11 +1013,11 @@ def render_outcomes(outcomes: Sequence[MigrationOutcome], console: Any) -> None:
     for o in outcomes:
         details = o.message + (f"\nbackup: {o.backup}" if o.backup and o.exit_code == 0 else "")
         table.add_row(
-            Text(o.source),
-            Text(o.destination or "-"),
+            Text(printable(o.source)),
+            Text(printable(o.destination or "-")),
             Text(o.status, style=_STATUS_STYLE.get(o.status, "")),
             str(o.exit_code),
-            Text(details),
+            Text("\n".join(printable(line) for line in details.split("\n"))),
         )
     console.print(table)
     counts: dict[str, int] = {}

@@ -29,6 +29,7 @@ from dppo_ckpt.checkpoint.results import (
     Severity,
     Verdict,
     overall_exit_code,
+    printable,
 )
 
 if TYPE_CHECKING:
@@ -99,16 +100,6 @@ def summary_line(reports: Sequence[FileReport]) -> str:
     return line
 
 
-def _printable(text: str) -> str:
-    """Show non-printable characters (ESC, NUL, newlines, bidi overrides) as escapes."""
-    if text.isprintable():
-        return text
-    return "".join(
-        char if char.isprintable() else char.encode("unicode_escape", "backslashreplace").decode()
-        for char in text
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Terminal table
 
@@ -124,7 +115,7 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
 
     for report in reports:
         table = Table(
-            title=Text(_printable(report.path), style="bold"),
+            title=Text(printable(report.path), style="bold"),
             caption=f"exit code {report.exit_code}",
             title_justify="left",
             caption_justify="left",
@@ -134,13 +125,13 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
         table.add_column("Verdict", no_wrap=True)
         table.add_column("Message")
         for result in report.results:
-            message = Text(_printable(result.message))
+            message = Text(printable(result.message))
             if result.remedy and result.verdict in (Verdict.FAIL, Verdict.ERROR):
                 message.append("\n")
-                message.append(f"-> {_printable(result.remedy)}", style="italic cyan")
+                message.append(f"-> {printable(result.remedy)}", style="italic cyan")
             table.add_row(
-                Text(_printable(result.check_id)),
-                Text(_printable(result.title)),
+                Text(printable(result.check_id)),
+                Text(printable(result.title)),
                 Text(result.verdict.value.upper(), style=_VERDICT_STYLE[result.verdict]),
                 message,
             )
@@ -233,9 +224,9 @@ def _seconds(value: float) -> str:
 
 
 def _with_remedy(result: CheckResult) -> str:
-    text = _printable(result.message)
+    text = printable(result.message)
     if result.remedy:
-        text += f"\nRemedy: {_printable(result.remedy)}"
+        text += f"\nRemedy: {printable(result.remedy)}"
     return text
 
 
@@ -256,14 +247,14 @@ def to_junit(reports: Sequence[FileReport], suite_name: str) -> str:
     totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     total_time = 0.0
     for report in reports:
-        stem = _printable(Path(report.path).stem).replace(".", "_")
+        stem = printable(Path(report.path).stem).replace(".", "_")
         classname = f"{TOOL_NAME}.{suite_name}.{stem}"
         counts = _counts([report])
         suite_time = sum(r.duration_s for r in report.results if math.isfinite(r.duration_s))
         suite = ET.SubElement(
             root,
             "testsuite",
-            name=_printable(report.path),
+            name=printable(report.path),
             tests=str(len(report.results)),
             failures=str(counts["failed"]),
             errors=str(counts["errors"]),
@@ -271,24 +262,24 @@ def to_junit(reports: Sequence[FileReport], suite_name: str) -> str:
             time=_seconds(suite_time),
         )
         properties = ET.SubElement(suite, "properties")
-        ET.SubElement(properties, "property", name="path", value=_printable(report.path))
+        ET.SubElement(properties, "property", name="path", value=printable(report.path))
         ET.SubElement(properties, "property", name="exit_code", value=str(report.exit_code))
         for result in report.results:
             case = ET.SubElement(
                 suite,
                 "testcase",
                 classname=classname,
-                name=_printable(f"{result.check_id} {result.title}"),
+                name=printable(f"{result.check_id} {result.title}"),
                 time=_seconds(result.duration_s),
             )
             if result.verdict in (Verdict.FAIL, Verdict.ERROR):
                 tag = "failure" if result.verdict is Verdict.FAIL else "error"
                 outcome = ET.SubElement(
-                    case, tag, message=_printable(result.message), type=result.category
+                    case, tag, message=printable(result.message), type=result.category
                 )
                 outcome.text = _with_remedy(result)
             elif result.verdict is Verdict.SKIP:
-                ET.SubElement(case, "skipped", message=_printable(result.message))
+                ET.SubElement(case, "skipped", message=printable(result.message))
         totals["tests"] += len(report.results)
         totals["failures"] += counts["failed"]
         totals["errors"] += counts["errors"]

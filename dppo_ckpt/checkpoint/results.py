@@ -195,3 +195,16 @@ def overall_exit_code(reports: Iterable[FileReport]) -> int:
             raise ValueError(f"{report.path}: unknown exit code {report.exit_code!r}")
         codes.add(report.exit_code)
     return next((code for code in _EXIT_CODE_PRECEDENCE if code in codes), EXIT_OK)
+
+
+def printable(value: object) -> str:
+    """``value`` as text safe for a terminal or XML: non-printable characters (ESC, NUL,
+    newlines, bidi overrides) shown as escapes. Every renderer passes paths and strings from
+    files through this; a hostile name cannot drive the terminal."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape", "backslashreplace").decode()
+        for char in text
+    )

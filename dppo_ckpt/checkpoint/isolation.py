@@ -1,0 +1,168 @@
+"""Run the load checks of untrusted files in child processes, one file per child.
+
+Loading hands the file's tensors and arrays to torch, numpy and SB3. The materialiser
+validates what it builds, but a crash in native code must still cost one verdict, never the
+batch: each file is checked in its own child, and a child that dies by a signal gives that
+file exit 3 with the signal named. A child stopped by the wall-time budget gives exit 2,
+naming the budget. Nothing is retried.
+
+Children are forked from a fork server that imported torch once, so a file costs a fork, not
+an interpreter start and a torch import.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Final
+
+from dppo_ckpt.checkpoint.results import FileReport
+
+__all__ = ["ChildOutcome", "run_isolated", "run_many_isolated"]
+
+_PRELOAD: Final = ["torch", "stable_baselines3", "dppo_ckpt.ppo", "dppo_ckpt.checkpoint.checks"]
+_context: Any = None
+
+
+def _fork_server() -> Any:
+    """The fork-server context, with torch preloaded (started on first use)."""
+    global _context
+    if _context is None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD)
+        _context = context
+    return _context
+
+
+@dataclass(frozen=True)
+class ChildOutcome:
+    """How a child ended: its return value, or why there is none.
+
+    :param value: what the function returned (when ``ok``).
+    :param signal_name: the signal that killed the child (``"SIGSEGV"``), or None.
+    :param timed_out: the child ran past its deadline and was killed.
+    :param error: a one-line description when the child failed in another way.
+    """
+
+    value: Any = None
+    signal_name: str | None = None
+    timed_out: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.signal_name is None and not self.timed_out and self.error is None
+
+
+def _child(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        value = fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back as one line
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    else:
+        conn.send(("ok", value))
+    finally:
+        conn.close()
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+class _Running:
+    """One child: its process, the parent's end of its pipe and its deadline."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> None:
+        context = _fork_server()
+        self.conn, child_end = context.Pipe(duplex=False)
+        self.process = context.Process(target=_child, args=(child_end, fn, args), daemon=True)
+        self.process.start()
+        child_end.close()
+        self.deadline = time.monotonic() + timeout
+        self.message: tuple[str, Any] | None = None
+
+    def poll(self) -> ChildOutcome | None:
+        """The outcome once the child has ended (or overrun its deadline), else None."""
+        if self.message is None and self.conn.poll():
+            try:
+                self.message = self.conn.recv()
+            except (EOFError, OSError):
+                self.message = ("eof", None)
+        if self.process.is_alive():
+            if time.monotonic() <= self.deadline:
+                return None
+            self.process.kill()
+            self.process.join()
+            self.conn.close()
+            return ChildOutcome(timed_out=True)
+        self.process.join()
+        if self.message is None and self.conn.poll():
+            try:
+                self.message = self.conn.recv()
+            except (EOFError, OSError):
+                self.message = None
+        self.conn.close()
+        code = self.process.exitcode or 0
+        if code < 0:
+            return ChildOutcome(signal_name=_signal_name(code))
+        if self.message is None or self.message[0] == "eof":
+            return ChildOutcome(error=f"the check process exited with code {code} and no result")
+        kind, value = self.message
+        return ChildOutcome(value=value) if kind == "ok" else ChildOutcome(error=str(value))
+
+
+def run_many_isolated(
+    fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, jobs: int, timeout: float
+) -> list[ChildOutcome]:
+    """Call ``fn(*args)`` for every ``args`` in its own child, ``jobs`` at a time.
+
+    :return: the outcomes, in the order of ``calls``.
+    """
+    outcomes: list[ChildOutcome | None] = [None] * len(calls)
+    pending = list(enumerate(calls))[::-1]
+    running: dict[int, _Running] = {}
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            index, args = pending.pop()
+            running[index] = _Running(fn, args, timeout)
+        for index, child in list(running.items()):
+            outcome = child.poll()
+            if outcome is not None:
+                outcomes[index] = outcome
+                del running[index]
+        if running:
+            time.sleep(0.02)
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float) -> ChildOutcome:
+    """Call ``fn(*args)`` in a child process; see :func:`run_many_isolated`."""
+    return run_many_isolated(fn, [args], jobs=1, timeout=timeout)[0]
+
+
+def crash_report(path: str, outcome: ChildOutcome, timeout: float) -> FileReport:
+    """The report of a file whose check child did not return a report."""
+    from dppo_ckpt.checkpoint.checks import CHECKS
+
+    if outcome.timed_out:
+        reason = (
+            f"budget timeout exceeded: checking the file took longer than {timeout:g} s "
+            "(raise --timeout for a file you know to be large)"
+        )
+        return FileReport.from_results(path, [CHECKS["DPPO001"].failed(reason)], unusable=True)
+    if outcome.signal_name is not None:
+        reason = (
+            f"the load check process died by {outcome.signal_name} while loading untrusted "
+            "data: refused as unsafe"
+        )
+        return FileReport.from_results(path, [CHECKS["DPPO007"].failed(reason)], unsafe=True)
+    return FileReport.from_results(
+        path, [CHECKS["DPPO001"].errored(f"the check process failed: {outcome.error}")]
+    )
