@@ -240,7 +240,7 @@ CASES: dict[str, HostileCase] = {
     "unsafe_then_damaged": _H(_in_entry(_unsafe_then_damaged), 3, 3, "posix.system"),
     "huge_integer": _H(_in_entry(_huge_integer), 2, 2, "budget max_int_bytes"),
     "deep_nesting": _H(_in_entry(_deep_nesting), 2, 0, "budget max_depth"),
-    "seed_sequence_entropy": _H(_in_entry(_seed_sequence_entropy), 3, 0, "SeedSequence"),
+    "seed_sequence_entropy": _H(_in_entry(_seed_sequence_entropy), 2, 0, "budget max_int_bytes"),
     "stride_zero_tensor": _H(_in_entry(_stride_zero_tensor), 2, 0, "budget max_elements"),
     "box_shape": _H(_in_entry(_box_shape, "observation_space"), 2, 0, "budget max_elements"),
     "net_arch": _H(lambda d, p: _policy_kwargs_net_arch(d), 2, 0, "budget max_memory"),

@@ -735,7 +735,11 @@ def test_tensor_backward_hooks_are_refused() -> None:
         collections.OrderedDict(hook=np.dtype),
     )
     payload = reduce_payload(hooked)
-    assert scan_pickle(payload).ok  # every global is allowed, the hook is the problem
+    # Every global is allowed; the hook is the problem, and the static scan sees it too.
+    report = scan_pickle(payload)
+    assert [f.global_name for f in report.refused] == [
+        "<torch._utils._rebuild_tensor_v2 of a tensor with backward hooks>"
+    ]
     with pytest.raises(UnsafePickleError, match="backward hooks"):
         SafeUnpickler(io.BytesIO(payload)).load()
 

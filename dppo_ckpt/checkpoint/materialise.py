@@ -40,6 +40,7 @@ __all__ = [
     "NEW_EMPTY",
     "LoadBudget",
     "LoadBudgetExceeded",
+    "MaterialiseInvalid",
     "MaterialiseRefused",
     "materialise",
 ]
@@ -47,6 +48,20 @@ __all__ = [
 
 class MaterialiseRefused(Exception):
     """An allowed global was used in a way its rule forbids (the file is refused as unsafe).
+
+    :param global_name: ``module.qualname`` of the global involved.
+    :param reason: what was wrong, in one line.
+    """
+
+    def __init__(self, global_name: str, reason: str) -> None:
+        super().__init__(reason)
+        self.global_name = global_name
+        self.reason = reason
+
+
+class MaterialiseInvalid(Exception):
+    """An allowed constructor got arguments that do not describe a valid object (the file is
+    damaged, exit code 2): a buffer that does not match its shape, a malformed state.
 
     :param global_name: ``module.qualname`` of the global involved.
     :param reason: what was wrong, in one line.
@@ -104,11 +119,15 @@ def _refuse(name: str, reason: str) -> MaterialiseRefused:
     return MaterialiseRefused(name, reason)
 
 
+def _invalid(name: str, reason: str) -> MaterialiseInvalid:
+    return MaterialiseInvalid(name, reason)
+
+
 def _shape(value: Any, name: str) -> tuple[int, ...]:
     if not isinstance(value, tuple) or len(value) > 32:
-        raise _refuse(name, f"shape {value!r:.60} is not a tuple of at most 32 sizes")
+        raise _invalid(name, f"shape {value!r:.60} is not a tuple of at most 32 sizes")
     if not all(type(n) is int and n >= 0 for n in value):
-        raise _refuse(name, f"shape {value!r:.60} holds something other than sizes")
+        raise _invalid(name, f"shape {value!r:.60} holds something other than sizes")
     return value
 
 
@@ -117,7 +136,7 @@ def _plain_dtype(dtype: Any, name: str) -> Any:
     import numpy as np
 
     if not isinstance(dtype, np.dtype):
-        raise _refuse(name, f"expected a numpy dtype, got {type(dtype).__name__}")
+        raise _invalid(name, f"expected a numpy dtype, got {type(dtype).__name__}")
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise _refuse(name, f"dtype {dtype!s:.40} holds object pointers or fields")
     if dtype.kind not in "biufcmMSU" or dtype.itemsize == 0:
@@ -127,7 +146,7 @@ def _plain_dtype(dtype: Any, name: str) -> Any:
 
 def _buffer(value: Any, name: str) -> bytes | bytearray:
     if not isinstance(value, (bytes, bytearray)):
-        raise _refuse(name, f"array data is a {type(value).__name__}, not bytes")
+        raise _invalid(name, f"array data is a {type(value).__name__}, not bytes")
     return value
 
 
@@ -140,7 +159,7 @@ def _array_from(
     count = math.prod(shape)
     budget.elements(count, "an array")
     if count * dtype.itemsize != len(data):
-        raise _refuse(
+        raise _invalid(
             name,
             f"array of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, "
             f"the file gives {len(data)}",
@@ -155,13 +174,13 @@ def _numpy_dtype(args: tuple[Any, ...], budget: LoadBudget) -> Any:
 
     name = "numpy.dtype"
     if not (1 <= len(args) <= 3) or not isinstance(args[0], str) or len(args[0]) > 8:
-        raise _refuse(name, "dtype takes a short type code, and align/copy flags")
+        raise _invalid(name, "dtype takes a short type code, and align/copy flags")
     if any(not isinstance(flag, bool) for flag in args[1:]):
-        raise _refuse(name, "dtype's align and copy arguments must be booleans")
+        raise _invalid(name, "dtype's align and copy arguments must be booleans")
     try:
         dtype = np.dtype(args[0])
     except TypeError as exc:
-        raise _refuse(name, f"no such dtype {args[0]!r}: {exc}") from None
+        raise _invalid(name, f"no such dtype {args[0]!r}: {exc}") from None
     return _plain_dtype(dtype, name)
 
 
@@ -182,10 +201,10 @@ def _array_state(state: Any, budget: LoadBudget) -> Any:
     """The array described by an ``ndarray.__setstate__`` state, built from validated parts."""
     name = "numpy.ndarray.__setstate__"
     if not isinstance(state, tuple) or len(state) not in (4, 5):
-        raise _refuse(name, "array state is not (version, shape, dtype, is_fortran, data)")
+        raise _invalid(name, "array state is not (version, shape, dtype, is_fortran, data)")
     shape, dtype, fortran, data = state[-4:]
     if not isinstance(fortran, bool):
-        raise _refuse(name, "array state's is_fortran flag is not a boolean")
+        raise _invalid(name, "array state's is_fortran flag is not a boolean")
     return _array_from(
         _buffer(data, name), _plain_dtype(dtype, name), _shape(shape, name),
         "F" if fortran else "C", name, budget,
@@ -195,18 +214,18 @@ def _array_state(state: Any, budget: LoadBudget) -> Any:
 def _numpy_frombuffer(args: tuple[Any, ...], budget: LoadBudget) -> Any:
     name = "numpy._core.numeric._frombuffer"
     if len(args) not in (4, 5):
-        raise _refuse(name, "_frombuffer takes (buffer, dtype, shape, order[, axis_order])")
+        raise _invalid(name, "_frombuffer takes (buffer, dtype, shape, order[, axis_order])")
     data, dtype, shape, order = _buffer(args[0], name), args[1], args[2], args[3]
     shape = _shape(shape, name)
     if order not in ("C", "F", "K"):
-        raise _refuse(name, f"unknown array order {order!r:.20}")
+        raise _invalid(name, f"unknown array order {order!r:.20}")
     axis_order = args[4] if len(args) == 5 else None
     dtype = _plain_dtype(dtype, name)
     if order != "K" or axis_order is None:
         return _array_from(data, dtype, shape, "F" if order == "F" else "C", name, budget)
     # numpy writes order "K" arrays in memory order, with the permutation back to their axes.
     if sorted(axis_order) != list(range(len(shape))) if isinstance(axis_order, tuple) else True:
-        raise _refuse(name, f"axis order {axis_order!r:.40} is not a permutation of the axes")
+        raise _invalid(name, f"axis order {axis_order!r:.40} is not a permutation of the axes")
     stored = tuple(shape[axis] for axis in axis_order)
     array = _array_from(data, dtype, stored, "C", name, budget)
     inverse = tuple(axis_order.index(axis) for axis in range(len(shape)))
@@ -216,7 +235,7 @@ def _numpy_frombuffer(args: tuple[Any, ...], budget: LoadBudget) -> Any:
 def _numpy_scalar(args: tuple[Any, ...], budget: LoadBudget) -> Any:
     name = "numpy._core.multiarray.scalar"
     if len(args) != 2:
-        raise _refuse(name, "scalar takes (dtype, data)")
+        raise _invalid(name, "scalar takes (dtype, data)")
     dtype = _plain_dtype(args[0], name)
     return _array_from(_buffer(args[1], name), dtype, (1,), "C", name, budget)[0]
 
@@ -225,7 +244,7 @@ def _bit_generator_ctor(args: tuple[Any, ...], budget: LoadBudget) -> Any:
     from numpy.random import PCG64
 
     if len(args) != 1 or args[0] not in (PCG64, "PCG64"):
-        raise _refuse("numpy.random._pickle.__bit_generator_ctor", "only PCG64 is allowed")
+        raise _invalid("numpy.random._pickle.__bit_generator_ctor", "only PCG64 is allowed")
     return PCG64()
 
 
@@ -233,7 +252,7 @@ def _generator_ctor(args: tuple[Any, ...], budget: LoadBudget) -> Any:
     from numpy.random import PCG64, Generator
 
     if len(args) != 1 or not isinstance(args[0], (PCG64, str)):
-        raise _refuse("numpy.random._pickle.__generator_ctor", "expects one PCG64 bit generator")
+        raise _invalid("numpy.random._pickle.__generator_ctor", "expects one PCG64 bit generator")
     return Generator(args[0] if isinstance(args[0], PCG64) else PCG64())
 
 
@@ -242,9 +261,9 @@ def _seed_sequence(args: tuple[Any, ...], budget: LoadBudget) -> Any:
 
     name = "numpy.random.bit_generator.__pyx_unpickle_SeedSequence"
     if len(args) != 3 or args[0] is not SeedSequence or type(args[1]) is not int:
-        raise _refuse(name, "expects (SeedSequence, checksum, state)")
+        raise _invalid(name, "expects (SeedSequence, checksum, state)")
     if args[2] is not None:
-        raise _refuse(name, "the state comes by BUILD, where it is checked")
+        raise _invalid(name, "the state comes by BUILD, where it is checked")
     # An empty instance, as the Cython helper makes; the layout checksum guards nothing here
     # because the state is validated field by field before __setstate__ sees it.
     return SeedSequence.__new__(SeedSequence)
@@ -257,9 +276,13 @@ def _seed_sequence_state(state: Any) -> str | None:
     if not isinstance(state, tuple) or len(state) != 5:
         return "SeedSequence state is not (entropy, spawned, pool, pool_size, spawn_key)"
     entropy, spawned, pool, pool_size, spawn_key = state
+    if isinstance(entropy, (tuple, list)) and len(entropy) > 64:
+        # numpy's conversion of the entropy is quadratic in its length.
+        raise LoadBudgetExceeded(
+            "max_int_bytes", f"SeedSequence entropy of {len(entropy)} words (at most 64)"
+        )
     entropy_ok = entropy is None or type(entropy) is int or (
-        isinstance(entropy, (tuple, list)) and len(entropy) <= 64
-        and all(type(e) is int for e in entropy)
+        isinstance(entropy, (tuple, list)) and all(type(e) is int for e in entropy)
     )  # fmt: skip
     if not entropy_ok:
         return "SeedSequence entropy is not an integer or a short list of integers"
@@ -281,14 +304,14 @@ def _torch_device(args: tuple[Any, ...], budget: LoadBudget) -> Any:
 
     ok = 1 <= len(args) <= 2 and isinstance(args[0], str) and len(args[0]) <= 32
     if not ok or (len(args) == 2 and type(args[1]) is not int):
-        raise _refuse("torch.device", "a device is a short name and an optional index")
+        raise _invalid("torch.device", "a device is a short name and an optional index")
     return torch.device(*args)
 
 
 def _empty_call(factory: Callable[[], Any]) -> Callable[[tuple[Any, ...], LoadBudget], Any]:
     def call(args: tuple[Any, ...], budget: LoadBudget) -> Any:
         if args:
-            raise _refuse(getattr(factory, "__qualname__", "?"), "takes no arguments here")
+            raise _invalid(getattr(factory, "__qualname__", "?"), "takes no arguments here")
         return factory()
 
     return call
@@ -296,10 +319,10 @@ def _empty_call(factory: Callable[[], Any]) -> Callable[[tuple[Any, ...], LoadBu
 
 def _deque(args: tuple[Any, ...], budget: LoadBudget) -> Any:
     if len(args) != 2 or not isinstance(args[0], (list, tuple)):
-        raise _refuse("collections.deque", "expects (items, maxlen)")
+        raise _invalid("collections.deque", "expects (items, maxlen)")
     maxlen = args[1]
     if maxlen is not None and (type(maxlen) is not int or not 0 <= maxlen <= 1 << 24):
-        raise _refuse("collections.deque", f"maxlen {maxlen!r:.20} is out of range")
+        raise _invalid("collections.deque", f"maxlen {maxlen!r:.20} is out of range")
     return collections.deque(args[0], maxlen)
 
 
@@ -464,7 +487,7 @@ class _Evaluator:
         try:
             hash(value)
         except TypeError:
-            raise MaterialiseRefused("<dict key>", "an unhashable dict key or set item") from None
+            raise MaterialiseInvalid("<dict key>", "an unhashable dict key or set item") from None
         return value
 
     def _call(self, node: StubCall, depth: int) -> Any:
@@ -505,7 +528,7 @@ class _Evaluator:
 
     def _blob(self, args: tuple[Any, ...]) -> Any:
         if len(args) != 1 or not isinstance(args[0], (bytes, bytearray)):
-            raise MaterialiseRefused("torch.storage._load_from_bytes", "tensor blob is not bytes")
+            raise MaterialiseInvalid("torch.storage._load_from_bytes", "tensor blob is not bytes")
         return self._load_bytes(bytes(args[0]))
 
     def _finish_array(self, node: StubCall, depth: int) -> Any:
@@ -517,12 +540,14 @@ class _Evaluator:
         from gymnasium.spaces import Space
 
         reason = self._build_check(obj, state)
-        if reason is None and isinstance(obj, Space):
-            reason = _space_state(obj, state, self._budget)
-        if reason is None and type(obj).__name__ == "SeedSequence":
-            reason = _seed_sequence_state(state)
         if reason is not None:
             raise MaterialiseRefused(name, reason)
+        if isinstance(obj, Space):
+            reason = _space_state(obj, state, self._budget)
+        elif type(obj).__name__ == "SeedSequence":
+            reason = _seed_sequence_state(state)
+        if reason is not None:
+            raise MaterialiseInvalid(name, reason)
         setstate = getattr(obj, "__setstate__", None)
         if setstate is not None:
             setstate(state)
@@ -532,21 +557,21 @@ class _Evaluator:
             state, slots = state
         if state:
             if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-                raise MaterialiseRefused(name, "an object's state is not a dict of attributes")
+                raise MaterialiseInvalid(name, "an object's state is not a dict of attributes")
             obj.__dict__.update(state)
         if slots:
-            raise MaterialiseRefused(name, "slot state is not accepted")
+            raise MaterialiseInvalid(name, "slot state is not accepted")
 
     @staticmethod
     def _append(obj: Any, items: list[Any], name: str) -> None:
         if not isinstance(obj, (list, collections.deque)):
-            raise MaterialiseRefused(name, "APPEND to something other than a list")
+            raise MaterialiseInvalid(name, "APPEND to something other than a list")
         obj.extend(items)
 
     @staticmethod
     def _setitems(obj: Any, pairs: list[tuple[Any, Any]], name: str) -> None:
         if not isinstance(obj, dict):
-            raise MaterialiseRefused(name, "SETITEM on something other than a dict")
+            raise MaterialiseInvalid(name, "SETITEM on something other than a dict")
         obj.update(pairs)
 
 

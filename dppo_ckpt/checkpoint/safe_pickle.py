@@ -53,6 +53,7 @@ from dppo_ckpt.checkpoint.materialise import (
     NEW_EMPTY,
     LoadBudget,
     LoadBudgetExceeded,
+    MaterialiseInvalid,
     MaterialiseRefused,
     checked,
     materialise,
@@ -452,6 +453,11 @@ _ARRAY_BUILDERS: Final = frozenset(
         ("numpy.core.multiarray", "scalar"),
     }
 )
+# The rebuild functions of tensors, with the index of their backward-hooks argument.
+_TENSOR_REBUILDS: Final = {
+    ("torch._utils", "_rebuild_tensor_v2"): 5,
+    ("torch._utils", "_rebuild_parameter"): 2,
+}
 _RECONSTRUCT: Final = frozenset(
     {("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")}
 )
@@ -476,8 +482,18 @@ def _rule_violation(call: StubCall) -> str | None:
             return f"<numpy.dtype of type code {str(code)[:20]!r}, not a plain dtype>"
     if key in _ARRAY_BUILDERS and call.ops:
         return f"<BUILD on a numpy array made by {func.name}>"
-    if key in _RECONSTRUCT and [op for op, _ in call.ops] != ["build"]:
-        return f"<{func.name} without exactly one state>"
+    if key in _RECONSTRUCT:
+        first = call.args[0] if call.args else None
+        if not (isinstance(first, StubGlobal) and first.name == "numpy.ndarray"):
+            return f"<{func.name} of something other than numpy.ndarray>"
+        if [op for op, _ in call.ops] != ["build"]:
+            return f"<{func.name} without exactly one state>"
+    if key in _TENSOR_REBUILDS:
+        if call.ops:
+            return "<BUILD on a tensor (it could install backward hooks)>"
+        hooks = call.args[_TENSOR_REBUILDS[key]] if len(call.args) > _TENSOR_REBUILDS[key] else None
+        if (isinstance(hooks, StubCall) and hooks.ops) or (isinstance(hooks, dict) and hooks):
+            return f"<{func.name} of a tensor with backward hooks>"
     if call.kind in ("NEWOBJ", "NEWOBJ_EX"):
         if rule is not NEW_EMPTY or call.args or call.kwargs:
             return f"<{func.name} created by {call.kind}, allowed only as a value>"
@@ -841,6 +857,12 @@ class _EntryLoader:
                 self.member, self.entry, exc.global_name, GlobalVerdict.NOT_ALLOWED,
                 detail=exc.reason,
             ) from None  # fmt: skip
+        except MaterialiseInvalid as exc:
+            raise PickleScanError(
+                f"invalid arguments to {exc.global_name}: {exc.reason}",
+                member=self.member,
+                entry=self.entry,
+            ) from None
         except LoadBudgetExceeded as exc:
             raise BudgetExceeded(exc.budget, f"{_where(self.member, self.entry)}: {exc}") from None
 
