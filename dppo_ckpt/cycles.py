@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -285,8 +286,12 @@ def _start(model_path: Path | None, env_id: str, seed: int, trust: bool) -> Dist
         return DistributionalPPO("MlpPolicy", env, seed=seed, device="cpu", **CYCLE_SETTINGS)
 
     from dppo_ckpt.checkpoint.archive import CheckpointError
+    from dppo_ckpt.checkpoint.isolation import probe_load
     from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError, safe_load
 
+    crashed = probe_load(os.fspath(model_path), trust=trust)
+    if crashed is not None:
+        raise CycleError(crashed[1], crashed[0])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

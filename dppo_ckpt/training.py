@@ -720,10 +720,14 @@ def _load_checkpoint(
     """Load the resume checkpoint as ``cycle`` does: scanned, then through the allow-list
     loader (``--trust`` lets refused globals load)."""
     from dppo_ckpt.checkpoint.archive import CheckpointError
+    from dppo_ckpt.checkpoint.isolation import probe_load
     from dppo_ckpt.checkpoint.results import EXIT_UNSAFE
     from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError, safe_load
     from dppo_ckpt.ppo import DistributionalPPO
 
+    crashed = probe_load(str(path), trust=options.trust)
+    if crashed is not None:
+        raise TrainingError(crashed[1], crashed[0])
     try:
         model = safe_load(
             path,
