@@ -14,6 +14,7 @@ from dppo_ckpt import __version__
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from dppo_ckpt.checkpoint.allowlist import UserAllowList
     from dppo_ckpt.checkpoint.budgets import Budgets
     from dppo_ckpt.checkpoint.results import FileReport
 
@@ -94,6 +95,17 @@ def _budgets(max_memory: str, timeout: float) -> Budgets:
     return Budgets(max_memory=size, timeout=timeout)
 
 
+def _user_allow(flags: list[str] | None) -> UserAllowList:
+    """The run's extra allow entries (``--allow`` and the nearest pyproject), or exit 2."""
+    from dppo_ckpt.checkpoint.allowlist import AllowListError, user_allow_list
+
+    try:
+        return user_allow_list(flags or ())
+    except AllowListError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _verify_all(
     paths: list[str],
     *,
@@ -103,6 +115,7 @@ def _verify_all(
     jobs: int,
     isolate: bool,
     budgets: Budgets,
+    allow: UserAllowList,
 ) -> list[FileReport]:
     """Run the checks on every file; input order.
 
@@ -113,7 +126,9 @@ def _verify_all(
 
     from dppo_ckpt.checkpoint.checks import run_checks
 
-    check = functools.partial(run_checks, static=static, trust=trust, quick=quick, budgets=budgets)
+    check = functools.partial(
+        run_checks, static=static, trust=trust, quick=quick, budgets=budgets, allow=allow
+    )
     if static or (not isolate and jobs <= 1):
         return [check(path) for path in paths]
     from dppo_ckpt.checkpoint.isolation import crash_report, run_many_isolated
@@ -185,6 +200,14 @@ def verify(
     timeout: Annotated[
         float, typer.Option("--timeout", min=1.0, help="Wall-time budget per file, in seconds.")
     ] = 120.0,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Also allow this exact module.Name (repeatable; adds to [tool.dppo-ckpt] allow).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Check checkpoints: archive, safety, legacy layout, parameter links, statistics.
 
@@ -196,7 +219,7 @@ def verify(
     budgets = _budgets(max_memory, timeout)
     reports = _verify_all(
         paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
-        budgets=budgets,
+        budgets=budgets, allow=_user_allow(allow),
     )  # fmt: skip
     code = overall_exit_code(reports)
     for rep in reports:

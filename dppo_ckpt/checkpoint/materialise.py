@@ -423,7 +423,9 @@ class _Evaluator:
         build_check: Callable[[Any, Any], str | None],
         load_bytes: Callable[[bytes], Any],
         budget: LoadBudget,
+        rules: Mapping[tuple[str, str], Any],
     ) -> None:
+        self._rules = rules
         self._resolve = resolve
         self._build_check = build_check
         self._load_bytes = load_bytes
@@ -494,7 +496,7 @@ class _Evaluator:
         if not isinstance(node.func, StubGlobal):
             raise MaterialiseRefused("<call>", "a call of something other than a named global")
         name = node.func.name
-        rule = CALL_RULES.get((node.func.module, node.func.qualname))
+        rule = self._rules.get((node.func.module, node.func.qualname))
         target = self.value(node.func, depth)
         args = tuple(self.value(arg, depth) for arg in node.args)
         if node.kind in ("NEWOBJ", "NEWOBJ_EX"):
@@ -596,6 +598,7 @@ def materialise(
     build_check: Callable[[Any, Any], str | None],
     load_bytes: Callable[[bytes], Any],
     budget: LoadBudget,
+    rules: Mapping[tuple[str, str], Any] = CALL_RULES,
 ) -> Any:
     """Build the real value of a stand-in graph.
 
@@ -606,7 +609,8 @@ def materialise(
     :param build_check: why a ``BUILD`` of ``state`` on an object is unsafe, or None.
     :param load_bytes: rebuilds a nested tensor blob without running code.
     :param budget: the file's allocation budget.
+    :param rules: how each global may be used (:data:`CALL_RULES`, plus the user's entries).
     :raises MaterialiseRefused: a global was used against its rule.
     :raises LoadBudgetExceeded: the objects would exceed ``budget``.
     """
-    return _Evaluator(resolve, build_check, load_bytes, budget).value(root)
+    return _Evaluator(resolve, build_check, load_bytes, budget, rules).value(root)

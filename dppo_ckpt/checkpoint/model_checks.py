@@ -358,14 +358,17 @@ def model_state(model: Any) -> dict[str, Any]:
     )
 
 
-def check_round_trip(model: Any, env: Any = None, *, trust: bool = False) -> CheckResult:
+def check_round_trip(
+    model: Any, env: Any = None, *, trust: bool = False, allow: Any = None
+) -> CheckResult:
     """DPPO012: save to a temporary file, load it back with the allow-list loader, and
     compare policy parameters and buffers, optimizer state and scaler state bit for bit.
 
     :param trust: reload through the same trusted path the model was loaded with (a model
         with a closure schedule saves that closure again, which the allow-list refuses)
+    :param allow: the allow-list the model was loaded with (built-in plus the user's).
     """
-    from dppo_ckpt.checkpoint.safe_pickle import safe_load
+    from dppo_ckpt.checkpoint.safe_pickle import ALLOWED_GLOBALS, safe_load
 
     spec = CHECKS["DPPO012"]
     before = model_state(model)
@@ -374,7 +377,9 @@ def check_round_trip(model: Any, env: Any = None, *, trust: bool = False) -> Che
         model.save(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reloaded = safe_load(path, env=env, device="cpu", trust=trust)
+            reloaded = safe_load(
+                path, env=env, device="cpu", trust=trust, allow=allow or ALLOWED_GLOBALS
+            )
     difference = _first_difference(before, model_state(reloaded))
     if difference is not None:
         return spec.failed(f"the state after save -> load differs at {difference}")
