@@ -208,14 +208,22 @@ def verify(
             show_default=False,
         ),
     ] = None,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Take *.zip in subfolders of folders too.")
+    ] = False,
 ) -> None:
-    """Check checkpoints: archive, safety, legacy layout, parameter links, statistics.
+    """Check checkpoints (files, or the *.zip in folders): archive, safety, legacy layout,
+    parameter links, statistics.
 
     Exit code: 0 all good, 1 a check failed, 2 a file could not be used, 3 refused as unsafe.
     """
+    from dppo_ckpt.checkpoint.inputs import checkpoint_files
     from dppo_ckpt.checkpoint.results import overall_exit_code
 
-    paths = [str(path) for path in models]
+    paths = [str(path) for path in checkpoint_files(models, recursive=recursive)]
+    if not paths:
+        typer.echo("error: no checkpoint (*.zip) in the folders given", err=True)
+        raise typer.Exit(2)
     budgets = _budgets(max_memory, timeout)
     reports = _verify_all(
         paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
@@ -523,6 +531,9 @@ def migrate_command(
     fmt: Annotated[
         MigrateFormat, typer.Option("--format", "-f", help="Output format.")
     ] = MigrateFormat.table,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Take *.zip in subfolders of folders too.")
+    ] = False,
 ) -> None:
     """Rewrite legacy checkpoints whose scaler pickled its parameters; change nothing else.
 
@@ -540,6 +551,7 @@ def migrate_command(
         dry_run=dry_run,
         force=force,
         static=static,
+        recursive=recursive,
     )
     for outcome in outcomes:
         if outcome.exit_code != 0:

@@ -58,6 +58,7 @@ from dppo_ckpt.checkpoint.archive import (
     open_checkpoint,
 )
 from dppo_ckpt.checkpoint.contents import LEGACY_STATE_KEYS, legacy_state_keys
+from dppo_ckpt.checkpoint.inputs import checkpoint_files
 from dppo_ckpt.checkpoint.results import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -912,11 +913,13 @@ def resolve_jobs(
     *,
     out_dir: str | os.PathLike[str] | None = None,
     in_place: bool = False,
+    recursive: bool = False,
 ) -> list[tuple[Path, Path | None]]:
     """Turn the command line into ``(source, destination)`` pairs.
 
-    ``OLD NEW``; or inputs (files, or folders whose ``*.zip`` files are taken) with
-    ``out_dir`` (same file names) or ``in_place`` (destination ``None``).
+    ``OLD NEW``; or inputs (files, or folders whose ``*.zip`` files are taken, those of
+    subfolders too with ``recursive``) with ``out_dir`` (same file names) or ``in_place``
+    (destination ``None``).
 
     :raises UsageError: any other combination, or two inputs that would land on one output.
     """
@@ -931,12 +934,7 @@ def resolve_jobs(
         if old.is_dir() or new.is_dir():
             raise UsageError("folders need --out-dir or --in-place")
         return [(old, new)]
-    sources: list[Path] = []
-    for item in map(Path, paths):
-        if item.is_dir():
-            sources += sorted(p for p in item.iterdir() if p.suffix == ".zip" and p.is_file())
-        else:
-            sources.append(item)
+    sources = checkpoint_files(paths, recursive=recursive)
     if in_place:
         return [(source, None) for source in sources]
     assert out_dir is not None
@@ -961,11 +959,12 @@ def migrate_paths(
     dry_run: bool = False,
     force: bool = False,
     static: bool = False,
+    recursive: bool = False,
 ) -> tuple[list[MigrationOutcome], int]:
     """Migrate every input named on the command line; return the outcomes and the exit code
     (the worst of them: 3 > 2 > 1 > 0)."""
     try:
-        jobs = resolve_jobs(paths, out_dir=out_dir, in_place=in_place)
+        jobs = resolve_jobs(paths, out_dir=out_dir, in_place=in_place, recursive=recursive)
     except UsageError as exc:
         bad = MigrationOutcome(", ".join(map(os.fspath, paths)), None, "unusable", exc.reason, 2)
         return [bad], EXIT_UNUSABLE

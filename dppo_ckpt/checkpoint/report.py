@@ -114,6 +114,11 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
     from rich.text import Text
 
     for report in reports:
+        results = report.results
+        if _unusable(report):
+            # One row says why; the skipped checks add nothing a reader needs here. JSON,
+            # JUnit and SARIF keep every check, so CI test cases stay stable.
+            results = results[:1]
         table = Table(
             title=Text(printable(report.path), style="bold"),
             caption=f"exit code {report.exit_code}",
@@ -124,8 +129,8 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
         table.add_column("Check")
         table.add_column("Verdict", no_wrap=True)
         table.add_column("Message")
-        for result in report.results:
-            message = Text(printable(result.message))
+        for result in results:
+            message = Text(printable(_without_path(result.message, report.path)))
             if result.remedy and result.verdict in (Verdict.FAIL, Verdict.ERROR):
                 message.append("\n")
                 message.append(f"-> {printable(result.remedy)}", style="italic cyan")
@@ -136,8 +141,28 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
                 message,
             )
         console.print(table)
+    failing = [r for r in reports if r.exit_code]
+    if failing and len(reports) > 1:
+        named = ", ".join(f"{printable(r.path)} (exit {r.exit_code})" for r in failing)
+        console.print(Text(f"not good: {named}"), soft_wrap=True)
     # soft_wrap: the summary line must stay one line, whatever the console width.
     console.print(Text(summary_line(reports)), soft_wrap=True)
+
+
+def _unusable(report: FileReport) -> bool:
+    """The file could not be used: DPPO001 did not pass and every other check was skipped."""
+    first, rest = report.results[:1], report.results[1:]
+    return (
+        bool(first)
+        and first[0].verdict in (Verdict.FAIL, Verdict.ERROR)
+        and all(r.verdict is Verdict.SKIP for r in rest)
+    )
+
+
+def _without_path(message: str, path: str) -> str:
+    """The message without a leading ``PATH:`` (the table's title already names the file)."""
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 # ---------------------------------------------------------------------------------------------
