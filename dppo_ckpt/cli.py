@@ -296,7 +296,9 @@ def _render_inspection(info: dict[str, Any], console: Console) -> None:
         text = repr(value)
         row(hyper, key, text if len(text) <= 80 else text[:77] + "...")
     for key, kind in info["pickled_entries"].items():
-        row(hyper, key, f"pickled {kind or ''}".strip())
+        # The class a pickled class entry names, not the metaclass SB3 records as its type.
+        shown = info["policy_class"] if key == "policy_class" and info["policy_class"] else kind
+        row(hyper, key, f"pickled {shown or ''}".strip())
     console.print(hyper)
     vgs = info["vgs"]
     scaler = table("Variance Gradient Scaler", "Field", "Value")
@@ -317,13 +319,29 @@ def _render_inspection(info: dict[str, Any], console: Console) -> None:
         for key, value in info["numerics"].items():
             row(numerics, key, value)
     console.print(numerics)
-    globals_table = table("Globals referenced", "Global", "Verdict", "Where")
+    globals_table = Table(title=Text("Globals referenced", style="bold"), title_justify="left")
+    globals_table.add_column("Global", overflow="fold")
+    globals_table.add_column("Verdict", no_wrap=True)
+    globals_table.add_column("Uses", justify="right", no_wrap=True)
+    globals_table.add_column("Where", overflow="fold")
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for g in info["globals"]:
-        where = g["member"] + (f" / {g['entry']}" if g["entry"] else "")
-        if g["path"]:
-            where += " > " + " > ".join(g["path"])
-        verdict = Text(g["verdict"], style="green" if g["verdict"] == "allowed" else "bold red")
-        globals_table.add_row(Text(_printable(g["global"])), verdict, Text(_printable(where)))
+        grouped.setdefault((g["global"], g["verdict"]), []).append(g)
+    # Refused globals first, so they are never lost among the allowed ones.
+    for (name, verdict), places in sorted(grouped.items(), key=lambda kv: kv[0][1] == "allowed"):
+        wheres = []
+        for g in places:
+            where = g["member"] + (f" / {g['entry']}" if g["entry"] else "")
+            wheres.append(where + "".join(f" > {p}" for p in g["path"]))
+        unique = list(dict.fromkeys(wheres))
+        shown = ", ".join(unique[:3]) + (f" and {len(unique) - 3} more" if len(unique) > 3 else "")
+        style = "green" if verdict == "allowed" else "bold red"
+        globals_table.add_row(
+            Text(_printable(name)),
+            Text(verdict, style=style),
+            str(sum(g.get("count", 1) for g in places)),
+            Text(_printable(shown)),
+        )
     console.print(globals_table)
 
 

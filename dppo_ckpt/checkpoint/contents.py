@@ -306,6 +306,7 @@ def inspect_archive(archive: CheckpointArchive) -> dict[str, Any]:
                 "member": f.member,
                 "entry": f.entry,
                 "path": list(f.path),
+                "count": f.count,
             }
             for f in scan.findings
         ],
