@@ -265,86 +265,6 @@ def _printable(value: Any) -> str:
     return printable(value)
 
 
-def _render_inspection(info: dict[str, Any], console: Console) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    def table(title: str, *columns: str) -> Table:
-        out = Table(title=Text(title, style="bold"), title_justify="left")
-        for column in columns:
-            out.add_column(column)
-        return out
-
-    def row(out: Table, *values: Any) -> None:
-        out.add_row(*(Text(_printable(v)) for v in values))
-
-    console.print(Text(_printable(info["path"]), style="bold"))
-    members = table("Members", "Name", "Size", "Stored", "Compression")
-    for m in info["members"]:
-        row(members, m["name"], m["size"], m["compressed_size"], m["compression"])
-    console.print(members)
-    overview = table("Checkpoint", "Field", "Value")
-    for key, value in info["versions"].items():
-        row(overview, f"{key} version", value if value is not None else "not recorded")
-    row(overview, "algorithm", info["algorithm"] or "unknown")
-    row(overview, "policy class", info["policy_class"] or "unknown")
-    row(overview, "legacy scaler entry", "yes: run `dppo-ckpt migrate`" if info["legacy"] else "no")
-    row(overview, "all globals allow-listed", "yes" if info["safe"] else "NO")
-    console.print(overview)
-    hyper = table("Hyperparameters (plain JSON values of data)", "Key", "Value")
-    for key, value in info["hyperparameters"].items():
-        text = repr(value)
-        row(hyper, key, text if len(text) <= 80 else text[:77] + "...")
-    for key, kind in info["pickled_entries"].items():
-        # The class a pickled class entry names, not the metaclass SB3 records as its type.
-        shown = info["policy_class"] if key == "policy_class" and info["policy_class"] else kind
-        row(hyper, key, f"pickled {shown or ''}".strip())
-    console.print(hyper)
-    vgs = info["vgs"]
-    scaler = table("Variance Gradient Scaler", "Field", "Value")
-    if vgs is None:
-        row(scaler, "scaler", "none (off, or not a DistributionalPPO checkpoint)")
-    elif "error" in vgs:
-        row(scaler, "scaler", f"cannot decode: {vgs['error']}")
-    else:
-        for key, value in vgs["config"].items():
-            row(scaler, key, value)
-        for key in ("step_count", "scaling_factor", "noise_ratio", "tensors", "elements"):
-            row(scaler, key, vgs[key])
-    console.print(scaler)
-    numerics = table("Numerics (what bit-for-bit results depend on)", "Field", "Value")
-    if info["numerics"] is None:
-        row(numerics, "fingerprint", "not recorded (plain SB3, or dppo-ckpt < 0.2)")
-    else:
-        for key, value in info["numerics"].items():
-            row(numerics, key, value)
-    console.print(numerics)
-    globals_table = Table(title=Text("Globals referenced", style="bold"), title_justify="left")
-    globals_table.add_column("Global", overflow="fold")
-    globals_table.add_column("Verdict", no_wrap=True)
-    globals_table.add_column("Uses", justify="right", no_wrap=True)
-    globals_table.add_column("Where", overflow="fold")
-    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for g in info["globals"]:
-        grouped.setdefault((g["global"], g["verdict"]), []).append(g)
-    # Refused globals first, so they are never lost among the allowed ones.
-    for (name, verdict), places in sorted(grouped.items(), key=lambda kv: kv[0][1] == "allowed"):
-        wheres = []
-        for g in places:
-            where = g["member"] + (f" / {g['entry']}" if g["entry"] else "")
-            wheres.append(where + "".join(f" > {p}" for p in g["path"]))
-        unique = list(dict.fromkeys(wheres))
-        shown = ", ".join(unique[:3]) + (f" and {len(unique) - 3} more" if len(unique) > 3 else "")
-        style = "green" if verdict == "allowed" else "bold red"
-        globals_table.add_row(
-            Text(_printable(name)),
-            Text(verdict, style=style),
-            str(sum(g.get("count", 1) for g in places)),
-            Text(_printable(shown)),
-        )
-    console.print(globals_table)
-
-
 @app.command()
 def inspect(
     model: Annotated[Path, typer.Argument(help="Checkpoint zip to describe.", show_default=False)],
@@ -373,7 +293,9 @@ def inspect(
         return
     from rich.console import Console
 
-    _render_inspection(info, Console())
+    from dppo_ckpt.checkpoint.report import render_inspection
+
+    render_inspection(info, Console())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,11 +498,15 @@ def migrate_command(
             typer.echo(f"error: {_printable(outcome.source)}: {_printable(outcome.message)}",
                        err=True)  # fmt: skip
     if fmt is MigrateFormat.json:
-        sys.stdout.write(migrate.outcomes_to_json(outcomes, code, __version__) + "\n")
+        from dppo_ckpt.checkpoint.report import migration_to_json
+
+        sys.stdout.write(migration_to_json(outcomes, code, __version__) + "\n")
     else:
         from rich.console import Console
 
-        migrate.render_outcomes(outcomes, Console(highlight=False, soft_wrap=True))
+        from dppo_ckpt.checkpoint.report import render_migration
+
+        render_migration(outcomes, Console(highlight=False, soft_wrap=True))
     raise typer.Exit(code)
 
 

@@ -67,7 +67,6 @@ from dppo_ckpt.checkpoint.results import (
     FileReport,
     Verdict,
     overall_exit_code,
-    printable,
 )
 from dppo_ckpt.checkpoint.safe_pickle import (
     Finding,
@@ -96,9 +95,7 @@ __all__ = [
     "is_exempt",
     "migrate_file",
     "migrate_paths",
-    "outcomes_to_json",
     "plan_migration",
-    "render_outcomes",
     "resolve_jobs",
     "rewrite_scaler_pickle",
 ]
@@ -982,58 +979,3 @@ def migrate_paths(
     ]
     code = overall_exit_code(FileReport(o.source, [], o.exit_code) for o in outcomes)
     return outcomes, code
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------------
-
-_STATUS_STYLE: Final = {
-    "migrated": "green",
-    "already current": "green",
-    "would migrate": "yellow",
-    "failed": "red",
-    "unusable": "red",
-    "refused": "bold red",
-}
-
-
-def render_outcomes(outcomes: Sequence[MigrationOutcome], console: Any) -> None:
-    """A summary table (input, output, status, what changed) and a count line."""
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title="dppo-ckpt migrate", title_justify="left")
-    table.add_column("Input", overflow="fold")
-    table.add_column("Output", overflow="fold")
-    table.add_column("Status", no_wrap=True)
-    table.add_column("Exit", no_wrap=True)
-    table.add_column("Details")
-    for o in outcomes:
-        details = o.message + (f"\nbackup: {o.backup}" if o.backup and o.exit_code == 0 else "")
-        table.add_row(
-            Text(printable(o.source)),
-            Text(printable(o.destination or "-")),
-            Text(o.status, style=_STATUS_STYLE.get(o.status, "")),
-            str(o.exit_code),
-            Text("\n".join(printable(line) for line in details.split("\n"))),
-        )
-    console.print(table)
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o.status] = counts.get(o.status, 0) + 1
-    console.print(Text(", ".join(f"{n} {status}" for status, n in counts.items())), soft_wrap=True)
-
-
-def outcomes_to_json(outcomes: Sequence[MigrationOutcome], exit_code: int, version: str) -> str:
-    """The outcomes as JSON: ``{"tool", "version", "command", "exit_code", "files": [...]}``."""
-    return json.dumps(
-        {
-            "tool": "dppo-ckpt",
-            "version": version,
-            "command": "migrate",
-            "exit_code": exit_code,
-            "files": [o.to_dict() for o in outcomes],
-        },
-        indent=2,
-    )
