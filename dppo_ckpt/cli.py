@@ -607,6 +607,37 @@ def cycle_command(
     raise typer.Exit(code)
 
 
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint zip to export.", show_default=False)],
+    out: Annotated[
+        Path,
+        typer.Argument(help="Folder for policy.safetensors and policy.json.", show_default=False),
+    ],
+) -> None:
+    """Write the policy as safetensors weights and a JSON description: no pickle at all.
+
+    dppo_ckpt.load_policy(OUT) rebuilds it for prediction. The checkpoint is read with the
+    allow-list loader. Exit code 2 when it cannot be used or exported, 3 when refused as unsafe.
+    """
+    from dppo_ckpt.checkpoint.archive import CheckpointError
+    from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError
+    from dppo_ckpt.export import ExportError, export_policy
+
+    try:
+        folder = export_policy(model, out)
+    except UnsafePickleError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(3) from None
+    except (CheckpointError, ExportError) as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"error: cannot write {out}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"exported {model} to {folder} (policy.safetensors, policy.json)")
+
+
 def main() -> None:
     """Entry point of the `dppo-ckpt` console script."""
     app()
