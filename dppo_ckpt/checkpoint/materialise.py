@@ -46,8 +46,8 @@ __all__ = [
 ]
 
 
-class MaterialiseRefused(Exception):
-    """An allowed global was used in a way its rule forbids (the file is refused as unsafe).
+class _GlobalMisuse(Exception):
+    """A global the file names was used in a way its rule does not admit.
 
     :param global_name: ``module.qualname`` of the global involved.
     :param reason: what was wrong, in one line.
@@ -59,18 +59,13 @@ class MaterialiseRefused(Exception):
         self.reason = reason
 
 
-class MaterialiseInvalid(Exception):
+class MaterialiseRefused(_GlobalMisuse):
+    """An allowed global was used in a way its rule forbids (the file is refused as unsafe)."""
+
+
+class MaterialiseInvalid(_GlobalMisuse):
     """An allowed constructor got arguments that do not describe a valid object (the file is
-    damaged, exit code 2): a buffer that does not match its shape, a malformed state.
-
-    :param global_name: ``module.qualname`` of the global involved.
-    :param reason: what was wrong, in one line.
-    """
-
-    def __init__(self, global_name: str, reason: str) -> None:
-        super().__init__(reason)
-        self.global_name = global_name
-        self.reason = reason
+    damaged, exit code 2): a buffer that does not match its shape, a malformed state."""
 
 
 class LoadBudgetExceeded(Exception):
