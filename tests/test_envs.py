@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 
 import numpy as np
@@ -154,3 +155,16 @@ def test_the_checkpoint_member_records_the_spec_and_stays_unchanged_without_it()
     with pytest.raises(MetadataError, match="nested more than"):
         parse_metadata(hostile)
 
+
+@pytest.mark.parametrize("axes", [(0, 3, 1, 2), (2, 0, 3, 1)])
+def test_a_transposed_array_survives_the_allow_list_loader(axes):
+    # VecTransposeImage hands the model channel-first views of channel-last frames, so a
+    # checkpoint's last observation is such a view; numpy pickles it in memory order.
+    import pickle
+
+    from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler
+
+    view = np.arange(2 * 3 * 5 * 7, dtype=np.uint8).reshape(2, 3, 5, 7).transpose(axes)
+    assert not view.flags.c_contiguous and not view.flags.f_contiguous
+    loaded = SafeUnpickler(io.BytesIO(pickle.dumps(view, protocol=5))).load()
+    assert loaded.shape == view.shape and np.array_equal(loaded, view)
