@@ -54,6 +54,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -274,7 +275,9 @@ def _type_problem(key: str, value: Any) -> str | None:
         return None
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
              dict: "a table", list: "an array"}  # fmt: skip
-    wanted = " or ".join(dict.fromkeys(names[k] for k in expected if k in names))
+    # An integer is a number: "a number" says both.
+    kinds = [k for k in expected if not (k is int and float in expected)]
+    wanted = " or ".join(dict.fromkeys(names[k] for k in kinds if k in names))
     return f"must be {wanted}"
 
 
@@ -289,13 +292,17 @@ def _toml_types(key: str) -> tuple[type, ...] | None:
 
     hint: Any = None
     for function in (DistributionalPPO.__init__, PPO.__init__):
-        try:
-            hints = typing.get_type_hints(function)
-        except Exception:  # an annotation that does not resolve: judge nothing
-            return None
-        if key in hints:
-            hint = hints[key]
-            break
+        parameter = inspect.signature(function).parameters.get(key)
+        if parameter is None or parameter.annotation is parameter.empty:
+            continue
+        hint = parameter.annotation
+        if isinstance(hint, str):  # postponed annotations: resolve this one name only
+            module = sys.modules.get(function.__module__)
+            try:
+                hint = eval(hint, dict(vars(module)) if module else {})  # noqa: S307
+            except Exception:  # a name only imported for type checkers: judge nothing
+                return None
+        break
     if hint is None:
         return None
     members = (
