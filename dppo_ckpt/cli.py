@@ -309,11 +309,49 @@ _PORTABLE_OPTION = typer.Option(
 )
 
 
+_ENV_HELP = "Gymnasium environment id; module:EnvId imports module first (as gymnasium.make does)."
+_ENV_KWARGS_OPTION = typer.Option(
+    "--env-kwargs", help="JSON object of keywords for gymnasium.make.", metavar="JSON"
+)
+_VEC_ENV_OPTION = typer.Option(
+    "--vec-env", help="dummy (one process) or subproc (a process per environment).",
+    metavar="KIND",
+)  # fmt: skip
+_NORMALIZE_OPTION = typer.Option(
+    "--normalize/--no-normalize",
+    help="VecNormalize the observations and rewards (options: the config's [normalize]).",
+    show_default=False,
+)
+_FRAME_STACK_OPTION = typer.Option(
+    "--frame-stack", help="Stack this many frames (VecFrameStack).", metavar="N"
+)
+_ATARI_OPTION = typer.Option(
+    "--atari/--no-atari",
+    help="Wrap in SB3's AtariWrapper (needs the atari extra: ale-py).",
+    show_default=False,
+)
+
+
+def _env_kwargs(text: str | None) -> dict[str, Any] | None:
+    from dppo_ckpt import envs
+
+    try:
+        return envs.parse_env_kwargs(text)
+    except envs.EnvError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command("train")
 def train_command(
     env: Annotated[
-        str | None, typer.Option("--env", help="Gymnasium environment id. (default Pendulum-v1)")
+        str | None, typer.Option("--env", help=_ENV_HELP + " (default Pendulum-v1)")
     ] = None,
+    env_kwargs: Annotated[str | None, _ENV_KWARGS_OPTION] = None,
+    vec_env: Annotated[str | None, _VEC_ENV_OPTION] = None,
+    normalize: Annotated[bool | None, _NORMALIZE_OPTION] = None,
+    frame_stack: Annotated[int | None, _FRAME_STACK_OPTION] = None,
+    atari: Annotated[bool | None, _ATARI_OPTION] = None,
     timesteps: Annotated[
         int | None,
         typer.Option(
@@ -365,6 +403,15 @@ def train_command(
             metavar="CHECKPOINT",
         ),
     ] = None,
+    branch: Annotated[
+        str | None,
+        typer.Option(
+            "--branch",
+            help="With --resume from an older checkpoint: continue into RUN/branches/NAME/, "
+            "leaving the later checkpoints alone.",
+            metavar="NAME",
+        ),
+    ] = None,
     eval_episodes: Annotated[
         int, typer.Option("--eval-episodes", help="Evaluation episodes at the end (0: none).")
     ] = 5,
@@ -401,6 +448,11 @@ def train_command(
         env_id=env,
         timesteps=timesteps,
         n_envs=n_envs,
+        env_kwargs=_env_kwargs(env_kwargs),
+        vec_env=vec_env,
+        normalize=normalize,
+        frame_stack=frame_stack,
+        atari=atari,
         seed=seed,
         critic=critic,
         vgs=vgs,
@@ -410,6 +462,7 @@ def train_command(
         out=out,
         checkpoint_every=checkpoint_every,
         resume=resume,
+        branch=branch,
         eval_episodes=eval_episodes,
         tensorboard=tensorboard,
         portable=portable,
@@ -530,7 +583,21 @@ def cycle_command(
             help="Start from this checkpoint instead of a fresh model.", show_default=False
         ),
     ] = None,
-    env: Annotated[str, typer.Option("--env", help="Gymnasium environment id.")] = "Pendulum-v1",
+    env: Annotated[
+        str | None,
+        typer.Option(
+            "--env", help=_ENV_HELP + " (default: the one MODEL records, else Pendulum-v1)"
+        ),
+    ] = None,
+    env_kwargs: Annotated[str | None, _ENV_KWARGS_OPTION] = None,
+    n_envs: Annotated[
+        int | None,
+        typer.Option("--n-envs", help="Parallel environments. (default: MODEL's, else 1)"),
+    ] = None,
+    vec_env: Annotated[str | None, _VEC_ENV_OPTION] = None,
+    normalize: Annotated[bool | None, _NORMALIZE_OPTION] = None,
+    frame_stack: Annotated[int | None, _FRAME_STACK_OPTION] = None,
+    atari: Annotated[bool | None, _ATARI_OPTION] = None,
     cycles: Annotated[int, typer.Option("--cycles", help="Train-save-load cycles (K).")] = 3,
     steps: Annotated[int, typer.Option("--steps", help="Environment steps per cycle (N).")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the model and environments.")] = 0,
@@ -553,6 +620,9 @@ def cycle_command(
 
     K times: train N steps, save, load, check the loaded model, train on with it.
 
+    MODEL's recorded environment stack is rebuilt (VecNormalize with its statistics beside
+    it, frame stacking); options given here change it.
+
     Counters never reset; optimizer and scaler state survive; one set of parameter objects.
 
     K cycles of N steps must equal K*N uninterrupted steps, bit for bit.
@@ -560,13 +630,23 @@ def cycle_command(
     Exit code: 0 all good, 1 a check failed, 2 unusable input, 3 refused as unsafe.
     """
     from dppo_ckpt import cycles as cycles_module
+    from dppo_ckpt import envs
     from dppo_ckpt.checkpoint import report
     from dppo_ckpt.checkpoint.results import overall_exit_code
 
+    env_options = envs.EnvOptions(
+        env_id=env,
+        n_envs=n_envs,
+        env_kwargs=_env_kwargs(env_kwargs),
+        vec_env=vec_env,
+        normalize=normalize,
+        frame_stack=frame_stack,
+        atari=atari,
+    )
     try:
         result = cycles_module.run_cycles(
             model,
-            env_id=env,
+            env_options=env_options,
             cycles=cycles,
             steps=steps,
             seed=seed,

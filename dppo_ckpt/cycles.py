@@ -29,6 +29,7 @@ so the reference then trains in K ``learn()`` calls of N steps as well; the repo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import tempfile
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dppo_ckpt import envs
 from dppo_ckpt.checkpoint.checks import CheckSpec
 from dppo_ckpt.checkpoint.results import EXIT_UNSAFE, CheckResult, FileReport, Severity, Verdict
 
@@ -68,7 +70,7 @@ CYCLE_SETTINGS: dict[str, Any] = {
 #: The model checks of :func:`dppo_ckpt.checkpoint.checks.model_checks`, run after each load.
 MODEL_CHECK_IDS = ("DPPO008", "DPPO009", "DPPO010", "DPPO011")
 
-DEFAULT_ENV_ID = "Pendulum-v1"
+DEFAULT_ENV_ID = envs.DEFAULT_ENV_ID
 DEFAULT_CYCLES = 3
 DEFAULT_STEPS = 256
 
@@ -253,15 +255,50 @@ def _pickled_parameter_copies(path: Path) -> bool:
 # Starting points
 
 
-def _make_env(env_id: str, seed: int) -> VecEnv:
-    from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import DummyVecEnv
+@dataclass(frozen=True)
+class _Start:
+    """What both starting points are built from: the same inputs give the same model."""
 
+    path: Path | None
+    spec: envs.EnvSpec
+    allowed: bool  # whether the spec's module: part may be imported
+    seed: int
+    trust: bool
+    source: str = "the options"  # what recorded the spec, for messages
+    where: str = "the options"  # where the spec came from, for the line that shows it
+
+
+def _make_env(start: _Start) -> tuple[VecEnv, str | None]:
+    """The start's environments, with VecNormalize's statistics from beside the checkpoint;
+    and the line saying where those statistics came from."""
     try:
-        return make_vec_env(env_id, n_envs=1, seed=seed, vec_env_cls=DummyVecEnv)
-    except Exception as exc:  # gymnasium raises many kinds for an env that cannot be built
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CycleError(f"cannot create environment {env_id!r}: {message}") from exc
+        env = envs.build_vec_env(start.spec, start.seed, allowed=start.allowed, source=start.source)
+    except envs.EnvError as exc:
+        raise CycleError(str(exc), exc.exit_code) from None
+    line = _load_statistics(start.path, env) if start.path is not None else None
+    return env, line
+
+
+def _statistics_path(path: Path) -> Path:
+    # The name train gives VecNormalize's statistics beside a checkpoint.
+    return path.with_name(path.name.removesuffix(".zip") + ".vecnorm.npz")
+
+
+def _load_statistics(path: Path, env: VecEnv) -> str | None:
+    """VecNormalize's statistics from beside the checkpoint (numbers only, never a pickle);
+    a line saying where the statistics come from, or ``None`` without VecNormalize."""
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    if envs.find_wrapper(env, VecNormalize) is None:
+        return None
+    stats = _statistics_path(path)
+    try:
+        envs.load_normalization(env, stats.read_bytes())
+    except OSError:
+        return f"VecNormalize statistics start fresh ({stats.name} is missing)"
+    except ValueError as exc:
+        return f"VecNormalize statistics start fresh ({stats.name}: {exc})"
+    return f"VecNormalize statistics from {stats.name}"
 
 
 def _count(number: int, noun: str) -> str:
@@ -273,17 +310,23 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _start(model_path: Path | None, env_id: str, seed: int, trust: bool) -> DistributionalPPO:
-    """A starting point; called twice, it gives two models that train identically."""
+def _start(start: _Start) -> tuple[DistributionalPPO, str | None]:
+    """A starting point; called twice, it gives two models that train identically.
+
+    :return: the model, and the line saying where VecNormalize's statistics came from
+    """
     from stable_baselines3.common.utils import set_random_seed
 
     from dppo_ckpt.ppo import DistributionalPPO
 
+    model_path, seed, trust, env_id = start.path, start.seed, start.trust, start.spec.env_id
     # A checkpoint without recorded generator states must still start both runs alike.
     set_random_seed(seed)
-    env = _make_env(env_id, seed)
+    env, statistics = _make_env(start)
     if model_path is None:
-        return DistributionalPPO("MlpPolicy", env, seed=seed, device="cpu", **CYCLE_SETTINGS)
+        policy = envs.policy_for(env.observation_space)
+        model = DistributionalPPO(policy, env, seed=seed, device="cpu", **CYCLE_SETTINGS)
+        return model, statistics
 
     from dppo_ckpt.checkpoint.archive import CheckpointError
     from dppo_ckpt.checkpoint.isolation import probe_load
@@ -291,7 +334,9 @@ def _start(model_path: Path | None, env_id: str, seed: int, trust: bool) -> Dist
 
     crashed = probe_load(os.fspath(model_path), trust=trust)
     if crashed is not None:
+        envs.close_quietly(env)
         raise CycleError(crashed[1], crashed[0])
+    problem: CycleError | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -299,21 +344,26 @@ def _start(model_path: Path | None, env_id: str, seed: int, trust: bool) -> Dist
                 model_path, algo_cls=DistributionalPPO, env=env, device="cpu", trust=trust
             )
     except UnsafePickleError as exc:
-        raise CycleError(
+        problem = CycleError(
             f"{model_path} refused as unsafe: {_one_line(exc)} (--trust loads it anyway)",
             EXIT_UNSAFE,
-        ) from exc
+        )
     except CheckpointError as exc:
-        raise CycleError(f"cannot use {model_path}: {_one_line(exc)}") from exc
+        # The reason alone: the archive was read from memory, so its own path is <memory>.
+        problem = CycleError(f"cannot use {model_path}: {exc.reason}")
     except Exception as exc:  # SB3 raises anything for a file that does not fit
-        raise CycleError(
+        problem = CycleError(
             f"cannot load {model_path} on {env_id} (--env sets the environment): {_one_line(exc)}"
-        ) from exc
-    if not isinstance(model, DistributionalPPO):
-        raise CycleError(f"{model_path} is not a DistributionalPPO checkpoint")
+        )
+    else:
+        if not isinstance(model, DistributionalPPO):
+            problem = CycleError(f"{model_path} is not a DistributionalPPO checkpoint")
+    if problem is not None:
+        envs.close_quietly(env)  # a SubprocVecEnv's workers must not outlive the start
+        raise problem
     # The environments restart on the first learn(); seeded, so both runs see the same ones.
     env.seed(seed)
-    return model
+    return model, statistics
 
 
 def _schedules_constant(model: DistributionalPPO) -> bool:
@@ -387,7 +437,8 @@ def _merge_model_checks(per_cycle: list[list[CheckResult]], cycles: int) -> list
 def run_cycles(
     model_path: str | Path | None = None,
     *,
-    env_id: str = DEFAULT_ENV_ID,
+    env_id: str | None = None,
+    env_options: envs.EnvOptions | None = None,
     cycles: int = DEFAULT_CYCLES,
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
@@ -401,7 +452,10 @@ def run_cycles(
 
     :param model_path: start from this checkpoint (loaded with the allow-list loader) instead
         of a fresh model with :data:`CYCLE_SETTINGS`
-    :param env_id: the environment to train on
+    :param env_id: the environment to train on (the same as ``env_options.env_id``); by
+        default the one ``model_path`` records, else :data:`DEFAULT_ENV_ID`
+    :param env_options: the rest of the environment stack (VecNormalize, frame stacking, ...)
+        given by the user; what they leave out comes from the spec ``model_path`` records
     :param cycles: how many times to train, save and load (K)
     :param steps: environment steps per cycle (N), rounded up to whole rollouts
     :param seed: seed of the fresh model and of the environments
@@ -410,8 +464,9 @@ def run_cycles(
     :param progress: called with a short line as each stage starts
     :param portable: run in portable numerics (see :mod:`dppo_ckpt.numerics`); fixed for the
         process by its first choice
-    :param note: called with the line saying that ``model_path`` was written with other
-        numerics, so that its results here are not bit for bit those of its machine
+    :param note: called with the environment stack used and where it came from, and with the
+        line saying that ``model_path`` was written with other numerics, so that its results
+        here are not bit for bit those of its machine
     :return: one report, path = ``model_path`` or ``"fresh-<env_id>"``
     :raises CycleError: the start could not be used (exit 2) or was refused as unsafe (exit 3)
     """
@@ -425,15 +480,11 @@ def run_cycles(
         raise CycleError(f"--cycles must be >= 1, got {cycles}")
     if steps < 1:
         raise CycleError(f"--steps must be >= 1, got {steps}")
-    import gymnasium as gym
-
-    try:
-        gym.spec(env_id)
-    except gym.error.Error as exc:
-        raise CycleError(f"unknown environment id {env_id!r}: {exc}") from exc
     path = Path(model_path) if model_path is not None else None
-    if path is not None and not path.is_file():
-        raise CycleError(f"cannot use {path}: no such file")
+    given = dataclasses.replace(env_options or envs.EnvOptions())
+    if env_id is not None:
+        given.env_id = env_id
+    start = _plan_start(path, given, seed, trust)
     say = progress or (lambda line: None)
 
     with contextlib.ExitStack() as stack:
@@ -442,9 +493,51 @@ def run_cycles(
         else:
             folder = Path(workdir)
             folder.mkdir(parents=True, exist_ok=True)
-        results = _run(path, env_id, cycles, steps, seed, trust, folder, say, note)
-    report_path = str(model_path) if model_path is not None else f"fresh-{env_id}"
+        results = _run(start, cycles, steps, folder, say, note)
+    report_path = str(model_path) if model_path is not None else f"fresh-{start.spec.env_id}"
     return FileReport.from_results(report_path, results)
+
+
+def _plan_start(path: Path | None, given: envs.EnvOptions, seed: int, trust: bool) -> _Start:
+    """The starting point's inputs, with where its environment spec came from.
+
+    The spec a checkpoint records is read as plain JSON; its ``module:`` part is imported
+    only when ``--env`` names that very environment, or with ``--trust``.
+
+    :raises CycleError: the file or the options cannot be used (exit 2)
+    """
+    from dppo_ckpt.checkpoint.archive import CheckpointError, open_checkpoint
+
+    recorded = None
+    where = "the options"
+    if path is not None:
+        if not path.is_file():
+            what = "is a folder, not a checkpoint" if path.is_dir() else "no such file"
+            if path.exists() and not path.is_dir():
+                what = "not a regular file"
+            raise CycleError(f"cannot use {path}: {what}")
+        try:
+            with open_checkpoint(path) as archive:
+                metadata = archive.metadata or {}
+        except CheckpointError as exc:
+            raise CycleError(f"cannot use {path}: {exc.reason}") from None
+        try:
+            if metadata.get("env") is not None:
+                recorded = envs.EnvSpec.from_json(metadata["env"], path.name)
+        except envs.EnvError as exc:
+            raise CycleError(str(exc)) from None
+        where = f"recorded in {path.name}" if recorded is not None else (
+            f"{path.name} records none" + ("" if given.env_id else "; --env sets it")
+        )  # fmt: skip
+    try:
+        spec = envs.resolve_spec(given, recorded, fixed=recorded is not None)
+    except envs.EnvError as exc:
+        raise CycleError(str(exc), exc.exit_code) from None
+    if given.env_id is not None and recorded is not None:
+        where = f"--env; {where}"
+    allowed = trust or (given.env_id is not None and given.env_id == spec.env_id)
+    source = path.name if path is not None else "the options"
+    return _Start(path, spec, allowed, seed, trust, source, where)
 
 
 def _numerics_note(path: Path) -> str | None:
@@ -464,24 +557,42 @@ def _numerics_note(path: Path) -> str | None:
 
 
 def _run(
-    path: Path | None,
-    env_id: str,
+    start: _Start,
     cycles: int,
     steps: int,
-    seed: int,
-    trust: bool,
     folder: Path,
     say: Callable[[str], None],
     note: Callable[[str], None] | None = None,
 ) -> list[CheckResult]:
+    say("building the starting point")
+    model, statistics = _start(start)
+    env = model.get_env()
+    try:
+        if note is not None:  # said once the start is known to be usable
+            note(f"environment: {start.spec.describe()} ({start.where})")
+            if statistics is not None:
+                note(statistics)
+        return _run_started(start, model, cycles, steps, folder, say, note)
+    finally:
+        envs.close_quietly(env)
+
+
+def _run_started(
+    start: _Start,
+    model: DistributionalPPO,
+    cycles: int,
+    steps: int,
+    folder: Path,
+    say: Callable[[str], None],
+    note: Callable[[str], None] | None,
+) -> list[CheckResult]:
     from dppo_ckpt.checkpoint.checks import model_checks
     from dppo_ckpt.ppo import DistributionalPPO, LegacyCheckpointWarning
 
+    path = start.path
     outcome = _Outcome()
     durations: dict[str, float] = {}
     per_cycle_model_checks: list[list[CheckResult]] = []
-    say("building the starting point")
-    model = _start(path, env_id, seed, trust)
     if path is not None and note is not None:  # said once the start is known to be usable
         line = _numerics_note(path)
         if line is not None:
@@ -624,9 +735,7 @@ def _run(
     )
     results.append(verdict("CYC006", f"after {loads}, one set of parameter objects"))
     results.append(verdict("CYC007", f"{saved}, no _parameters in the scaler", has_scaler))
-    results.append(
-        _exact_resume(path, env_id, seed, trust, cycles, steps, steps_per_cycle, final, broken, say)
-    )
+    results.append(_exact_resume(start, cycles, steps, steps_per_cycle, final, broken, say))
     merged = _merge_model_checks(per_cycle_model_checks, cycles)
     if broken is not None:
         # Keep the report's test cases the same even when a cycle crashed before a check ran.
@@ -639,10 +748,7 @@ def _run(
 
 
 def _exact_resume(
-    path: Path | None,
-    env_id: str,
-    seed: int,
-    trust: bool,
+    start: _Start,
     cycles: int,
     steps: int,
     steps_per_cycle: int,
@@ -656,9 +762,10 @@ def _exact_resume(
         return spec.errored(broken or "the cycles did not finish")
     started = time.perf_counter()
     total = cycles * steps_per_cycle
+    reference = None
     try:
         say(f"reference: {total} steps without save/load")
-        reference = _start(path, env_id, seed, trust)
+        reference, _ = _start(start)
         if _schedules_constant(reference):
             reference.learn(total, reset_num_timesteps=False)
             how = f"{total} uninterrupted steps"
@@ -670,6 +777,9 @@ def _exact_resume(
         expected = _State.of(reference)
     except Exception as exc:  # as in the cycles: a crash is an error result
         return spec.errored(f"the reference run failed: {type(exc).__name__}: {_one_line(exc)}")
+    finally:
+        if reference is not None:
+            envs.close_quietly(reference.get_env())
     details = {"reference": how, "timesteps": final.timesteps}
     mismatches = []
     if expected.timesteps != final.timesteps:

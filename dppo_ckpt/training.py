@@ -7,7 +7,13 @@ call and writes checkpoints into its run folder as it goes::
       run.json                              manifest: settings, checkpoints and their sha256
       checkpoint_000010240.zip              the model (DistributionalPPO.save)
       checkpoint_000010240.envs.pkl         the environments at that moment (cloudpickle)
+      checkpoint_000010240.vecnorm.npz      VecNormalize's statistics (with --normalize)
       tensorboard/                          with --tensorboard
+
+The environment stack is an :class:`~dppo_ckpt.envs.EnvSpec`, recorded in the manifest and in
+each checkpoint's ``dppo_ckpt.json``; ``--resume`` rebuilds it from there. A recorded
+``module:EnvId`` is imported only when the manifest is authenticated (below), when the user
+names it with ``--env``, or with ``--trust``.
 
 Checkpoints are taken at rollout boundaries, after an update and before the next rollout, so
 that a checkpoint holds everything the next iteration depends on: parameters, optimizer and
@@ -38,14 +44,17 @@ aborts at once, leaving the checkpoints already written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import importlib.util
 import inspect
 import io
 import json
 import math
-import pickle
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -53,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dppo_ckpt import envs
 from dppo_ckpt.atomic import TEMP_SUFFIX, write_atomically
 
 if TYPE_CHECKING:
@@ -82,7 +92,7 @@ EXIT_INTERRUPTED = 130
 MANIFEST_NAME = "run.json"
 MANIFEST_FORMAT_VERSION = 1
 
-DEFAULT_ENV_ID = "Pendulum-v1"
+DEFAULT_ENV_ID = envs.DEFAULT_ENV_ID
 DEFAULT_TIMESTEPS = 100_000
 DEFAULT_CHECKPOINT_EVERY = 10_000
 DEFAULT_EVAL_EPISODES = 5
@@ -107,6 +117,9 @@ TUNED_N_ENVS: dict[str, int] = {"Pendulum-v1": 4}
 
 _CHECKPOINT_PREFIX = "checkpoint_"
 _SNAPSHOT_SUFFIX = ".envs.pkl"
+_NORMALIZATION_SUFFIX = ".vecnorm.npz"
+# Tables of the config file that describe the environment, not the model.
+_ENV_CONFIG_KEYS = ("env_kwargs", "normalize")
 _FRESH = "environments restart fresh"
 
 # Options of `train` that set model keywords; with --resume the checkpoint fixes them.
@@ -137,6 +150,11 @@ class TrainOptions:
     env_id: str | None = None
     timesteps: int | None = None
     n_envs: int | None = None
+    env_kwargs: dict[str, Any] | None = None
+    vec_env: str | None = None
+    normalize: bool | None = None
+    frame_stack: int | None = None
+    atari: bool | None = None
     seed: int | None = None
     critic: str | None = None
     vgs: bool | None = None
@@ -146,6 +164,7 @@ class TrainOptions:
     out: Path | None = None
     checkpoint_every: int | None = None
     resume: Path | None = None
+    branch: str | None = None
     eval_episodes: int = DEFAULT_EVAL_EPISODES
     tensorboard: bool = False
     portable: bool = True
@@ -197,10 +216,11 @@ def model_keywords() -> frozenset[str]:
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    """Read a TOML file of DistributionalPPO keywords (top-level keys; tables become dicts).
+    """Read a TOML file of DistributionalPPO keywords (top-level keys; tables become dicts),
+    plus the environment's ``[env_kwargs]`` and ``[normalize]`` tables.
 
     :raises TrainingError: (exit 2) the file cannot be read or parsed, or a key is not a
-        DistributionalPPO keyword
+        DistributionalPPO keyword, or a value has the wrong type (the message names the key)
     """
     try:
         import tomllib
@@ -217,12 +237,93 @@ def load_config(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise TrainingError(f"config {path} is not valid TOML: {exc}") from exc
     known = model_keywords()
-    for key in config:
+    for key, value in config.items():
+        if key in _ENV_CONFIG_KEYS:
+            if not isinstance(value, dict):
+                raise TrainingError(f"config {path}: {key} must be a table ([{key}])")
+            if key == "normalize":
+                try:
+                    envs.check_normalize_options(value, f"config {path}: normalize")
+                except envs.EnvError as exc:
+                    raise TrainingError(str(exc)) from None
+            continue
         if key not in known:
             raise TrainingError(
                 f"config {path}: unknown key {key!r} (not a DistributionalPPO keyword)"
             )
+        problem = _type_problem(key, value)
+        if problem is not None:
+            raise TrainingError(f"config {path}: {key} = {value!r}: {problem}")
     return config
+
+
+def _type_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be DistributionalPPO's ``key``, judged from its type hints.
+
+    Only what TOML can hold is judged (numbers, text, booleans, tables, arrays): a hint that
+    admits none of those, or that cannot be resolved, accepts anything, and the model's own
+    checks speak later.
+    """
+    expected = _toml_types(key)
+    if expected is None:
+        return None
+    ok = any(
+        isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
+        for kind in expected
+    )
+    if ok:
+        return None
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             dict: "a table", list: "an array"}  # fmt: skip
+    # An integer is a number: "a number" says both.
+    kinds = [k for k in expected if not (k is int and float in expected)]
+    wanted = " or ".join(dict.fromkeys(names[k] for k in kinds if k in names))
+    return f"must be {wanted}"
+
+
+@functools.cache
+def _toml_types(key: str) -> tuple[type, ...] | None:
+    import types
+    import typing
+
+    from stable_baselines3 import PPO
+
+    from dppo_ckpt.ppo import DistributionalPPO
+
+    hint: Any = None
+    for function in (DistributionalPPO.__init__, PPO.__init__):
+        parameter = inspect.signature(function).parameters.get(key)
+        if parameter is None or parameter.annotation is parameter.empty:
+            continue
+        hint = parameter.annotation
+        if isinstance(hint, str):  # postponed annotations: resolve this one name only
+            module = sys.modules.get(function.__module__)
+            try:
+                hint = eval(hint, dict(vars(module)) if module else {})  # noqa: S307
+            except Exception:  # a name only imported for type checkers: judge nothing
+                return None
+        break
+    if hint is None:
+        return None
+    members = (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else (hint,)
+    )
+    plain: list[type] = []
+    for member in members:
+        origin = typing.get_origin(member) or member
+        if member is type(None):
+            continue
+        if origin in (bool, int, float, str, dict, list):
+            plain.append(origin)
+            if origin is float:
+                plain.append(int)  # TOML writes 1 for 1.0
+        elif origin is tuple:
+            plain.append(list)
+        elif member is typing.Any:
+            return None
+    return tuple(plain) or None
 
 
 def checkpoint_name(timesteps: int) -> str:
@@ -234,18 +335,13 @@ def _snapshot_name(checkpoint: str) -> str:
     return checkpoint.removesuffix(".zip") + _SNAPSHOT_SUFFIX
 
 
+def _normalization_name(checkpoint: str) -> str:
+    return checkpoint.removesuffix(".zip") + _NORMALIZATION_SUFFIX
+
+
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise TrainingError(f"{name} must be > 0, got {value}")
-
-
-def _check_env_id(env_id: str) -> None:
-    import gymnasium as gym
-
-    try:
-        gym.spec(env_id)
-    except gym.error.Error as exc:
-        raise TrainingError(f"unknown environment id {env_id!r}: {exc}") from exc
 
 
 def _check_options(options: TrainOptions) -> None:
@@ -262,6 +358,16 @@ def _check_options(options: TrainOptions) -> None:
         raise TrainingError(f"--critic must be 'quantile' or 'categorical', got {options.critic!r}")
     if options.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if options.branch is not None:
+        if options.resume is None:
+            raise TrainingError("--branch needs --resume: it names where a resumed run continues")
+        if options.out is not None:
+            raise TrainingError("--branch and --out both choose the run folder: give one")
+        name = options.branch
+        if not name or name in (".", "..") or not all(c.isalnum() or c in "._-" for c in name):
+            raise TrainingError(
+                f"--branch {name!r}: use letters, digits, '.', '_' and '-' (a folder name)"
+            )
     if options.resume is not None:
         given = {
             "critic": options.critic,
@@ -288,7 +394,7 @@ def _model_settings(
     explicit command-line options."""
     settings: dict[str, Any] = {"seed": 0, "device": "cpu", "verbose": 0}
     settings.update(TUNED_SETTINGS.get(env_id, {}))
-    settings.update(config)
+    settings.update({k: v for k, v in config.items() if k not in _ENV_CONFIG_KEYS})
     explicit = {
         "seed": options.seed,
         "critic": options.critic,
@@ -305,19 +411,22 @@ def _model_settings(
 
 
 def _new_manifest(
-    env_id: str,
-    n_envs: int,
+    spec: envs.EnvSpec,
     seed: Any,
     timesteps: int,
     every: int,
     settings: dict[str, Any],
     resumed_from: str | None,
 ) -> dict[str, Any]:
-    """The manifest of a new run folder, before any checkpoint is listed."""
+    """The manifest of a new run folder, before any checkpoint is listed.
+
+    ``env_id`` and ``n_envs`` repeat fields of ``env`` for readers of the first manifests.
+    """
     return {
         "format_version": MANIFEST_FORMAT_VERSION,
-        "env_id": env_id,
-        "n_envs": n_envs,
+        "env_id": spec.env_id,
+        "n_envs": spec.n_envs,
+        "env": spec.to_json(),
         "seed": seed,
         "timesteps": timesteps,
         "checkpoint_every": every,
@@ -361,13 +470,44 @@ def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
     return manifest
 
 
-class _RunFolder:
-    """The run folder: writes checkpoints, environment snapshots and the manifest."""
+def _record_in_checkpoint(checkpoint: bytes, env: dict[str, Any], run: dict[str, Any]) -> bytes:
+    """``checkpoint`` with the environment spec and the run's targets in its ``dppo_ckpt.json``.
 
-    def __init__(self, path: Path, manifest: dict[str, Any], key: bytes | None) -> None:
+    ``DistributionalPPO.save`` writes that member with the numerics only; the zip is rebuilt
+    with every other member unchanged, in the same order and with the same compression.
+    """
+    import zipfile
+
+    from dppo_ckpt.checkpoint.metadata import METADATA_MEMBER, encode_metadata, parse_metadata
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(checkpoint)) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == METADATA_MEMBER:
+                numerics = parse_metadata(data)["numerics"]
+                data = encode_metadata(numerics, env=env, run=run)
+            target.writestr(info, data)
+    return out.getvalue()
+
+
+class _RunFolder:
+    """The run folder: writes checkpoints, environment snapshots, VecNormalize statistics and
+    the manifest."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        key: bytes | None,
+        spec: envs.EnvSpec,
+        run_info: dict[str, Any],
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self.key = key
+        self.spec = spec
+        self.run_info = run_info
         self.snapshot_error: str | None = None
 
     def _save_manifest(self) -> None:
@@ -398,7 +538,9 @@ class _RunFolder:
                 model.save(buffer)
             finally:
                 restore_rng_state(current, model.action_space)
-        checkpoint_bytes = buffer.getvalue()
+        checkpoint_bytes = _record_in_checkpoint(
+            buffer.getvalue(), self.spec.to_json(), self.run_info
+        )
 
         snapshot_entry = None
         if self.snapshot_error is None:
@@ -407,6 +549,12 @@ class _RunFolder:
                 snapshot_name = _snapshot_name(name)
                 write_atomically(self.path / snapshot_name, snapshot_bytes)
                 snapshot_entry = {"file": snapshot_name, "sha256": _sha256(snapshot_bytes)}
+        normalization_entry = None
+        normalization = envs.save_normalization(model.get_env())
+        if normalization is not None:
+            normalization_name = _normalization_name(name)
+            write_atomically(self.path / normalization_name, normalization)
+            normalization_entry = {"file": normalization_name, "sha256": _sha256(normalization)}
         path = self.path / name
         write_atomically(path, checkpoint_bytes)
 
@@ -417,6 +565,7 @@ class _RunFolder:
                 "timesteps": model.num_timesteps,
                 "sha256": _sha256(checkpoint_bytes),
                 "envs": snapshot_entry,
+                "normalization": normalization_entry,
             }
         )
         self.manifest["checkpoints"] = entries
@@ -424,10 +573,10 @@ class _RunFolder:
         return path
 
     def _pickle_environments(self, env: VecEnv | None) -> bytes | None:
-        import cloudpickle
-
+        if env is None:
+            return None
         try:
-            return cloudpickle.dumps(env)
+            return envs.snapshot_environments(env)
         except Exception as exc:  # whatever the environment's pickling raises
             self.snapshot_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             return None
@@ -444,15 +593,44 @@ class _ResumePoint:
     n_envs: int
     timesteps: int
     numerics: dict[str, Any] | None
+    #: the environment spec and run targets recorded in the checkpoint's dppo_ckpt.json
+    env: dict[str, Any] | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+
+
+def _checkpoint_steps(folder: Path) -> dict[Path, int]:
+    """The checkpoints ``train`` wrote into ``folder``, with their step from the file name."""
+    found = {}
+    for path in folder.glob(f"{_CHECKPOINT_PREFIX}*.zip"):
+        digits = path.name[len(_CHECKPOINT_PREFIX) : -len(".zip")]
+        if digits.isdigit():
+            found[path] = int(digits)
+    return found
+
+
+def _newest_checkpoint(folder: Path) -> Path | None:
+    steps = _checkpoint_steps(folder)
+    return max(steps, key=lambda p: (steps[p], p.name)) if steps else None
+
+
+def _not_a_file(path: Path, what: str) -> str:
+    """Why ``path`` cannot be a checkpoint: a folder (naming its newest checkpoint) or absent."""
+    if path.is_dir():
+        newest = _newest_checkpoint(path)
+        hint = f": give one of its checkpoints, e.g. {newest}" if newest else ""
+        return f"{what} {path}: is a folder, not a checkpoint{hint}"
+    if path.exists():
+        return f"{what} {path}: not a regular file"
+    return f"{what} {path}: no such file"
 
 
 def _inspect_resume(path: Path) -> _ResumePoint:
     """Check that ``path`` is a readable checkpoint; read its counters, its numerics
-    fingerprint and the manifest (nothing from the file is unpickled here)."""
+    fingerprint, its recorded environment and the manifest (nothing is unpickled here)."""
     from dppo_ckpt.checkpoint.archive import CheckpointError, open_checkpoint
 
     if not path.is_file():
-        raise TrainingError(f"cannot resume from {path}: no such file")
+        raise TrainingError(_not_a_file(path, "cannot resume from"))
     try:
         with open_checkpoint(path) as archive:
             data = archive.data
@@ -464,8 +642,16 @@ def _inspect_resume(path: Path) -> _ResumePoint:
     n_envs, timesteps = data.get("n_envs"), data.get("num_timesteps")
     if not isinstance(n_envs, int) or not isinstance(timesteps, int):
         raise TrainingError(f"cannot resume from {path}: n_envs or num_timesteps missing")
-    numerics = metadata["numerics"] if metadata is not None else None
-    return _ResumePoint(path, _read_manifest(path.parent), n_envs, timesteps, numerics)
+    metadata = metadata or {}
+    return _ResumePoint(
+        path,
+        _read_manifest(path.parent),
+        n_envs,
+        timesteps,
+        metadata.get("numerics"),
+        metadata.get("env"),
+        dict(metadata.get("run") or {}),
+    )
 
 
 def _manifest_problem(manifest: dict[str, Any], key: bytes | None, key_error: str | None) -> str:
@@ -477,52 +663,105 @@ def _manifest_problem(manifest: dict[str, Any], key: bytes | None, key_error: st
     return signing.verify(manifest, key) or ""
 
 
-def _restore_environments(
-    point: _ResumePoint, n_envs: int, authenticated: str, trust: bool
-) -> tuple[VecEnv | None, str]:
-    """The environment snapshot beside the checkpoint, if train wrote it and it loads.
+def _recorded_spec(
+    point: _ResumePoint, authenticated: str
+) -> tuple[envs.EnvSpec | None, str, bool]:
+    """The environment spec the run recorded: ``(spec, where, vouched for)``.
+
+    An authenticated manifest speaks first and vouches for its ``module:`` part; otherwise the
+    checkpoint's own record, then an unauthenticated manifest's (neither vouches).
+    """
+    manifest = point.manifest or {}
+    sources: list[tuple[Any, str, bool]] = []
+    if not authenticated:
+        sources.append((manifest.get("env"), f"{MANIFEST_NAME} (signed with your key)", True))
+    sources.append((point.env, point.checkpoint.name, False))
+    if authenticated:
+        sources.append((manifest.get("env"), MANIFEST_NAME, False))
+    for value, where, vouched in sources:
+        if value is not None:
+            try:
+                return envs.EnvSpec.from_json(value, where), where, vouched
+            except envs.EnvError as exc:
+                raise TrainingError(f"cannot resume from {point.checkpoint}: {exc}") from None
+    legacy = manifest.get("env_id")  # manifests of dppo-ckpt 0.2: a registered id only
+    if isinstance(legacy, str) and ":" not in legacy:
+        return envs.EnvSpec(legacy, n_envs=point.n_envs), MANIFEST_NAME, not authenticated
+    return None, "", False
+
+
+def _snapshot_bytes(
+    point: _ResumePoint, spec: envs.EnvSpec, authenticated: str, trust: bool
+) -> tuple[bytes | None, str]:
+    """The environment snapshot beside the checkpoint, if train wrote it and it may be loaded.
 
     :param authenticated: ``""`` when the manifest's signature verifies, else why not
     :param trust: load the snapshot of a manifest that is not authenticated
-    :return: the environments (or None) and a line saying what happened
+    :return: the snapshot's bytes (or None) and why not
     """
-    from stable_baselines3.common.vec_env import VecEnv
-
-    if n_envs != point.n_envs:
-        return None, f"{_FRESH} (--n-envs {n_envs} differs from the checkpoint's {point.n_envs})"
+    if spec.n_envs != point.n_envs:
+        return None, f"--n-envs {spec.n_envs} differs from the checkpoint's {point.n_envs}"
     manifest = point.manifest
     if manifest is None:
-        return None, f"{_FRESH} (no {MANIFEST_NAME} beside the checkpoint)"
+        return None, f"no {MANIFEST_NAME} beside the checkpoint"
     if authenticated and not trust:
         return None, (
-            f"{_FRESH} (the snapshot is a pickle and {MANIFEST_NAME} {authenticated}, so "
-            "nothing vouches for it; --trust loads it anyway)"
+            f"the snapshot is a pickle and {MANIFEST_NAME} {authenticated}, so "
+            "nothing vouches for it; --trust loads it anyway"
         )
-    entry = next(
-        (e for e in manifest["checkpoints"] if e.get("file") == point.checkpoint.name), None
-    )
+    entry = _manifest_entry(point)
     if entry is None or not isinstance(entry.get("envs"), dict):
-        return None, f"{_FRESH} (no environment snapshot was written with this checkpoint)"
+        return None, "no environment snapshot was written with this checkpoint"
     if entry.get("sha256") != _file_sha256(point.checkpoint):
-        return None, f"{_FRESH} (the checkpoint changed since train wrote it)"
+        return None, "the checkpoint changed since train wrote it"
     snapshot_name = entry["envs"].get("file")
     if not isinstance(snapshot_name, str) or Path(snapshot_name).name != snapshot_name:
-        return None, f"{_FRESH} (the manifest names no snapshot beside the checkpoint)"
-    snapshot = point.checkpoint.parent / snapshot_name
+        return None, "the manifest names no snapshot beside the checkpoint"
     try:
-        data = snapshot.read_bytes()
+        data = (point.checkpoint.parent / snapshot_name).read_bytes()
     except OSError:
-        return None, f"{_FRESH} (environment snapshot {snapshot_name} is missing)"
+        return None, f"environment snapshot {snapshot_name} is missing"
     if _sha256(data) != entry["envs"].get("sha256"):
-        return None, f"{_FRESH} (environment snapshot {snapshot_name} changed since written)"
+        return None, f"environment snapshot {snapshot_name} changed since written"
+    return data, snapshot_name
+
+
+def _manifest_entry(point: _ResumePoint) -> dict[str, Any] | None:
+    manifest = point.manifest or {}
+    entry = next(
+        (e for e in manifest.get("checkpoints", []) if isinstance(e, dict)
+         and e.get("file") == point.checkpoint.name),
+        None,
+    )  # fmt: skip
+    return entry
+
+
+def _restore_normalization(point: _ResumePoint, env: VecEnv) -> str | None:
+    """Load VecNormalize's statistics from beside the checkpoint; a line saying what happened.
+
+    The file holds numbers only (read without pickle), so it needs no authentication; when
+    the manifest lists it, its sha256 must still match.
+    """
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    if envs.find_wrapper(env, VecNormalize) is None:
+        return None
+    name = _normalization_name(point.checkpoint.name)
+    entry = _manifest_entry(point) or {}
+    listed = entry.get("normalization") if isinstance(entry.get("normalization"), dict) else None
+    if listed is not None and isinstance(listed.get("file"), str):
+        name = Path(listed["file"]).name
     try:
-        # Authenticated: train wrote it for this user (or --trust); the sha256 matches.
-        env = pickle.loads(data)
-    except Exception as exc:  # a snapshot of another software version
-        return None, f"{_FRESH} (snapshot {snapshot_name} cannot be loaded: {exc})"
-    if not isinstance(env, VecEnv) or env.num_envs != point.n_envs:
-        return None, f"{_FRESH} (snapshot {snapshot_name} does not hold matching environments)"
-    return env, f"environments restored from {snapshot_name}"
+        data = (point.checkpoint.parent / name).read_bytes()
+    except OSError:
+        return f"VecNormalize statistics start fresh ({name} is missing)"
+    if listed is not None and _sha256(data) != listed.get("sha256"):
+        return f"VecNormalize statistics start fresh ({name} changed since written)"
+    try:
+        envs.load_normalization(env, data)
+    except ValueError as exc:
+        return f"VecNormalize statistics start fresh ({name}: {exc})"
+    return f"VecNormalize statistics from {name}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -757,41 +996,78 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _make_env(env_id: str, n_envs: int, seed: int | None) -> VecEnv:
-    from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
-    try:
-        return make_vec_env(env_id, n_envs=n_envs, seed=seed, vec_env_cls=DummyVecEnv)
-    except Exception as exc:  # gymnasium raises many kinds for an env that cannot be built
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TrainingError(f"cannot create environment {env_id!r}: {message}") from exc
-
-
-def _resolve_run_dir(options: TrainOptions) -> Path:
+def _resolve_run_dir(options: TrainOptions, point: _ResumePoint | None) -> Path:
     if options.out is not None:
         return options.out
+    if point is not None and options.branch is not None:
+        return point.checkpoint.parent / "branches" / options.branch
     if options.resume is not None:
         return options.resume.parent
     return Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def _prepare_run_dir(run_dir: Path, resuming_here: bool) -> None:
+def _check_run_dir(run_dir: Path, resuming_here: bool) -> bool:
+    """Refuse a folder that holds another run; nothing is created yet.
+
+    A folder whose run never wrote a checkpoint (killed early) holds nothing to continue, so
+    it is reused.
+
+    :return: whether an existing folder is reused
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"--out {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and not resuming_here:
-        holds_run = (run_dir / MANIFEST_NAME).exists() or any(
-            run_dir.glob(f"{_CHECKPOINT_PREFIX}*.zip")
+    if not run_dir.is_dir() or resuming_here:
+        return False
+    newest = _newest_checkpoint(run_dir)
+    if newest is not None:
+        raise TrainingError(
+            f"{run_dir} already holds a run: continue it with --resume {newest}, "
+            "or choose another --out"
         )
-        if holds_run:
-            raise TrainingError(
-                f"{run_dir} already holds a run: continue it with --resume "
-                f"{run_dir}/{_CHECKPOINT_PREFIX}....zip, or choose another --out"
-            )
+    return (run_dir / MANIFEST_NAME).exists()
+
+
+def _create_run_dir(run_dir: Path) -> None:
+    """Create the folder and prove it writable, so that no write fails later with a traceback."""
+    import tempfile
+
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise TrainingError(f"cannot create {run_dir}: {exc.strerror or exc}") from exc
+        raise TrainingError(f"cannot create {run_dir}: {exc.strerror or exc}") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise TrainingError(f"cannot write into {run_dir}: {exc.strerror or exc}") from None
+
+
+def _check_not_behind(point: _ResumePoint, branch: str | None) -> None:
+    """Refuse to resume into a folder from a checkpoint older than its newest: the run would
+    overwrite the later checkpoints, and TensorBoard would see their steps twice."""
+    steps = _checkpoint_steps(point.checkpoint.parent)
+    later = sorted((step, path.name) for path, step in steps.items() if step > point.timesteps)
+    if later and branch is None:
+        raise TrainingError(
+            f"{point.checkpoint} is not the newest checkpoint of {point.checkpoint.parent} "
+            f"({later[-1][1]}); resuming there would overwrite later checkpoints: continue "
+            f"into {point.checkpoint.parent / 'branches' / 'NAME'} with --branch NAME, or "
+            "choose another --out"
+        )
+
+
+def _tensorboard_name(tensorboard_log: str | None, point: _ResumePoint | None) -> str:
+    """The TensorBoard run name: a resumed run gets its own, after the step it resumed from,
+    so that no event directory holds a step twice."""
+    if point is None:
+        return "dppo"
+    base = f"resumed-{point.timesteps:09d}"
+    name, attempt = base, 1
+    while tensorboard_log is not None and any(Path(tensorboard_log).glob(f"{name}_*")):
+        attempt += 1
+        name = f"{base}-{attempt}"
+    return name
 
 
 def _progress(console: Console) -> Progress:
@@ -824,6 +1100,30 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
         checks (the exit code of those checks)
     :raises KeyboardInterrupt: on a third Ctrl-C
     """
+    try:
+        return _train(options, console)
+    except envs.EnvError as exc:
+        raise TrainingError(str(exc), exc.exit_code) from None
+
+
+def _env_options(options: TrainOptions, config: Mapping[str, Any]) -> envs.EnvOptions:
+    """The environment options given: the command line over the config's tables."""
+    env_kwargs = options.env_kwargs
+    if env_kwargs is None and "env_kwargs" in config:
+        env_kwargs = dict(config["env_kwargs"])
+    return envs.EnvOptions(
+        env_id=options.env_id,
+        n_envs=options.n_envs,
+        env_kwargs=env_kwargs,
+        vec_env=options.vec_env,
+        normalize=options.normalize,
+        normalize_options=config.get("normalize"),
+        frame_stack=options.frame_stack,
+        atari=options.atari,
+    )
+
+
+def _train(options: TrainOptions, console: Console) -> TrainSummary:
     from dppo_ckpt import numerics
 
     try:  # first: the libraries fix their numerics when they load
@@ -834,18 +1134,24 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
     point = _inspect_resume(options.resume) if options.resume is not None else None
     manifest_in = point.manifest if point is not None else None
     previous = manifest_in or {}
+    recorded_run = point.run if point is not None else {}
 
-    env_id = options.env_id or previous.get("env_id") or DEFAULT_ENV_ID
-    _check_env_id(env_id)
     config = load_config(options.config) if options.config is not None else {}
-    timesteps = options.timesteps or previous.get("timesteps") or DEFAULT_TIMESTEPS
-    every = options.checkpoint_every or previous.get("checkpoint_every")
-    every = every or DEFAULT_CHECKPOINT_EVERY
+    given = _env_options(options, config)
+    timesteps = (
+        options.timesteps or previous.get("timesteps") or recorded_run.get("timesteps")
+        or DEFAULT_TIMESTEPS
+    )  # fmt: skip
+    every = (
+        options.checkpoint_every or previous.get("checkpoint_every")
+        or recorded_run.get("checkpoint_every") or DEFAULT_CHECKPOINT_EVERY
+    )  # fmt: skip
 
-    run_dir = _resolve_run_dir(options)
+    run_dir = _resolve_run_dir(options, point)
     resuming_here = point is not None and run_dir.resolve() == point.checkpoint.parent.resolve()
-    _prepare_run_dir(run_dir, resuming_here)
-    _remove_stale_temporaries(run_dir)
+    if point is not None and resuming_here and timesteps > point.timesteps:
+        _check_not_behind(point, options.branch)
+    reused = _check_run_dir(run_dir, resuming_here)
     tensorboard_log = str(run_dir / "tensorboard") if options.tensorboard else None
 
     import torch as th
@@ -861,32 +1167,56 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
         console.print(f"note: the run manifest is not signed: {key_error}")
 
     if point is None:
-        settings = _model_settings(options, config, env_id)
-        n_envs = options.n_envs or TUNED_N_ENVS.get(env_id, 1)
+        env_id = given.env_id or DEFAULT_ENV_ID
+        spec = envs.resolve_spec(given, None, default_n_envs=TUNED_N_ENVS.get(env_id, 1))
+        settings = _model_settings(options, config, spec.gym_id)
         seed = settings["seed"]
-        env = _make_env(env_id, n_envs, seed)
+        env = envs.build_vec_env(spec, seed, allowed=True, source="--env")
         if tensorboard_log is not None:
             settings["tensorboard_log"] = tensorboard_log
         try:
-            model = DistributionalPPO("MlpPolicy", env, **settings)
+            model = DistributionalPPO(envs.policy_for(env.observation_space), env, **settings)
         except (TypeError, ValueError, AssertionError) as exc:
+            envs.close_quietly(env)
             raise TrainingError(f"invalid model settings: {exc}".splitlines()[0]) from exc
-        manifest = _new_manifest(env_id, n_envs, seed, timesteps, every, settings, None)
-        console.print(f"training {env_id} for {timesteps:,} steps into {run_dir}")
+        manifest = _new_manifest(spec, seed, timesteps, every, settings, None)
+        console.print(f"training {spec.env_id} for {timesteps:,} steps into {run_dir}")
+        console.print(f"environment: {spec.describe()}")
     else:
-        n_envs = options.n_envs or point.n_envs
         settings = dict(previous.get("model_settings") or {})
-        seed = options.seed if options.seed is not None else previous.get("seed", 0)
+        seed = options.seed
+        if seed is None:
+            seed = previous.get("seed", recorded_run.get("seed", 0))
         authenticated = (
             _manifest_problem(point.manifest, key, key_error) if point.manifest else "is missing"
         )
-        env, env_line = _restore_environments(point, n_envs, authenticated, options.trust)
-        restored = env is not None
+        recorded, where, vouched = _recorded_spec(point, authenticated)
+        if recorded is None and options.env_id is None:
+            raise TrainingError(
+                f"cannot tell which environment {point.checkpoint} was trained on: it records "
+                f"none and no {MANIFEST_NAME} beside it names one; pass --env ID"
+            )
+        spec = envs.resolve_spec(given, recorded, default_n_envs=point.n_envs, fixed=True)
+        named = options.env_id is not None and options.env_id == spec.env_id
+        allowed = named or vouched or options.trust
         # Fresh environments are seeded past the original start, so that they do not replay
         # the episodes the run began with.
         fresh_seed = (int(seed) + point.timesteps) % 2**32
-        if env is None:
-            env = _make_env(env_id, n_envs, fresh_seed)
+        env = envs.build_vec_env(spec, fresh_seed, allowed=allowed, source=where or "the record")
+        restored = False
+        snapshot, why = _snapshot_bytes(point, spec, authenticated, options.trust)
+        if snapshot is not None:
+            # Authenticated: train wrote it for this user (or --trust); the sha256 matches.
+            problem = envs.restore_snapshot(env, snapshot)
+            if problem is None:
+                restored, env_line = True, f"environments restored from {why}"
+            else:
+                envs.close_quietly(env)
+                env = envs.build_vec_env(spec, fresh_seed, allowed=allowed)
+                env_line = f"{_FRESH} (snapshot {why}: {problem})"
+        else:
+            env_line = f"{_FRESH} ({why})"
+        normalization_line = _restore_normalization(point, env)
         model = _load_checkpoint(
             point.checkpoint, env, settings, restored, tensorboard_log, options
         )
@@ -899,19 +1229,31 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
             manifest = manifest_in
             manifest["timesteps"] = timesteps
             manifest["checkpoint_every"] = every
+            manifest["env"] = spec.to_json()
         else:
-            manifest = _new_manifest(
-                env_id, n_envs, seed, timesteps, every, settings, str(point.checkpoint)
-            )
+            manifest = _new_manifest(spec, seed, timesteps, every, settings, str(point.checkpoint))
         console.print(
             f"resuming {point.checkpoint} at step {model.num_timesteps:,} of {timesteps:,} "
             f"into {run_dir}; {env_line}"
         )
+        source = "--env" if named and recorded is None else (where or "the options")
+        console.print(f"environment: {spec.describe()} (from {source})")
+        if normalization_line is not None:
+            console.print(normalization_line)
         note = numerics.resume_note(point.numerics)
         if note is not None:
             console.print(f"note: {note}")
 
-    run = _RunFolder(run_dir, manifest, key)
+    try:
+        _create_run_dir(run_dir)
+    except TrainingError:
+        envs.close_quietly(model.get_env())
+        raise
+    _remove_stale_temporaries(run_dir)
+    if reused:
+        console.print(f"note: reusing {run_dir}: its run wrote no checkpoint")
+    run_info = {"timesteps": timesteps, "checkpoint_every": every, "seed": seed}
+    run = _RunFolder(run_dir, manifest, key, spec, run_info)
     run._save_manifest()
     run_checks = _load_run_checks()
     summary = TrainSummary(
@@ -975,7 +1317,7 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
                     remaining,
                     callback=callback,
                     reset_num_timesteps=point is None,
-                    tb_log_name="dppo",
+                    tb_log_name=_tensorboard_name(tensorboard_log, point),
                 )
                 # A first Ctrl-C already saved at the rollout boundary (the model went on for
                 # one more step before learn() returned, which that checkpoint rightly lacks).
@@ -1000,15 +1342,37 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
     if options.eval_episodes > 0 and not summary.interrupted:
         from stable_baselines3.common.evaluation import evaluate_policy
 
-        eval_env = _make_env(env_id, 1, (int(seed) + 1_000_003) % 2**32)
-        mean, std = evaluate_policy(
-            model, eval_env, n_eval_episodes=options.eval_episodes, deterministic=True
-        )
-        eval_env.close()
+        eval_env = _evaluation_env(spec, model.get_env(), (int(seed) + 1_000_003) % 2**32)
+        try:
+            mean, std = evaluate_policy(
+                model, eval_env, n_eval_episodes=options.eval_episodes, deterministic=True
+            )
+        finally:
+            eval_env.close()
         summary.eval_return_mean, summary.eval_return_std = float(mean), float(std)
         summary.eval_episodes = options.eval_episodes
     model.get_env().close()
     return summary
+
+
+def _evaluation_env(spec: envs.EnvSpec, training_env: VecEnv | None, seed: int) -> VecEnv:
+    """One environment of the training stack, in process; a VecNormalize in it uses the
+    training statistics, frozen, and reports the true rewards."""
+    import copy
+
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    # The module, if any, was imported (or refused) when the training stack was built.
+    env = envs.build_vec_env(
+        dataclasses.replace(spec, n_envs=1, vec_env="dummy"), seed, allowed=True
+    )
+    normalize = envs.find_wrapper(env, VecNormalize)
+    trained = envs.find_wrapper(training_env, VecNormalize)
+    if normalize is not None and trained is not None:
+        normalize.obs_rms = copy.deepcopy(trained.obs_rms)
+        normalize.training = False
+        normalize.norm_reward = False
+    return env
 
 
 def render_summary(summary: TrainSummary, console: Console) -> None:

@@ -341,8 +341,13 @@ def test_a_forged_snapshot_beside_a_sound_checkpoint_is_never_unpickled(tmp_path
     assert not list(tmp_path.rglob("MARKER_pwned*"))
 
 
+def _copy_up_to_256(run_dir: Path, copy: Path) -> None:
+    """A copy of the run as it was at step 256, so that resuming there overwrites nothing."""
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoint_000000512.*"))
+
+
 def _edited_copy(run_dir: Path, copy: Path) -> None:
-    shutil.copytree(run_dir, copy)
+    _copy_up_to_256(run_dir, copy)
     manifest = json.loads((copy / "run.json").read_text())
     manifest["seed"] = 1
     (copy / "run.json").write_text(json.dumps(manifest))
@@ -365,7 +370,7 @@ def test_an_edited_manifest_does_not_vouch_for_its_snapshot(run_a, workspace):
 
 def test_a_folder_signed_with_another_key_is_not_trusted(run_a, workspace):
     run_dir, _ = run_a
-    shutil.copytree(run_dir, workspace / "foreign")
+    _copy_up_to_256(run_dir, workspace / "foreign")
     env = {**_environment(), "DPPO_CKPT_KEY": "another user's key, long enough to be one"}
     result = subprocess.run(
         _command("train", "--resume", "foreign/checkpoint_000000256.zip", "--eval-episodes", "0"),

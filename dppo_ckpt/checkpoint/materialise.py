@@ -218,13 +218,11 @@ def _numpy_frombuffer(args: tuple[Any, ...], budget: LoadBudget) -> Any:
     dtype = _plain_dtype(dtype, name)
     if order != "K" or axis_order is None:
         return _array_from(data, dtype, shape, "F" if order == "F" else "C", name, budget)
-    # numpy writes order "K" arrays in memory order, with the permutation back to their axes.
+    # numpy writes order "K" arrays in memory order: ``shape`` is the shape in memory, and
+    # numpy's own _frombuffer transposes it by ``axis_order`` back to the array's axes.
     if sorted(axis_order) != list(range(len(shape))) if isinstance(axis_order, tuple) else True:
         raise _invalid(name, f"axis order {axis_order!r:.40} is not a permutation of the axes")
-    stored = tuple(shape[axis] for axis in axis_order)
-    array = _array_from(data, dtype, stored, "C", name, budget)
-    inverse = tuple(axis_order.index(axis) for axis in range(len(shape)))
-    return array.transpose(inverse)
+    return _array_from(data, dtype, shape, "C", name, budget).transpose(axis_order)
 
 
 def _numpy_scalar(args: tuple[Any, ...], budget: LoadBudget) -> Any:

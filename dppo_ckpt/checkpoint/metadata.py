@@ -1,10 +1,16 @@
 """The checkpoint's own plain-JSON member, ``dppo_ckpt.json``: what this package records.
 
-SB3 owns every other member of a checkpoint. What this package adds about a checkpoint (today
-the numerics fingerprint of :mod:`dppo_ckpt.numerics`) lives in this one member, never
-pickled, so that reading it runs nothing and needs no torch::
+SB3 owns every other member of a checkpoint. What this package adds about a checkpoint lives
+in this one member, never pickled, so that reading it runs nothing and needs no torch: the
+numerics fingerprint of :mod:`dppo_ckpt.numerics` always, and for checkpoints that ``train``
+wrote, the environment spec (:mod:`dppo_ckpt.envs`) and the run's targets::
 
-    {"format": 1, "numerics": {"numerics": "portable", "torch": "2.13.0+cpu", ...}}
+    {"format": 1, "numerics": {"numerics": "portable", "torch": "2.13.0+cpu", ...},
+     "env": {"env_id": "CartPole-v1", "n_envs": 4, ...},
+     "run": {"timesteps": 100000, "checkpoint_every": 10000, "seed": 0}}
+
+``env`` and ``run`` are optional, so a checkpoint saved without them (by
+``DistributionalPPO.save``) has the same bytes as before they existed.
 
 A checkpoint without the member (plain SB3, files older than this package's 0.2) is valid;
 :func:`parse_metadata` accepts only the shape written here, within small limits, so a hostile
@@ -32,6 +38,8 @@ METADATA_FORMAT_VERSION = 1
 MAX_METADATA_BYTES = 64 * 1024
 _MAX_KEYS = 64
 _MAX_TEXT = 512
+_MAX_DEPTH = 8
+_MAX_ITEMS = 1024
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -39,9 +47,22 @@ class MetadataError(ValueError):
     """The member does not have the shape this package writes."""
 
 
-def encode_metadata(numerics: Mapping[str, Any]) -> bytes:
-    """The member's bytes for a fingerprint (sorted keys, so equal inputs give equal bytes)."""
-    document = {"format": METADATA_FORMAT_VERSION, "numerics": dict(numerics)}
+def encode_metadata(
+    numerics: Mapping[str, Any],
+    env: Mapping[str, Any] | None = None,
+    run: Mapping[str, Any] | None = None,
+) -> bytes:
+    """The member's bytes (sorted keys, so equal inputs give equal bytes).
+
+    :param numerics: the numerics fingerprint (flat)
+    :param env: the environment spec as plain JSON; left out when ``None``
+    :param run: the run's targets (flat); left out when ``None``
+    """
+    document: dict[str, Any] = {"format": METADATA_FORMAT_VERSION, "numerics": dict(numerics)}
+    if env is not None:
+        document["env"] = _bounded_json(dict(env), "env")
+    if run is not None:
+        document["run"] = _flat_object(dict(run), "run")
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
@@ -69,10 +90,34 @@ def _flat_object(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _bounded_json(value: Any, where: str, depth: int = 0, budget: list[int] | None = None) -> Any:
+    """``value`` when it is plain JSON within small limits (depth, items, text length)."""
+    budget = budget if budget is not None else [_MAX_ITEMS]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise MetadataError(f"{where} holds more than {_MAX_ITEMS} values")
+    if depth > _MAX_DEPTH:
+        raise MetadataError(f"{where} is nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, str) and len(value) > _MAX_TEXT:
+        raise MetadataError(f"{where} is longer than {_MAX_TEXT} characters")
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, list):
+        return [_bounded_json(v, f"{where}[{i}]", depth + 1, budget) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str) or len(key) > _MAX_TEXT:
+                raise MetadataError(f"{where} has a key that is not a short string")
+        return {k: _bounded_json(v, f"{where}.{k}", depth + 1, budget) for k, v in value.items()}
+    raise MetadataError(f"{where} must be plain JSON, found {type(value).__name__}")
+
+
 def parse_metadata(raw: bytes) -> dict[str, Any]:
     """Parse and validate the member's bytes.
 
-    :return: ``{"format": int, "numerics": {flat fingerprint}}``
+    :return: ``{"format": int, "numerics": {flat fingerprint}}``, plus ``"env"`` (a JSON
+        object, checked for shape only: :class:`dppo_ckpt.envs.EnvSpec` reads its fields) and
+        ``"run"`` (flat) when the member holds them
     :raises MetadataError: too large, not UTF-8 JSON, duplicate keys, or another shape
     """
     if len(raw) > MAX_METADATA_BYTES:
@@ -97,4 +142,12 @@ def parse_metadata(raw: bytes) -> dict[str, Any]:
             f"format {version} is newer than this dppo-ckpt reads ({METADATA_FORMAT_VERSION})"
         )
     numerics = _flat_object(document.get("numerics"), "numerics")
-    return {"format": version, "numerics": numerics}
+    parsed: dict[str, Any] = {"format": version, "numerics": numerics}
+    if document.get("env") is not None:
+        env = _bounded_json(document["env"], "env")
+        if not isinstance(env, dict):
+            raise MetadataError(f"env must be a JSON object, found {type(env).__name__}")
+        parsed["env"] = env
+    if document.get("run") is not None:
+        parsed["run"] = _flat_object(document["run"], "run")
+    return parsed

@@ -1,0 +1,170 @@
+"""The environment spec: recorded as plain JSON, built into a stack, snapshotted and restored."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+
+import numpy as np
+import pytest
+
+from dppo_ckpt import envs
+from dppo_ckpt.checkpoint.metadata import MetadataError, encode_metadata, parse_metadata
+from dppo_ckpt.envs import EnvError, EnvOptions, EnvSpec
+
+VECTOR = "tests.ux_envs:UxVector-v0"
+
+
+def test_a_spec_survives_its_json_form():
+    spec = EnvSpec(VECTOR, 3, {"scale": 2.0}, "subproc", {"clip_obs": 5.0}, 4, False)
+    text = json.dumps(spec.to_json())
+    assert EnvSpec.from_json(json.loads(text), "x") == spec
+    assert spec.module == "tests.ux_envs" and spec.gym_id == "UxVector-v0"
+    assert EnvSpec("CartPole-v1").module is None
+    assert spec.describe() == (
+        'tests.ux_envs:UxVector-v0 x3 (subproc), env_kwargs {"scale": 2.0}, '
+        "VecNormalize(clip_obs=5.0), 4 stacked frames"
+    )
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ({"env_id": ""}, "has no env_id"),
+        ({"env_id": "X-v0", "vec_env": "threads"}, "vec_env is 'threads'"),
+        ({"env_id": "X-v0", "frame_stack": -1}, "frame_stack is not a count"),
+        ({"env_id": "X-v0", "normalize": {"clip": 1}}, "unknown key 'clip'"),
+        ({"env_id": "X-v0", "extra": 1}, "unknown environment spec field 'extra'"),
+        ([], "not a JSON object"),
+    ],
+)
+def test_a_malformed_spec_is_refused_by_name(document, expected):
+    with pytest.raises(EnvError, match=expected):
+        EnvSpec.from_json(document, "run.json")
+
+
+def test_options_override_a_record_and_cannot_change_a_fixed_stack():
+    recorded = EnvSpec(VECTOR, 2, normalize={"clip_obs": 5.0}, frame_stack=2)
+    moved = envs.resolve_spec(EnvOptions(vec_env="subproc", normalize=True), recorded, fixed=True)
+    assert moved.vec_env == "subproc" and moved.normalize == {"clip_obs": 5.0}
+    with pytest.raises(EnvError, match="--frame-stack differs from the recorded environment"):
+        envs.resolve_spec(EnvOptions(frame_stack=4), recorded, fixed=True)
+    with pytest.raises(EnvError, match="--normalize differs"):
+        envs.resolve_spec(EnvOptions(normalize=False), recorded, fixed=True)
+    with pytest.raises(EnvError, match="pass --env ID"):
+        envs.resolve_spec(EnvOptions(), None, default_id=None)
+    with pytest.raises(EnvError, match="--vec-env must be"):
+        envs.resolve_spec(EnvOptions(vec_env="threads"), None)
+
+
+def test_a_recorded_module_is_imported_only_when_allowed():
+    spec = EnvSpec("tests.ux_envs_never_imported:Nothing-v0")
+    with pytest.raises(EnvError) as caught:
+        envs.build_vec_env(spec, 0, allowed=False, source="model.zip")
+    message = str(caught.value)
+    assert message.startswith("model.zip names environment")
+    assert "pass --env tests.ux_envs_never_imported:Nothing-v0" in message
+    with pytest.raises(EnvError, match="cannot import module 'tests.ux_envs_never_imported'"):
+        envs.build_vec_env(spec, 0, allowed=True)
+
+
+def test_a_tuple_observation_space_is_one_line():
+    with pytest.raises(EnvError) as caught:
+        envs.build_vec_env(EnvSpec("Blackjack-v1"), 0, allowed=True)
+    assert str(caught.value) == (
+        "Blackjack-v1 is not supported: its observation space is Tuple "
+        "(supported: Box, Discrete, MultiDiscrete, MultiBinary or a Dict of them)"
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ale_py") is not None, reason="ale-py installed")
+def test_atari_without_ale_py_names_the_extra():
+    with pytest.raises(EnvError, match=r"--atari needs ale-py.*pip install 'dppo-ckpt\[atari\]'"):
+        envs.build_vec_env(EnvSpec("CartPole-v1", atari=True), 0, allowed=True)
+
+
+def test_policies_follow_the_observations():
+    image = envs.build_vec_env(EnvSpec("tests.ux_envs:UxImage-v0", frame_stack=4), 0, allowed=True)
+    vector = envs.build_vec_env(EnvSpec(VECTOR), 0, allowed=True)
+    try:
+        assert image.observation_space.shape == (36, 36, 4)
+        assert envs.policy_for(image.observation_space) == "CnnPolicy"
+        assert envs.policy_for(vector.observation_space) == "MlpPolicy"
+    finally:
+        image.close()
+        vector.close()
+
+
+@pytest.mark.parametrize("vec_env", ["dummy", "subproc"])
+def test_a_restored_stack_steps_exactly_as_the_original(vec_env):
+    spec = EnvSpec(VECTOR, 2, vec_env=vec_env, normalize={}, frame_stack=2)
+    original = envs.build_vec_env(spec, 0, allowed=True)
+    restored = envs.build_vec_env(spec, 99, allowed=True)
+    try:
+        original.reset()
+        push = np.full((2, 1), 0.5, dtype=np.float32)
+        for _ in range(45):  # past the 40-step time limit: the episode counters matter
+            original.step(push)
+        snapshot = envs.snapshot_environments(original)
+        statistics = envs.save_normalization(original)
+        assert envs.restore_snapshot(restored, snapshot) is None
+        envs.load_normalization(restored, statistics)
+        for _ in range(40):
+            a, b = original.step(push), restored.step(push)
+            for x, y in zip(a[:3], b[:3], strict=True):
+                assert np.array_equal(x, y)
+    finally:
+        original.close()
+        restored.close()
+
+
+def test_statistics_that_do_not_fit_are_refused_whole():
+    small = envs.build_vec_env(EnvSpec(VECTOR, normalize={}), 0, allowed=True)
+    large = envs.build_vec_env(EnvSpec(VECTOR, 2, normalize={}), 0, allowed=True)
+    try:
+        large.reset()
+        data = envs.save_normalization(large)
+        before = envs.save_normalization(small)
+        with pytest.raises(ValueError, match="returns has shape"):
+            envs.load_normalization(small, data)
+        with pytest.raises(ValueError, match="not a statistics file"):
+            envs.load_normalization(small, b"not an npz")
+        assert envs.save_normalization(small) == before
+    finally:
+        small.close()
+        large.close()
+
+
+def test_the_checkpoint_member_records_the_spec_and_stays_unchanged_without_it():
+    numerics = {"numerics": "portable", "threads": 1}
+    plain = encode_metadata(numerics)
+    assert json.loads(plain) == {"format": 1, "numerics": numerics}
+    assert parse_metadata(plain) == {"format": 1, "numerics": numerics}
+    spec = EnvSpec(VECTOR, env_kwargs={"scale": [1, {"a": 2}]}).to_json()
+    raw = encode_metadata(numerics, env=spec, run={"timesteps": 512, "seed": 0})
+    parsed = parse_metadata(raw)
+    assert EnvSpec.from_json(parsed["env"], "x").env_kwargs == {"scale": [1, {"a": 2}]}
+    assert parsed["run"] == {"timesteps": 512, "seed": 0}
+    deep: dict = {}
+    cursor = deep
+    for _ in range(20):
+        cursor["a"] = {}
+        cursor = cursor["a"]
+    hostile = json.dumps({"format": 1, "numerics": numerics, "env": deep}).encode()
+    with pytest.raises(MetadataError, match="nested more than"):
+        parse_metadata(hostile)
+
+
+@pytest.mark.parametrize("axes", [(0, 3, 1, 2), (2, 0, 3, 1)])
+def test_a_transposed_array_survives_the_allow_list_loader(axes):
+    # VecTransposeImage hands the model channel-first views of channel-last frames, so a
+    # checkpoint's last observation is such a view; numpy pickles it in memory order.
+    import pickle
+
+    from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler
+
+    view = np.arange(2 * 3 * 5 * 7, dtype=np.uint8).reshape(2, 3, 5, 7).transpose(axes)
+    assert not view.flags.c_contiguous and not view.flags.f_contiguous
+    loaded = SafeUnpickler(io.BytesIO(pickle.dumps(view, protocol=5))).load()
+    assert loaded.shape == view.shape and np.array_equal(loaded, view)
