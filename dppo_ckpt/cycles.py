@@ -92,7 +92,7 @@ CYCLE_CHECKS: dict[str, CheckSpec] = {
         _spec(
             "CYC002",
             "Scaler step count strictly increases and never resets",
-            "Restore the saved scaler state on every load and call scale_gradients() on every "
+            "Restore the saved scaler state on every load and call compute_scale() on every "
             "minibatch of the loaded model; a scaler linked to parameter copies sees no "
             "gradients and stops counting.",
         ),

@@ -28,7 +28,7 @@ DPPO007    archive     the model loads through the allow-list loader (security i
 DPPO008    lifecycle   the scaler tracks exactly the policy's parameter objects
 DPPO009    lifecycle   the optimizer tracks exactly the policy's parameter objects
 DPPO010    statistics  the scaler's statistics after load equal the stored ones, bit for bit
-DPPO011    lifecycle   the scaler's factor reaches the policy's own ``.grad`` tensors
+DPPO011    lifecycle   a probe update with the scaler's factor s moves the parameters s times as far
 DPPO012    roundtrip   save -> load leaves parameters, optimizer and scaler state unchanged
 =========  ==========  ==================================================================
 
@@ -226,11 +226,12 @@ CHECKS: Final[dict[str, CheckSpec]] = {
         ),
         CheckSpec(
             "DPPO011",
-            "Scaler scale reaches the live gradients",
+            "Scaler factor scales the optimizer's step",
             "lifecycle",
             _ERROR,
             "Relink the scaler with scaler.update_parameters(policy.parameters()) so that it "
-            "scales the gradients the optimizer uses.",
+            "watches the gradients the optimizer uses, and apply its factor with "
+            "scaler.step(optimizer, scale) (the learning rate), not to .grad.",
         ),
         CheckSpec(
             "DPPO012",
