@@ -182,6 +182,8 @@ class TrainSummary:
     vgs_scale: float | None
     vgs_step: int | None
     checkpoints: list[Path] = field(default_factory=list)
+    vgs_level: float | None = None
+    vgs_counts: dict[str, float] | None = None
     last_checkpoint: Path | None = None
     eval_return_mean: float | None = None
     eval_return_std: float | None = None
@@ -1333,6 +1335,7 @@ def _train(options: TrainOptions, console: Console) -> TrainSummary:
     scaler = model._variance_gradient_scaler
     if scaler is not None:
         summary.vgs_scale, summary.vgs_step = scaler.scaling_factor, scaler.step_count
+        summary.vgs_level, summary.vgs_counts = scaler.level, scaler.factor_counts
     if run.snapshot_error is not None:
         console.print(
             f"note: the environments cannot be pickled ({run.snapshot_error}); "
@@ -1400,6 +1403,16 @@ def render_summary(summary: TrainSummary, console: Console) -> None:
         table.add_row("VGS scale", "off")
     else:
         table.add_row("VGS scale", f"{summary.vgs_scale:.4f} (step {summary.vgs_step:,})")
+        counts = summary.vgs_counts or {}
+        steps = counts.get("steps", 0)
+        if steps:
+            level = "not set" if summary.vgs_level is None else f"{summary.vgs_level:.3g}"
+            table.add_row(
+                "VGS after warm-up",
+                f"mean factor {counts['scale_sum'] / steps:.3f}, at the floor "
+                f"{counts['at_min'] / steps:.0%}, at 1 {counts['at_one'] / steps:.0%}, "
+                f"noise level {level} ({int(steps):,} updates)",
+            )
     written = f"{len(summary.checkpoints)}"
     if summary.unverified:
         written += " (unverified)"

@@ -822,7 +822,7 @@ def test_corrupt_nested_blob(tmp_path: Path) -> None:
 def test_random_bytes_never_crash_the_scanner(payload: bytes) -> None:
     try:
         scan_pickle(payload)
-    except PickleScanError as error:
+    except ArchiveError as error:  # damaged (PickleScanError) or over a budget
         assert "\n" not in str(error)
 
 

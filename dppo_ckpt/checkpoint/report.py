@@ -497,7 +497,10 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
     else:
         for key, value in vgs["config"].items():
             row(scaler, key, value)
-        for key in ("step_count", "scaling_factor", "noise_ratio", "tensors", "elements"):
+        for key in (
+            "step_count", "scaling_factor", "noise_ratio", "level", "scale_mean",
+            "at_min_share", "at_one_share", "tensors", "elements",
+        ):  # fmt: skip
             row(scaler, key, vgs[key])
     console.print(scaler)
     numerics = table("Numerics (what bit-for-bit results depend on)", "Field", "Value")
