@@ -169,6 +169,7 @@ class TrainOptions:
     tensorboard: bool = False
     portable: bool = True
     trust: bool = False
+    user_allow: Any = None  # UserAllowList: extra allow entries for the resume checkpoint
 
 
 @dataclass
@@ -963,10 +964,13 @@ def _load_checkpoint(
     from dppo_ckpt.checkpoint.archive import CheckpointError
     from dppo_ckpt.checkpoint.isolation import probe_load
     from dppo_ckpt.checkpoint.results import EXIT_UNSAFE
-    from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError, safe_load
+    from dppo_ckpt.checkpoint.safe_pickle import ALLOWED_GLOBALS, UnsafePickleError, safe_load
     from dppo_ckpt.ppo import DistributionalPPO
 
-    crashed = probe_load(str(path), trust=options.trust)
+    allow = ALLOWED_GLOBALS
+    if options.user_allow is not None and options.user_allow.pairs:
+        allow = options.user_allow.merged(ALLOWED_GLOBALS)
+    crashed = probe_load(str(path), trust=options.trust, allow=allow)
     if crashed is not None:
         raise TrainingError(crashed[1], crashed[0])
     try:
@@ -976,6 +980,7 @@ def _load_checkpoint(
             env=env,
             device=settings.get("device", "cpu"),
             trust=options.trust,
+            allow=allow,
             force_reset=not restored,
             tensorboard_log=tensorboard_log,
         )

@@ -90,3 +90,17 @@ def test_the_nearest_pyproject_list_is_used_and_named_in_the_report(
     )  # fmt: skip
     assert run.returncode == 2 and "os.system" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_cycle_loads_a_zoo_checkpoint_with_allow_and_refuses_it_without(
+    zoo_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dppo_ckpt.cycles import CycleError, run_cycles
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CycleError) as refused:
+        run_cycles(zoo_checkpoint, cycles=1, steps=64, allow=user_allow_list())
+    assert refused.value.exit_code == 3 and ZOO in str(refused.value)
+    report = run_cycles(zoo_checkpoint, cycles=1, steps=64, allow=user_allow_list([ZOO]))
+    assert report.path == str(zoo_checkpoint)
+    assert "refused" not in " ".join(r.message for r in report.results)
