@@ -7,6 +7,7 @@ against the uninterrupted run, and cycled from its checkpoint with the same stac
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -238,9 +239,45 @@ def test_a_checkpoint_recording_no_env_is_not_trained_on_a_default(tmp_path):
     assert "records none" in _one_line_error(result) and "pass --env ID" in result.stderr
 
 
+def test_environments_that_cannot_be_pickled_restart_fresh_and_say_why(workspace):
+    result = _ok(
+        dppo_ckpt(
+            "train", "--env", "tests.ux_envs:UxUnpicklable-v0", "--vec-env", "subproc",
+            "--n-envs", "2", "--normalize", "--config", "vector.toml", "--timesteps", "256",
+            "--checkpoint-every", "128", "--out", "unpicklable", "--eval-episodes", "0",
+            cwd=workspace,
+        )  # fmt: skip
+    )
+    assert "note: the environments cannot be pickled (TypeError: cannot pickle" in result.stdout
+    assert "--resume will say: environments restart fresh" in result.stdout
+    result = _ok(
+        dppo_ckpt(
+            "train", "--resume", "unpicklable/checkpoint_000000128.zip", "--out", "unp-resumed",
+            "--eval-episodes", "0",
+            cwd=workspace,
+        )  # fmt: skip
+    )
+    assert (
+        "environments restart fresh (no environment snapshot was written with this checkpoint)"
+    ) in result.stdout
+    # The statistics are numbers, not a pickle: they come back even so.
+    assert "VecNormalize statistics from checkpoint_000000128.vecnorm.npz" in result.stdout
+
+
+_NO_ALE = importlib.util.find_spec("ale_py") is None
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
+        pytest.param(
+            ["train", "--env", "CartPole-v1", "--atari"], "--atari needs ale-py",
+            marks=pytest.mark.skipif(not _NO_ALE, reason="ale-py is installed"),
+        ),
+        pytest.param(
+            ["train", "--env", "ALE/Pong-v5"], "--env ALE/Pong-v5 needs ale-py",
+            marks=pytest.mark.skipif(not _NO_ALE, reason="ale-py is installed"),
+        ),
         (["train", "--env", "Blackjack-v1"], "error: Blackjack-v1 is not supported: its "
          "observation space is Tuple"),
         (["train", "--env", "no_such_module_here:Env-v0"], "cannot import module"),
@@ -248,7 +285,10 @@ def test_a_checkpoint_recording_no_env_is_not_trained_on_a_default(tmp_path):
         (["train", "--vec-env", "threads"], "--vec-env must be 'dummy' or 'subproc'"),
         (["cycle", "--env", "Blackjack-v1"], "Blackjack-v1 is not supported"),
     ],
-    ids=["tuple-space", "bad-module", "env-kwargs", "vec-env", "cycle-tuple-space"],
+    ids=[
+        "atari", "ale-id", "tuple-space", "bad-module", "env-kwargs", "vec-env",
+        "cycle-tuple-space",
+    ],  # fmt: skip
 )
 def test_unusable_environments_exit_2_with_one_line(tmp_path, args, expected):
     result = dppo_ckpt(*args, "--out", "never", cwd=tmp_path) if args[0] == "train" else (
