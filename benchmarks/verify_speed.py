@@ -67,11 +67,13 @@ def run_child(command: list[str], *, expect: int | None = 0) -> tuple[float, int
 def compare_with_load(path: Path, reps: int) -> None:
     verify_runs: list[tuple[float, int, float]] = []
     load_runs: list[tuple[float, int, float]] = []
+    inline_runs: list[tuple[float, int, float]] = []
     run_child(_bare_load_command(path))  # warm the file cache and bytecode
     run_child(_verify_command(str(path)))
     for _ in range(reps):
         verify_runs.append(run_child(_verify_command(str(path))))
         load_runs.append(run_child(_bare_load_command(path)))
+        inline_runs.append(run_child(_verify_command("--no-isolate", str(path))))
     verify_wall = statistics.median(r[0] for r in verify_runs)
     load_wall = statistics.median(r[0] for r in load_runs)
     verify_cpu = statistics.median(r[2] for r in verify_runs)
@@ -82,6 +84,11 @@ def compare_with_load(path: Path, reps: int) -> None:
     print(f"  {'python -c DistributionalPPO.load':38} {load_wall:7.3f} {load_cpu:7.3f}")
     print(f"  ratio verify / load: wall {verify_wall / load_wall:.2f}, "
           f"cpu {verify_cpu / load_cpu:.2f} (target <= 1.3)")  # fmt: skip
+    inline_wall = statistics.median(r[0] for r in inline_runs)
+    print(f"  {'dppo-ckpt verify --no-isolate':38} {inline_wall:7.3f} "
+          f"{statistics.median(r[2] for r in inline_runs):7.3f}")  # fmt: skip
+    print(f"  cost of the child process (and budgets): verify / --no-isolate wall "
+          f"{verify_wall / inline_wall:.2f}")  # fmt: skip
     static = [run_child(_verify_command("--static", str(path))) for _ in range(reps)]
     python = [run_child([sys.executable, "-c", "pass"]) for _ in range(reps)]
     print(f"  {'dppo-ckpt verify --static':38} {statistics.median(r[0] for r in static):7.3f} "

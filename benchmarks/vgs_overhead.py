@@ -8,7 +8,7 @@ An MLP of about 1M parameters (256-1024-640-256-1, tanh) on CPU with one thread,
 In the same run, with the variants interleaved (each repetition runs every variant once, in a
 rotating order, so drift in machine load hits all alike), it times:
 
-- ``scale_gradients()`` alone (past warm-up, so the gradients really are rescaled);
+- ``compute_scale()`` alone (the statistics and the factor, past warm-up);
 - ``Adam.step()`` alone, with ``foreach=True`` (the multi-tensor implementation), and also with
   the CPU default, which is the single-tensor loop;
 - the whole minibatch update (zero_grad, forward, backward, [scaler], ``clip_grad_norm_``,
@@ -67,20 +67,22 @@ def main() -> None:
     saved_grads = [p.grad.clone() for p in params]  # type: ignore[union-attr]
 
     def restore_grads() -> None:
-        # Each step rescales the gradients in place; restoring them keeps every repetition
-        # on the same, normal-range values.
+        # Adam and the clipping act on the gradients in place; restoring them keeps every
+        # repetition on the same, normal-range values.
         torch._foreach_copy_([p.grad for p in params], saved_grads)  # type: ignore[misc]
 
     def update(with_scaler: bool) -> None:
         backward()
-        if with_scaler:
-            scaler.scale_gradients()
+        scale = scaler.compute_scale() if with_scaler else 1.0
         nn.utils.clip_grad_norm_(params, 0.5)
-        adam.step()
+        if with_scaler:
+            scaler.step(adam, scale)
+        else:
+            adam.step()
 
     # name -> (set-up outside the timer, timed work)
     variants: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
-        "scaler.scale_gradients()": (restore_grads, scaler.scale_gradients),
+        "scaler.compute_scale()": (restore_grads, scaler.compute_scale),
         "Adam.step() foreach": (restore_grads, adam.step),
         "Adam.step() CPU default": (restore_grads, adam_default.step),
         "update without scaler": (lambda: None, lambda: update(False)),
@@ -116,7 +118,7 @@ def main() -> None:
             f"  {name:28s} {median[name] * 1e3:8.3f} ms"
             f"   (quartiles {low * 1e3:.3f} .. {high * 1e3:.3f})"
         )
-    scaler_ratio = median["scaler.scale_gradients()"] / median["Adam.step() foreach"]
+    scaler_ratio = median["scaler.compute_scale()"] / median["Adam.step() foreach"]
     update_ratio = median["update with scaler"] / median["update without scaler"]
     print(f"  {'scaler / Adam step (foreach)':28s} {scaler_ratio:8.3f}   (target <= 1.0)")
     print(f"  {'update with / without scaler':28s} {update_ratio:8.3f}")

@@ -17,15 +17,20 @@ __all__ = [
     "DistributionalPPO",
     "VarianceGradientScaler",
     "__version__",
+    "export_policy",
+    "load_policy",
 ]
 
 _LAZY = {
     "VarianceGradientScaler": "dppo_ckpt.vgs",
     "DistributionalPPO": "dppo_ckpt.ppo",
     "CustomActorCriticPolicy": "dppo_ckpt.policy",
+    "export_policy": "dppo_ckpt.export",
+    "load_policy": "dppo_ckpt.export",
 }
 
 if TYPE_CHECKING:
+    from dppo_ckpt.export import export_policy, load_policy
     from dppo_ckpt.policy import CustomActorCriticPolicy
     from dppo_ckpt.ppo import DistributionalPPO
     from dppo_ckpt.vgs import VarianceGradientScaler

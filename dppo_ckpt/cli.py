@@ -14,6 +14,7 @@ from dppo_ckpt import __version__
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from dppo_ckpt.checkpoint.allowlist import UserAllowList
     from dppo_ckpt.checkpoint.budgets import Budgets
     from dppo_ckpt.checkpoint.results import FileReport
 
@@ -94,6 +95,17 @@ def _budgets(max_memory: str, timeout: float) -> Budgets:
     return Budgets(max_memory=size, timeout=timeout)
 
 
+def _user_allow(flags: list[str] | None) -> UserAllowList:
+    """The run's extra allow entries (``--allow`` and the nearest pyproject), or exit 2."""
+    from dppo_ckpt.checkpoint.allowlist import AllowListError, user_allow_list
+
+    try:
+        return user_allow_list(flags or ())
+    except AllowListError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _verify_all(
     paths: list[str],
     *,
@@ -103,6 +115,7 @@ def _verify_all(
     jobs: int,
     isolate: bool,
     budgets: Budgets,
+    allow: UserAllowList,
 ) -> list[FileReport]:
     """Run the checks on every file; input order.
 
@@ -113,7 +126,9 @@ def _verify_all(
 
     from dppo_ckpt.checkpoint.checks import run_checks
 
-    check = functools.partial(run_checks, static=static, trust=trust, quick=quick, budgets=budgets)
+    check = functools.partial(
+        run_checks, static=static, trust=trust, quick=quick, budgets=budgets, allow=allow
+    )
     if static or (not isolate and jobs <= 1):
         return [check(path) for path in paths]
     from dppo_ckpt.checkpoint.isolation import crash_report, run_many_isolated
@@ -185,18 +200,34 @@ def verify(
     timeout: Annotated[
         float, typer.Option("--timeout", min=1.0, help="Wall-time budget per file, in seconds.")
     ] = 120.0,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Also allow this exact module.Name (repeatable; adds to [tool.dppo-ckpt] allow).",
+            show_default=False,
+        ),
+    ] = None,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Take *.zip in subfolders of folders too.")
+    ] = False,
 ) -> None:
-    """Check checkpoints: archive, safety, legacy layout, parameter links, statistics.
+    """Check checkpoints (files, or the *.zip in folders): archive, safety, legacy layout,
+    parameter links, statistics.
 
     Exit code: 0 all good, 1 a check failed, 2 a file could not be used, 3 refused as unsafe.
     """
+    from dppo_ckpt.checkpoint.inputs import checkpoint_files
     from dppo_ckpt.checkpoint.results import overall_exit_code
 
-    paths = [str(path) for path in models]
+    paths = [str(path) for path in checkpoint_files(models, recursive=recursive)]
+    if not paths:
+        typer.echo("error: no checkpoint (*.zip) in the folders given", err=True)
+        raise typer.Exit(2)
     budgets = _budgets(max_memory, timeout)
     reports = _verify_all(
         paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
-        budgets=budgets,
+        budgets=budgets, allow=_user_allow(allow),
     )  # fmt: skip
     code = overall_exit_code(reports)
     for rep in reports:
@@ -234,68 +265,6 @@ def _printable(value: Any) -> str:
     return printable(value)
 
 
-def _render_inspection(info: dict[str, Any], console: Console) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    def table(title: str, *columns: str) -> Table:
-        out = Table(title=Text(title, style="bold"), title_justify="left")
-        for column in columns:
-            out.add_column(column)
-        return out
-
-    def row(out: Table, *values: Any) -> None:
-        out.add_row(*(Text(_printable(v)) for v in values))
-
-    console.print(Text(_printable(info["path"]), style="bold"))
-    members = table("Members", "Name", "Size", "Stored", "Compression")
-    for m in info["members"]:
-        row(members, m["name"], m["size"], m["compressed_size"], m["compression"])
-    console.print(members)
-    overview = table("Checkpoint", "Field", "Value")
-    for key, value in info["versions"].items():
-        row(overview, f"{key} version", value if value is not None else "not recorded")
-    row(overview, "algorithm", info["algorithm"] or "unknown")
-    row(overview, "policy class", info["policy_class"] or "unknown")
-    row(overview, "legacy scaler entry", "yes: run `dppo-ckpt migrate`" if info["legacy"] else "no")
-    row(overview, "all globals allow-listed", "yes" if info["safe"] else "NO")
-    console.print(overview)
-    hyper = table("Hyperparameters (plain JSON values of data)", "Key", "Value")
-    for key, value in info["hyperparameters"].items():
-        text = repr(value)
-        row(hyper, key, text if len(text) <= 80 else text[:77] + "...")
-    for key, kind in info["pickled_entries"].items():
-        row(hyper, key, f"pickled {kind or ''}".strip())
-    console.print(hyper)
-    vgs = info["vgs"]
-    scaler = table("Variance Gradient Scaler", "Field", "Value")
-    if vgs is None:
-        row(scaler, "scaler", "none (off, or not a DistributionalPPO checkpoint)")
-    elif "error" in vgs:
-        row(scaler, "scaler", f"cannot decode: {vgs['error']}")
-    else:
-        for key, value in vgs["config"].items():
-            row(scaler, key, value)
-        for key in ("step_count", "scaling_factor", "noise_ratio", "tensors", "elements"):
-            row(scaler, key, vgs[key])
-    console.print(scaler)
-    numerics = table("Numerics (what bit-for-bit results depend on)", "Field", "Value")
-    if info["numerics"] is None:
-        row(numerics, "fingerprint", "not recorded (plain SB3, or dppo-ckpt < 0.2)")
-    else:
-        for key, value in info["numerics"].items():
-            row(numerics, key, value)
-    console.print(numerics)
-    globals_table = table("Globals referenced", "Global", "Verdict", "Where")
-    for g in info["globals"]:
-        where = g["member"] + (f" / {g['entry']}" if g["entry"] else "")
-        if g["path"]:
-            where += " > " + " > ".join(g["path"])
-        verdict = Text(g["verdict"], style="green" if g["verdict"] == "allowed" else "bold red")
-        globals_table.add_row(Text(_printable(g["global"])), verdict, Text(_printable(where)))
-    console.print(globals_table)
-
-
 @app.command()
 def inspect(
     model: Annotated[Path, typer.Argument(help="Checkpoint zip to describe.", show_default=False)],
@@ -324,7 +293,9 @@ def inspect(
         return
     from rich.console import Console
 
-    _render_inspection(info, Console())
+    from dppo_ckpt.checkpoint.report import render_inspection
+
+    render_inspection(info, Console())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,9 +309,7 @@ _PORTABLE_OPTION = typer.Option(
 )
 
 
-_ENV_HELP = (
-    "Gymnasium environment id; module:EnvId imports module first (as gymnasium.make does)."
-)
+_ENV_HELP = "Gymnasium environment id; module:EnvId imports module first (as gymnasium.make does)."
 _ENV_KWARGS_OPTION = typer.Option(
     "--env-kwargs", help="JSON object of keywords for gymnasium.make.", metavar="JSON"
 )
@@ -555,6 +524,9 @@ def migrate_command(
     fmt: Annotated[
         MigrateFormat, typer.Option("--format", "-f", help="Output format.")
     ] = MigrateFormat.table,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Take *.zip in subfolders of folders too.")
+    ] = False,
 ) -> None:
     """Rewrite legacy checkpoints whose scaler pickled its parameters; change nothing else.
 
@@ -572,17 +544,22 @@ def migrate_command(
         dry_run=dry_run,
         force=force,
         static=static,
+        recursive=recursive,
     )
     for outcome in outcomes:
         if outcome.exit_code != 0:
             typer.echo(f"error: {_printable(outcome.source)}: {_printable(outcome.message)}",
                        err=True)  # fmt: skip
     if fmt is MigrateFormat.json:
-        sys.stdout.write(migrate.outcomes_to_json(outcomes, code, __version__) + "\n")
+        from dppo_ckpt.checkpoint.report import migration_to_json
+
+        sys.stdout.write(migration_to_json(outcomes, code, __version__) + "\n")
     else:
         from rich.console import Console
 
-        migrate.render_outcomes(outcomes, Console(highlight=False, soft_wrap=True))
+        from dppo_ckpt.checkpoint.report import render_migration
+
+        render_migration(outcomes, Console(highlight=False, soft_wrap=True))
     raise typer.Exit(code)
 
 
@@ -708,6 +685,37 @@ def cycle_command(
     else:
         sys.stdout.write(text)
     raise typer.Exit(code)
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint zip to export.", show_default=False)],
+    out: Annotated[
+        Path,
+        typer.Argument(help="Folder for policy.safetensors and policy.json.", show_default=False),
+    ],
+) -> None:
+    """Write the policy as safetensors weights and a JSON description: no pickle at all.
+
+    dppo_ckpt.load_policy(OUT) rebuilds it for prediction. The checkpoint is read with the
+    allow-list loader. Exit code 2 when it cannot be used or exported, 3 when refused as unsafe.
+    """
+    from dppo_ckpt.checkpoint.archive import CheckpointError
+    from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError
+    from dppo_ckpt.export import ExportError, export_policy
+
+    try:
+        folder = export_policy(model, out)
+    except UnsafePickleError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(3) from None
+    except (CheckpointError, ExportError) as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"error: cannot write {out}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"exported {model} to {folder} (policy.safetensors, policy.json)")
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -91,7 +92,7 @@ CYCLE_CHECKS: dict[str, CheckSpec] = {
         _spec(
             "CYC002",
             "Scaler step count strictly increases and never resets",
-            "Restore the saved scaler state on every load and call scale_gradients() on every "
+            "Restore the saved scaler state on every load and call compute_scale() on every "
             "minibatch of the loaded model; a scaler linked to parameter copies sees no "
             "gradients and stops counting.",
         ),
@@ -271,9 +272,7 @@ def _make_env(start: _Start) -> tuple[VecEnv, str | None]:
     """The start's environments, with VecNormalize's statistics from beside the checkpoint;
     and the line saying where those statistics came from."""
     try:
-        env = envs.build_vec_env(
-            start.spec, start.seed, allowed=start.allowed, source=start.source
-        )
+        env = envs.build_vec_env(start.spec, start.seed, allowed=start.allowed, source=start.source)
     except envs.EnvError as exc:
         raise CycleError(str(exc), exc.exit_code) from None
     line = _load_statistics(start.path, env) if start.path is not None else None
@@ -330,8 +329,13 @@ def _start(start: _Start) -> tuple[DistributionalPPO, str | None]:
         return model, statistics
 
     from dppo_ckpt.checkpoint.archive import CheckpointError
+    from dppo_ckpt.checkpoint.isolation import probe_load
     from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError, safe_load
 
+    crashed = probe_load(os.fspath(model_path), trust=trust)
+    if crashed is not None:
+        envs.close_quietly(env)
+        raise CycleError(crashed[1], crashed[0])
     problem: CycleError | None = None
     try:
         with warnings.catch_warnings():

@@ -4,9 +4,11 @@ The critic predicts a return distribution (quantile or categorical, see
 :mod:`dppo_ckpt.policy` and :mod:`dppo_ckpt.distributional`); the actor update is PPO's clipped
 surrogate, unchanged. Every minibatch runs
 
-    backward -> VarianceGradientScaler.scale_gradients() -> clip_grad_norm_ -> optimizer.step()
+    backward -> scale = VarianceGradientScaler.compute_scale() -> clip_grad_norm_
+             -> VarianceGradientScaler.step(optimizer, scale)
 
-so the scaler sees raw gradients and the clipping sees scaled ones.
+so the scaler's statistics see the raw gradients, and its factor scales this one step's
+learning rate, where neither the clipping nor Adam's normalisation can cancel it.
 
 The save/load lifecycle is the point of this module. The scaler is pickled without parameter
 references; on construction and on every load it is (re)created *after* the policy and its
@@ -95,10 +97,11 @@ class DistributionalPPO(PPO):
     :param variance_gradient_scaling: Scale gradients with a
         :class:`~dppo_ckpt.vgs.VarianceGradientScaler`.
     :param vgs_beta: EMA decay of the scaler's gradient statistics.
-    :param vgs_alpha: Strength of the scaling, ``scale = 1 / (1 + alpha * R)``.
+    :param vgs_alpha: Strength of the scaling, ``scale = clamp((level / R) ** alpha,
+        min_scale, 1)`` (see :class:`~dppo_ckpt.vgs.VarianceGradientScaler`).
     :param vgs_warmup_steps: Optimizer steps before the scaler starts scaling.
     :param vgs_kwargs: Further keyword arguments of the scaler (``quantile``,
-        ``variance_cap``, ``min_scale``, ``eps``).
+        ``level_beta``, ``min_scale``, ``eps``).
     :param kwargs: Everything :class:`stable_baselines3.PPO` accepts (``clip_range_vf`` clips
         the distribution against the rollout-time prediction: per quantile, or for the
         categorical critic by clipping the mean and shifting and reprojecting).
@@ -127,7 +130,7 @@ class DistributionalPPO(PPO):
         cvar_alpha: float | None = None,
         variance_gradient_scaling: bool = True,
         vgs_beta: float = 0.99,
-        vgs_alpha: float = 0.1,
+        vgs_alpha: float = 1.0,
         vgs_warmup_steps: int = 100,
         vgs_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
@@ -369,11 +372,9 @@ class DistributionalPPO(PPO):
 
                 self.policy.optimizer.zero_grad()
                 loss.backward()
-                # The scaler must see raw gradients; clipping then bounds the scaled ones.
-                if scaler is not None:
-                    scaler.scale_gradients()
-                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-                self.policy.optimizer.step()
+                # The scaler's statistics must see the raw gradients, before clipping.
+                scale = 1.0 if scaler is None else scaler.compute_scale()
+                self._optimizer_step(scaler, scale)
 
             self._n_updates += 1
             if not continue_training:
@@ -397,6 +398,18 @@ class DistributionalPPO(PPO):
         self.logger.record("train/clip_range", clip_range)
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
+
+    def _optimizer_step(self, scaler: VarianceGradientScaler | None, scale: float) -> None:
+        """Clip the gradients, then step the optimizer with its learning rate times ``scale``.
+
+        The one update path of :meth:`train`; the checks that prove the factor reaches the
+        step (``DPPO011``) drive this very method.
+        """
+        th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        if scaler is None:
+            self.policy.optimizer.step()
+        else:
+            scaler.step(self.policy.optimizer, scale)
 
     def _value_loss(
         self,

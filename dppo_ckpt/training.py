@@ -182,6 +182,8 @@ class TrainSummary:
     vgs_scale: float | None
     vgs_step: int | None
     checkpoints: list[Path] = field(default_factory=list)
+    vgs_level: float | None = None
+    vgs_counts: dict[str, float] | None = None
     last_checkpoint: Path | None = None
     eval_return_mean: float | None = None
     eval_return_std: float | None = None
@@ -962,10 +964,14 @@ def _load_checkpoint(
     """Load the resume checkpoint as ``cycle`` does: scanned, then through the allow-list
     loader (``--trust`` lets refused globals load)."""
     from dppo_ckpt.checkpoint.archive import CheckpointError
+    from dppo_ckpt.checkpoint.isolation import probe_load
     from dppo_ckpt.checkpoint.results import EXIT_UNSAFE
     from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError, safe_load
     from dppo_ckpt.ppo import DistributionalPPO
 
+    crashed = probe_load(str(path), trust=options.trust)
+    if crashed is not None:
+        raise TrainingError(crashed[1], crashed[0])
     try:
         model = safe_load(
             path,
@@ -1230,9 +1236,7 @@ def _train(options: TrainOptions, console: Console) -> TrainSummary:
             manifest["checkpoint_every"] = every
             manifest["env"] = spec.to_json()
         else:
-            manifest = _new_manifest(
-                spec, seed, timesteps, every, settings, str(point.checkpoint)
-            )
+            manifest = _new_manifest(spec, seed, timesteps, every, settings, str(point.checkpoint))
         console.print(
             f"resuming {point.checkpoint} at step {model.num_timesteps:,} of {timesteps:,} "
             f"into {run_dir}; {env_line}"
@@ -1334,6 +1338,7 @@ def _train(options: TrainOptions, console: Console) -> TrainSummary:
     scaler = model._variance_gradient_scaler
     if scaler is not None:
         summary.vgs_scale, summary.vgs_step = scaler.scaling_factor, scaler.step_count
+        summary.vgs_level, summary.vgs_counts = scaler.level, scaler.factor_counts
     if run.snapshot_error is not None:
         console.print(
             f"note: the environments cannot be pickled ({run.snapshot_error}); "
@@ -1401,6 +1406,16 @@ def render_summary(summary: TrainSummary, console: Console) -> None:
         table.add_row("VGS scale", "off")
     else:
         table.add_row("VGS scale", f"{summary.vgs_scale:.4f} (step {summary.vgs_step:,})")
+        counts = summary.vgs_counts or {}
+        steps = counts.get("steps", 0)
+        if steps:
+            level = "not set" if summary.vgs_level is None else f"{summary.vgs_level:.3g}"
+            table.add_row(
+                "VGS after warm-up",
+                f"mean factor {counts['scale_sum'] / steps:.3f}, at the floor "
+                f"{counts['at_min'] / steps:.0%}, at 1 {counts['at_one'] / steps:.0%}, "
+                f"noise level {level} ({int(steps):,} updates)",
+            )
     written = f"{len(summary.checkpoints)}"
     if summary.unverified:
         written += " (unverified)"

@@ -1,14 +1,32 @@
-"""Variance Gradient Scaler (VGS): damp the gradient step when the gradients are mostly noise.
+"""Variance Gradient Scaler (VGS): shorten the optimizer's step when the gradients are noisier
+than usual.
 
 The scaler keeps, for every trainable parameter tensor, exponential moving averages of the raw
 gradient and of its element-wise square (the first and second moments Adam keeps, Kingma & Ba
 2015). From them it estimates, per tensor, the ratio of the stochastic variance of the gradient
-to its squared mean (a noise-to-signal ratio). A high quantile of these ratios across tensors
-sets a global factor ``1 / (1 + alpha * R)`` that multiplies every gradient in place before the
-optimizer sees it.
+to its squared mean: the gradient noise scale of McCandlish et al. 2018 (*An Empirical Model of
+Large-Batch Training*) at this batch size. A high quantile ``R`` of these ratios across tensors
+is compared with a slow running level of ``R``; when ``R`` is above its level the gradients are
+noisier than usual, and the factor ``(level / R) ** alpha`` (within ``[min_scale, 1]``)
+multiplies the learning rate of this one optimizer step.
 
-The scaler survives checkpoints by never pickling the parameter objects it scales: pickling
-copies them, and a scaler restored from such a pickle rescales gradients no optimizer uses.
+Why the learning rate and not the gradient: Adam's step is invariant to a constant gradient
+scale, and ``clip_grad_norm_`` rescales the gradient to a fixed norm whenever it is active, so a
+factor multiplied into ``.grad`` is divided out again and the parameters move as if the scaler
+were off. The step size is the one place neither cancels it. The learning rate is changed for
+one ``optimizer.step()`` only and restored to the very same object afterwards, so the optimizer
+state, checkpoints and exact resume never see it.
+
+Why a running level and not an absolute cap: on ``Pendulum-v1`` (RL Zoo settings) the per-tensor
+ratio of a policy network is far above any fixed threshold on every update, so a factor
+``1/(1 + alpha*min(R, cap))`` sat at one constant value, which a step-size-invariant optimizer
+ignores. The level makes the factor relative: near 1 while the noise is as usual, lower only
+while it is above the usual. The level is a geometric running mean (an EMA of ``log R``): ``R``
+spans orders of magnitude from one update to the next, and an arithmetic mean would be set by
+its rare spikes, leaving the factor at 1 almost always.
+
+The scaler survives checkpoints by never pickling the parameter objects it tracks: pickling
+copies them, and a scaler restored from such a pickle watches gradients no optimizer uses.
 After unpickling, :meth:`VarianceGradientScaler.update_parameters` relinks the scaler to the
 live parameters by identity and keeps the statistics.
 """
@@ -35,7 +53,7 @@ _CONFIG_KEYS = (
     "eps",
     "warmup_steps",
     "quantile",
-    "variance_cap",
+    "level_beta",
     "min_scale",
     "enabled",
 )
@@ -46,23 +64,51 @@ _STATE_KEYS = (
     "step_count",
     "scaling_factor",
     "noise_ratio",
+    "level",
+    "post_warmup_steps",
+    "at_min_steps",
+    "at_one_steps",
+    "scale_sum",
     "exp_avg",
     "exp_avg_sq",
 )
 
-# Values ``__setstate__`` falls back to when an older pickle lacks an attribute.
+# The keys of a format-1 state dict, and its one configuration key that format 2 replaced.
+_STATE_KEYS_V1 = (
+    "format_version",
+    "config",
+    "step_count",
+    "scaling_factor",
+    "noise_ratio",
+    "exp_avg",
+    "exp_avg_sq",
+)
+_CONFIG_KEYS_V1 = tuple(key if key != "level_beta" else "variance_cap" for key in _CONFIG_KEYS)
+
+_DEFAULT_LEVEL_BETA = 0.99
+
+# Values ``__setstate__`` falls back to when an older pickle lacks an attribute. A pickle
+# without ``_state_version`` is format 1: it had an absolute cap and no running level, so the
+# level starts unset (it is initialised from the next ratio after warm-up) and the counters of
+# the factor's distribution start at zero.
 _STATE_DEFAULTS: dict[str, Any] = {
+    "_state_version": 1,
     "beta": 0.99,
-    "alpha": 0.1,
+    "alpha": 1.0,
     "eps": 1e-8,
     "warmup_steps": 100,
     "quantile": 0.9,
-    "variance_cap": 50.0,
+    "level_beta": _DEFAULT_LEVEL_BETA,
     "min_scale": 0.1,
     "enabled": True,
     "_step_count": 0,
     "_scaling_factor": 1.0,
     "_noise_ratio": 0.0,
+    "_level": None,
+    "_post_warmup_steps": 0,
+    "_at_min_steps": 0,
+    "_at_one_steps": 0,
+    "_scale_sum": 0.0,
     "_exp_avg": None,
     "_exp_avg_sq": None,
 }
@@ -78,13 +124,20 @@ def _real(name: str, value: Any) -> float:
     return value
 
 
+def _count(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
 def _validate_config(
     beta: Any,
     alpha: Any,
     eps: Any,
     warmup_steps: Any,
     quantile: Any,
-    variance_cap: Any,
+    level_beta: Any,
     min_scale: Any,
     enabled: Any,
 ) -> dict[str, Any]:
@@ -98,14 +151,13 @@ def _validate_config(
     eps = _real("eps", eps)
     if not 0.0 < eps < math.inf:
         raise ValueError(f"eps must be finite and > 0, got {eps}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    warmup_steps = _count("warmup_steps", warmup_steps)
     quantile = _real("quantile", quantile)
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
-    variance_cap = _real("variance_cap", variance_cap)
-    if not variance_cap > 0.0:
-        raise ValueError(f"variance_cap must be > 0 (inf for no cap), got {variance_cap}")
+    level_beta = _real("level_beta", level_beta)
+    if not 0.0 <= level_beta < 1.0:
+        raise ValueError(f"level_beta must be in [0, 1), got {level_beta}")
     min_scale = _real("min_scale", min_scale)
     if not 0.0 < min_scale <= 1.0:
         raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
@@ -117,9 +169,42 @@ def _validate_config(
         "eps": eps,
         "warmup_steps": int(warmup_steps),
         "quantile": quantile,
-        "variance_cap": variance_cap,
+        "level_beta": level_beta,
         "min_scale": min_scale,
         "enabled": enabled,
+    }
+
+
+def _upgrade_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A format-1 state dict in format 2: the absolute cap gives way to the running level.
+
+    The level is unset (the first ratio after warm-up initialises it) and the counters of the
+    factor's distribution start at zero; everything else is kept as it was.
+    """
+    missing = [key for key in _STATE_KEYS_V1 if key not in state]
+    if missing:
+        raise ValueError(f"VarianceGradientScaler state dict (format 1) is missing {missing}")
+    config = state["config"]
+    if not isinstance(config, Mapping) or set(config) != set(_CONFIG_KEYS_V1):
+        raise ValueError(
+            f"VarianceGradientScaler state config (format 1) must have exactly the keys "
+            f"{list(_CONFIG_KEYS_V1)}, got {config!r}"
+        )
+    upgraded = {key: config[key] for key in _CONFIG_KEYS if key != "level_beta"}
+    upgraded["level_beta"] = _DEFAULT_LEVEL_BETA
+    return {
+        "format_version": 2,
+        "config": {key: upgraded[key] for key in _CONFIG_KEYS},
+        "step_count": state["step_count"],
+        "scaling_factor": state["scaling_factor"],
+        "noise_ratio": state["noise_ratio"],
+        "level": None,
+        "post_warmup_steps": 0,
+        "at_min_steps": 0,
+        "at_one_steps": 0,
+        "scale_sum": 0.0,
+        "exp_avg": state["exp_avg"],
+        "exp_avg_sq": state["exp_avg_sq"],
     }
 
 
@@ -226,7 +311,7 @@ def _to_floats(values: list[torch.Tensor]) -> list[float]:
 
 
 class VarianceGradientScaler:
-    """Scale gradients down when their estimated noise-to-signal ratio is high.
+    """Shorten the optimizer's step when the gradient noise is above its usual level.
 
     Per tracked parameter tensor ``p`` with raw gradient ``g`` (before any scaling or clipping),
     at step ``t`` (1-based), with zero-initialised per-element buffers ``m`` and ``v``::
@@ -235,9 +320,22 @@ class VarianceGradientScaler:
         mh = m/(1-beta^t)                   vh = v/(1-beta^t)
         var = clamp(vh - mh^2, min=0)
         r_p = sum(var) / (sum(mh^2) + eps)
-        R = min(quantile_q(r_1..r_P), variance_cap)      (linear interpolation, as torch.quantile)
-        scale = 1 if t <= warmup_steps else clamp(1/(1 + alpha*R), min_scale, 1)
-        every tracked p.grad *= scale       (in place)
+        R = quantile_q(r_1..r_P)            (linear interpolation, as torch.quantile)
+
+        t <= warmup_steps:   scale = 1;  at t == warmup_steps (>= 2): level = R
+        t >  warmup_steps:   scale = clamp((level / R) ** alpha, min_scale, 1)
+                             log(level) <- level_beta*log(level) + (1-level_beta)*log(R)
+
+        optimizer.step() with every param group's lr multiplied by scale, then restored
+
+    The factor is computed from the level *before* this step's ``R`` enters it, so a noise
+    step-up is seen at full height; the level then follows ``R`` with a time constant of
+    ``1/(1-level_beta)`` steps (100 by default), so the factor returns to 1 once a higher
+    noise has become the usual one. The formula is the one whose factor measurably varies on
+    real runs (see the README: on the default ``Pendulum-v1`` run no single value, bounds
+    included, takes most updates) while leaving the final return where the scaler-off run
+    has it. Every number of this formula is computed in exactly one place,
+    :meth:`_scale_and_level`.
 
     Tracked parameters are those that require gradients; frozen ones are ignored. The buffers
     live on each parameter's device with its dtype: two numbers per element, like Adam.
@@ -245,66 +343,81 @@ class VarianceGradientScaler:
     Edge cases, chosen so that a step without information changes nothing:
 
     - a parameter whose ``.grad`` is ``None`` at a step is skipped for that step: its
-      statistics are not updated, it does not enter the quantile and has nothing to scale.
-      The bias correction uses the scaler's step ``t`` for every tensor (the formula above);
+      statistics are not updated and it does not enter the quantile. The bias correction
+      uses the scaler's step ``t`` for every tensor (the formula above);
     - a step where every ``.grad`` is ``None`` is a no-op: the step count, the statistics, the
       last scale and the logger are untouched, and 1.0 is returned;
-    - ``enabled=False`` makes the scaler inert: ``scale_gradients`` returns 1.0 and changes
-      neither the gradients, the statistics, the step count nor the logger;
-    - a noise ratio that is NaN (non-finite gradients poison the averages, as they poison
-      Adam's) is capped like any ratio above ``variance_cap``; :meth:`reset_statistics`
-      recovers.
+    - ``enabled=False`` makes the scaler inert: :meth:`compute_scale` returns 1.0 and changes
+      neither the statistics, the step count nor the logger;
+    - the level is unset before warm-up ends (and in a state upgraded from format 1): the
+      first step that needs it sets it to its ``R`` and scales by 1. Step 1 never sets it:
+      the variance of a single sample is zero;
+    - ``R == 0`` (no noise at all) scales by 1; a NaN or infinite ``R`` (non-finite gradients
+      poison the averages, as they poison Adam's) scales by ``min_scale``. Neither enters the
+      level, whose logarithm they would make infinite or NaN for good;
+      :meth:`reset_statistics` recovers from poisoned averages.
 
-    Checkpoints: pickling keeps the configuration, counters and statistics but never the
-    parameters or the logger; an unpickled scaler is unlinked, and stepping it raises until
-    :meth:`update_parameters` links it to the live parameters (scaling nothing would silently
-    switch it off). :meth:`state_dict` / :meth:`load_state_dict` carry the same state as plain
-    data with a format version.
+    Checkpoints: pickling keeps the configuration, counters, level and statistics but never
+    the parameters or the logger; an unpickled scaler is unlinked, and computing a scale
+    raises until :meth:`update_parameters` links it to the live parameters (watching nothing
+    would silently switch it off). :meth:`state_dict` / :meth:`load_state_dict` carry the same
+    state as plain data with a format version; format-1 states (the absolute cap of older
+    versions) load and are upgraded, and ``dppo-ckpt migrate`` rewrites them in files.
 
-    :param parameters: the parameters to scale the gradients of (e.g. ``policy.parameters()``);
-        ``None`` leaves the scaler unlinked until :meth:`update_parameters` is called
-    :param beta: decay of the moving averages, in [0, 1)
-    :param alpha: strength of the damping, >= 0
+    :param parameters: the parameters whose raw gradients feed the statistics (e.g.
+        ``policy.parameters()``); ``None`` leaves the scaler unlinked until
+        :meth:`update_parameters` is called
+    :param beta: decay of the gradient moving averages, in [0, 1)
+    :param alpha: strength of the damping, the exponent of ``level / R``, >= 0 (0: off)
     :param eps: added to the squared mean of each tensor to avoid division by zero, > 0
     :param warmup_steps: steps during which statistics accumulate but the scale stays 1
-    :param quantile: which quantile of the per-tensor ratios sets the scale, in [0, 1]
-    :param variance_cap: upper bound on the aggregated ratio ``R``, > 0
+    :param quantile: which quantile of the per-tensor ratios is ``R``, in [0, 1]
+    :param level_beta: decay of the running level of ``log R``, in [0, 1)
     :param min_scale: lower bound on the scale, in (0, 1]
     :param enabled: when False the scaler does nothing at all
-    :param logger: an SB3 logger; each step records ``vgs/scale``, ``vgs/noise_ratio`` and
-        ``vgs/step``
+    :param logger: an SB3 logger; each step records ``vgs/scale``, ``vgs/noise_ratio``,
+        ``vgs/level`` (once set) and ``vgs/step``, and each step after warm-up adds to the
+        means ``vgs/scale_mean``, ``vgs/at_min_share`` and ``vgs/at_one_share`` (the share of
+        the steps since the last dump whose scale was ``min_scale``, or 1)
     """
 
-    STATE_FORMAT_VERSION: ClassVar[int] = 1
+    STATE_FORMAT_VERSION: ClassVar[int] = 2
 
     def __init__(
         self,
         parameters: Iterable[torch.nn.Parameter] | None = None,
         beta: float = 0.99,
-        alpha: float = 0.1,
+        alpha: float = 1.0,
         eps: float = 1e-8,
         warmup_steps: int = 100,
         quantile: float = 0.9,
-        variance_cap: float = 50.0,
+        level_beta: float = _DEFAULT_LEVEL_BETA,
         min_scale: float = 0.1,
         enabled: bool = True,
         logger: Logger | None = None,
     ) -> None:
         config = _validate_config(
-            beta, alpha, eps, warmup_steps, quantile, variance_cap, min_scale, enabled
+            beta, alpha, eps, warmup_steps, quantile, level_beta, min_scale, enabled
         )
+        # The attribute order is the pickled order; dppo_ckpt.checkpoint.migrate writes it too.
+        self._state_version: int = self.STATE_FORMAT_VERSION
         self.beta: float = config["beta"]
         self.alpha: float = config["alpha"]
         self.eps: float = config["eps"]
         self.warmup_steps: int = config["warmup_steps"]
         self.quantile: float = config["quantile"]
-        self.variance_cap: float = config["variance_cap"]
+        self.level_beta: float = config["level_beta"]
         self.min_scale: float = config["min_scale"]
         self.enabled: bool = config["enabled"]
 
         self._step_count: int = 0
         self._scaling_factor: float = 1.0
         self._noise_ratio: float = 0.0
+        self._level: float | None = None
+        self._post_warmup_steps: int = 0
+        self._at_min_steps: int = 0
+        self._at_one_steps: int = 0
+        self._scale_sum: float = 0.0
         self._exp_avg: list[torch.Tensor] | None = None
         self._exp_avg_sq: list[torch.Tensor] | None = None
         self._parameters: list[torch.Tensor] | None = None
@@ -317,7 +430,7 @@ class VarianceGradientScaler:
 
     @property
     def scaling_factor(self) -> float:
-        """The scale applied at the last step (1.0 before the first)."""
+        """The scale computed at the last step (1.0 before the first)."""
         return self._scaling_factor
 
     @property
@@ -329,6 +442,25 @@ class VarianceGradientScaler:
     def noise_ratio(self) -> float:
         """The aggregated noise-to-signal ratio ``R`` of the last step (0.0 before the first)."""
         return self._noise_ratio
+
+    @property
+    def level(self) -> float | None:
+        """The running (geometric) level of ``R``; None until warm-up has set it."""
+        return self._level
+
+    @property
+    def factor_counts(self) -> dict[str, float]:
+        """How the scale was distributed over the steps after warm-up, since the start.
+
+        ``steps`` (after warm-up), ``at_min`` (scale == min_scale), ``at_one`` (scale == 1)
+        and ``scale_sum`` (the sum of the scales, for their mean). Saved with the state.
+        """
+        return {
+            "steps": self._post_warmup_steps,
+            "at_min": self._at_min_steps,
+            "at_one": self._at_one_steps,
+            "scale_sum": self._scale_sum,
+        }
 
     @property
     def legacy_parameters_dropped(self) -> bool:
@@ -358,15 +490,45 @@ class VarianceGradientScaler:
 
     # ------------------------------------------------------------------ the step
 
-    def scale_gradients(self) -> float:
-        """Update the statistics from the raw gradients, then scale them in place.
+    def _scale_and_level(self, step: int, noise_ratio: float) -> tuple[float, float | None]:
+        """The scale of step ``step`` and the level after it, from this step's ``R``.
 
-        Call it after ``backward()`` and before gradient clipping and ``optimizer.step()``, so
-        that the statistics see the raw gradients.
+        The whole formula of the class docstring, in plain Python floats (IEEE doubles), in a
+        fixed order of operations so that the results are bit-identical from run to run.
+        """
+        level = self._level
+        usable = 0.0 < noise_ratio < math.inf  # False for NaN as well
+        # One sample has no variance: R at step 1 is 0 up to rounding, and a level started
+        # there would hold the factor at min_scale for hundreds of steps.
+        can_start = usable and step >= 2
+        if step <= self.warmup_steps:
+            if step == self.warmup_steps and can_start:
+                level = noise_ratio
+            return 1.0, level
+        if level is None:
+            # Warm-up ended without a usable ratio, or the state predates the level.
+            return 1.0, noise_ratio if can_start else None
+        if noise_ratio == 0.0 or self.alpha == 0.0:
+            scale = 1.0
+        elif not usable:
+            scale = self.min_scale
+        else:
+            scale = min(max((level / noise_ratio) ** self.alpha, self.min_scale), 1.0)
+        if usable:
+            decay = self.level_beta
+            level = math.exp(decay * math.log(level) + (1.0 - decay) * math.log(noise_ratio))
+        return scale, level
 
-        :return: the factor the gradients were multiplied by
+    def compute_scale(self) -> float:
+        """Update the statistics from the raw gradients and return this step's scale.
+
+        Call it after ``backward()`` and before gradient clipping, so that the statistics see
+        the raw gradients; then take the optimizer step with :meth:`step`. The gradients are
+        read, never changed.
+
+        :return: the factor for this step's learning rate, in ``[min_scale, 1]``
         :raises RuntimeError: if the scaler is enabled but not linked to parameters (as after
-            unpickling): scaling nothing would silently disable it
+            unpickling): watching nothing would silently disable it
         """
         if not self.enabled:
             return 1.0
@@ -418,26 +580,57 @@ class VarianceGradientScaler:
                 noise * correction / (norm * norm * squared_correction + eps)
                 for noise, norm in zip(noises, norms, strict=True)
             ]
-            quantile = _linear_quantile(ratios, self.quantile)
-            # Written so that a NaN ratio is capped as well.
-            noise_ratio = quantile if quantile < self.variance_cap else self.variance_cap
-            if step <= self.warmup_steps:
-                scale = 1.0
-            else:
-                # alpha == 0 switches damping off even for an infinite ratio (0 * inf is NaN).
-                damping = self.alpha * noise_ratio if self.alpha > 0.0 else 0.0
-                scale = min(max(1.0 / (1.0 + damping), self.min_scale), 1.0)
-            if scale != 1.0:
-                torch._foreach_mul_(grads, _multiplier(scale, grads))
+            noise_ratio = _linear_quantile(ratios, self.quantile)
+        scale, level = self._scale_and_level(step, noise_ratio)
 
         self._step_count = step
         self._scaling_factor = scale
         self._noise_ratio = noise_ratio
+        self._level = level
+        after_warmup = step > self.warmup_steps
+        if after_warmup:
+            self._post_warmup_steps += 1
+            self._at_min_steps += scale == self.min_scale
+            self._at_one_steps += scale == 1.0
+            self._scale_sum += scale
         if self._logger is not None:
             self._logger.record("vgs/scale", scale)
             self._logger.record("vgs/noise_ratio", noise_ratio)
+            if level is not None:
+                self._logger.record("vgs/level", level)
             self._logger.record("vgs/step", step)
+            if after_warmup:
+                self._logger.record_mean("vgs/scale_mean", scale)
+                self._logger.record_mean("vgs/at_min_share", float(scale == self.min_scale))
+                self._logger.record_mean("vgs/at_one_share", float(scale == 1.0))
         return scale
+
+    def step(self, optimizer: torch.optim.Optimizer, scale: float) -> None:
+        """``optimizer.step()`` with every param group's learning rate multiplied by ``scale``.
+
+        The learning rates are put back afterwards (the very same objects, also when the step
+        raises), so nothing of the scale outlives this step: not the optimizer's state, not a
+        checkpoint, not a schedule that sets the rate at the next rollout.
+
+        :param optimizer: the optimizer over the tracked parameters
+        :param scale: the factor from :meth:`compute_scale` (1.0: a plain step)
+        :raises ValueError: if ``scale`` is not a finite number > 0
+        """
+        scale = _real("scale", scale)
+        if not 0.0 < scale < math.inf:
+            raise ValueError(f"scale must be finite and > 0, got {scale}")
+        if scale == 1.0:
+            optimizer.step()
+            return
+        groups = optimizer.param_groups
+        rates = [group["lr"] for group in groups]
+        try:
+            for group, rate in zip(groups, rates, strict=True):
+                group["lr"] = rate * scale
+            optimizer.step()
+        finally:
+            for group, rate in zip(groups, rates, strict=True):
+                group["lr"] = rate
 
     # ------------------------------------------------------------------ linking and state
 
@@ -476,9 +669,8 @@ class VarianceGradientScaler:
         ]
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: format version, config, counters, buffers.
-
-        The buffers are cloned, so the result does not change as training goes on.
+        """Everything needed to resume exactly: format version, config, counters, level and
+        buffers. The buffers are cloned, so the result does not change as training goes on.
         """
 
         def clone(buffers: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
@@ -490,6 +682,11 @@ class VarianceGradientScaler:
             "step_count": self._step_count,
             "scaling_factor": self._scaling_factor,
             "noise_ratio": self._noise_ratio,
+            "level": self._level,
+            "post_warmup_steps": self._post_warmup_steps,
+            "at_min_steps": self._at_min_steps,
+            "at_one_steps": self._at_one_steps,
+            "scale_sum": self._scale_sum,
             "exp_avg": clone(self._exp_avg),
             "exp_avg_sq": clone(self._exp_avg_sq),
         }
@@ -497,7 +694,9 @@ class VarianceGradientScaler:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` bit for bit (config included); the links are kept.
 
-        Everything is checked before anything changes.
+        A format-1 state (absolute cap, no running level) is upgraded first: its cap is
+        dropped, ``level_beta`` takes its default, the level is unset and the counters start
+        at zero. Everything is checked before anything changes.
 
         :raises ValueError: if ``state`` is not a scaler state, comes from a newer format, or
             (when linked) does not match the tracked parameters in count or shape
@@ -516,6 +715,8 @@ class VarianceGradientScaler:
             )
         if version < 1:
             raise ValueError(f"unknown VarianceGradientScaler state format_version {version}")
+        if version == 1:
+            state = _upgrade_state(state)
         missing = [key for key in _STATE_KEYS if key not in state]
         if missing:
             raise ValueError(f"VarianceGradientScaler state dict is missing {missing}")
@@ -526,11 +727,22 @@ class VarianceGradientScaler:
                 f"{list(_CONFIG_KEYS)}, got {config!r}"
             )
         config = _validate_config(**{key: config[key] for key in _CONFIG_KEYS})
-        step_count = state["step_count"]
-        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
-            raise ValueError(f"step_count must be an int >= 0, got {step_count!r}")
+        step_count = _count("step_count", state["step_count"])
         scaling_factor = _real("scaling_factor", state["scaling_factor"])
-        noise_ratio = _real("noise_ratio", state["noise_ratio"])
+        # A NaN ratio is a real outcome (poisoned averages), so it is kept, not refused.
+        noise_ratio = state["noise_ratio"]
+        if not (isinstance(noise_ratio, float) and math.isnan(noise_ratio)):
+            noise_ratio = _real("noise_ratio", noise_ratio)
+        level = state["level"]
+        if level is not None:
+            level = _real("level", level)
+            if not 0.0 < level < math.inf:
+                raise ValueError(f"level must be None or finite and > 0, got {level}")
+        counters = {
+            key: _count(key, state[key])
+            for key in ("post_warmup_steps", "at_min_steps", "at_one_steps")
+        }
+        scale_sum = _real("scale_sum", state["scale_sum"])
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if (exp_avg is None) != (exp_avg_sq is None):
             raise ValueError("exp_avg and exp_avg_sq must both be lists of tensors or both None")
@@ -567,14 +779,21 @@ class VarianceGradientScaler:
 
         for key, value in config.items():
             setattr(self, key, value)
+        self._state_version = self.STATE_FORMAT_VERSION
         self._step_count = step_count
         self._scaling_factor = scaling_factor
         self._noise_ratio = noise_ratio
+        self._level = level
+        self._post_warmup_steps = counters["post_warmup_steps"]
+        self._at_min_steps = counters["at_min_steps"]
+        self._at_one_steps = counters["at_one_steps"]
+        self._scale_sum = scale_sum
         self._exp_avg = new_avg
         self._exp_avg_sq = new_avg_sq
 
     def reset_statistics(self) -> None:
-        """Zero the moving averages and the step count, so warm-up starts again."""
+        """Zero the moving averages, the step count, the level and the factor counters, so
+        that warm-up starts again."""
         if self._exp_avg is not None and self._exp_avg_sq is not None:
             with torch.no_grad():
                 torch._foreach_zero_(self._exp_avg)
@@ -582,6 +801,9 @@ class VarianceGradientScaler:
         self._step_count = 0
         self._scaling_factor = 1.0
         self._noise_ratio = 0.0
+        self._level = None
+        self._post_warmup_steps = self._at_min_steps = self._at_one_steps = 0
+        self._scale_sum = 0.0
 
     # ------------------------------------------------------------------ pickling
 
@@ -597,15 +819,19 @@ class VarianceGradientScaler:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore an unlinked scaler, discarding parameter copies held by older pickles."""
+        """Restore an unlinked scaler, discarding parameter copies held by older pickles and
+        upgrading a format-1 state (see :meth:`load_state_dict`)."""
         state = dict(state)
         # Any of these keys marks a pickle of an earlier version (the checkpoint checks and
         # migrate apply the same rule): this scaler never pickles them.
         legacy = [key for key in _UNPICKLED_ATTRIBUTES if key in state]
         for key in legacy:
             state.pop(key)
+        # Format 1 had an absolute cap on R; the running level replaces it.
+        state.pop("variance_cap", None)
         self.__dict__.update(_STATE_DEFAULTS)
         self.__dict__.update(state)
+        self._state_version = self.STATE_FORMAT_VERSION
         self._parameters = None
         self._logger = None
         self._legacy_parameters_dropped = bool(legacy)
@@ -620,5 +846,6 @@ class VarianceGradientScaler:
         return (
             f"{type(self).__name__}({config}; step_count={self._step_count}, "
             f"scaling_factor={self._scaling_factor:.6g}, noise_ratio={self._noise_ratio:.6g}, "
+            f"level={self._level if self._level is None else format(self._level, '.6g')}, "
             f"{link})"
         )

@@ -191,6 +191,11 @@ def _snapshot(model: Any) -> dict[str, Any]:
         "scaler": scaler_state_bytes(model),
         "links": [id(p) for p in scaler.parameters],
         "optimizer": optimizer_state_bytes(model),
+        "param_groups": repr(model.policy.optimizer.state_dict()["param_groups"]),
+        "optimizer_links": [
+            id(p) for g in model.policy.optimizer.param_groups for p in g["params"]
+        ],
+        "parameter_objects": [id(p) for p in model.policy.parameters()],
         "grads": [
             None if p.grad is None else (id(p.grad), p.grad.numpy().tobytes())
             for p in model.policy.parameters()
@@ -233,9 +238,60 @@ def test_scaler_on_parameter_copies_fails_identity_and_probe() -> None:
     assert results["DPPO008"].verdict is Verdict.FAIL
     assert results["DPPO008"].message.startswith("0/13")
     assert results["DPPO011"].verdict is Verdict.FAIL
-    assert results["DPPO011"].message.startswith("0/13 of the policy's gradients were scaled")
+    assert results["DPPO011"].message.startswith("the factor cannot reach the step")
     assert "tracks tensors the policy does not use" in results["DPPO011"].message
     assert results["DPPO009"].verdict is Verdict.PASS
+
+
+def _grad_only_step(self: Any, optimizer: Any, scale: float) -> None:
+    """A planted regression: the factor multiplies ``.grad``, the learning rate stays."""
+    for param in self.parameters:
+        if param.grad is not None:
+            param.grad.mul_(scale)
+    optimizer.step()
+
+
+def test_probe_passes_within_the_stated_tolerance() -> None:
+    result = model_checks(_loaded())[3]
+    assert result.verdict is Verdict.PASS
+    assert 0 < result.details["factor"] < 1
+    assert result.details["worst_relative_error"] <= 1e-5
+
+
+def test_a_factor_that_only_multiplies_grad_fails_the_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dppo_ckpt.vgs import VarianceGradientScaler
+
+    model = _loaded()
+    before = _snapshot(model)
+    monkeypatch.setattr(VarianceGradientScaler, "step", _grad_only_step)
+    result = model_checks(model)[3]
+    assert result.verdict is Verdict.FAIL, result.message
+    assert "did not move by the factor" in result.message
+    # Adam divides the gradient factor out: the step stays near the unscaled one.
+    assert result.details["worst_relative_error"] > 0.1
+    assert _snapshot(model) == before
+
+
+def test_a_factor_applied_to_grad_in_compute_scale_fails_the_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dppo_ckpt.vgs import VarianceGradientScaler
+
+    compute = VarianceGradientScaler.compute_scale
+
+    def scaling_too(self: Any) -> float:
+        scale = compute(self)
+        for param in self.parameters:
+            if param.grad is not None:
+                param.grad.mul_(scale)
+        return scale
+
+    monkeypatch.setattr(VarianceGradientScaler, "compute_scale", scaling_too)
+    result = model_checks(_loaded())[3]
+    assert result.verdict is Verdict.FAIL
+    assert "changed" in result.message and "raw gradients" in result.message
 
 
 def test_stale_optimizer_fails() -> None:

@@ -121,6 +121,23 @@ def test_scaler_that_pickles_its_parameters_fails_cyc007(monkeypatch):
     assert results["CYC007"].remedy
 
 
+def test_factor_that_only_multiplies_grad_fails_the_gate(monkeypatch):
+    def grad_only_step(self, optimizer, scale):
+        # The planted regression: the factor reaches .grad, and Adam divides it out again.
+        for param in self.parameters:
+            if param.grad is not None:
+                param.grad.mul_(scale)
+        optimizer.step()
+
+    monkeypatch.setattr(VarianceGradientScaler, "step", grad_only_step)
+    report = run_cycles(cycles=1, steps=128)
+    results = _by_id(report)
+    assert report.exit_code == 1
+    assert results["DPPO011"].verdict is Verdict.FAIL
+    assert "did not move by the factor" in results["DPPO011"].message
+    assert results["DPPO011"].remedy and "learning rate" in results["DPPO011"].remedy
+
+
 def test_statistics_reset_on_load_fails_by_name(monkeypatch):
     original = VarianceGradientScaler.load_state_dict
 

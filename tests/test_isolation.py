@@ -46,3 +46,11 @@ def test_a_failing_function_reports_its_error_in_one_line() -> None:
     outcome = run_isolated(int, "not a number", timeout=60.0)
     assert not outcome.ok and outcome.signal_name is None
     assert "ValueError" in (outcome.error or "")
+
+
+def test_the_load_probe_passes_good_and_refused_files_back_to_the_caller() -> None:
+    from dppo_ckpt.checkpoint.isolation import probe_load
+
+    # Only a crash or an overrun is the probe's to report; refusals are the caller's own.
+    assert probe_load(str(GOOD), trust=False) is None
+    assert probe_load(str(FIXTURES_DIR / "hostile_data_entry.zip"), trust=False) is None

@@ -179,15 +179,23 @@ def test_plain_sb3_load_sees_no_legacy_scaler(migrated):
     assert tracked == {id(p) for p in model.policy.parameters()}
 
 
+def test_legacy_fixture_holds_a_format_1_state():
+    keys = _pickled_state_keys(_scaler_pickle(LEGACY))
+    assert "variance_cap" in keys and "_state_version" not in keys and "_level" not in keys
+
+
 def test_statistics_equal_the_legacy_ones_bit_for_bit(migrated, loaded):
     legacy = SafeUnpickler(io.BytesIO(_scaler_pickle(LEGACY)), entry=SCALER).load()
     assert legacy.legacy_parameters_dropped
     stored = SafeUnpickler(io.BytesIO(_scaler_pickle(migrated)), entry=SCALER).load()
     assert not stored.legacy_parameters_dropped
-    expected = legacy.state_dict()
+    expected = legacy.state_dict()  # upgraded from format 1 on unpickling
+    assert expected["format_version"] == 2 and expected["level"] is None
     for scaler in (stored, loaded._variance_gradient_scaler):
         state = scaler.state_dict()
         for key in ("format_version", "config", "step_count", "scaling_factor", "noise_ratio"):
+            assert state[key] == expected[key], key
+        for key in ("level", "post_warmup_steps", "at_min_steps", "at_one_steps", "scale_sum"):
             assert state[key] == expected[key], key
         for key in ("exp_avg", "exp_avg_sq"):
             assert [t.numpy().tobytes() for t in state[key]] == [
@@ -196,10 +204,53 @@ def test_statistics_equal_the_legacy_ones_bit_for_bit(migrated, loaded):
     assert expected["step_count"] > 0
 
 
+def _writer_opcodes(payload: bytes) -> list[tuple[str, object]]:
+    """The opcodes of a pickle with their arguments, but for the raw bytes of tensor blobs
+    (torch names each storage by a memory address inside them) and the frame sizes."""
+    return [
+        (op.name, None if op.name == "FRAME" or isinstance(arg, bytes) else arg)
+        for op, arg, _ in pickletools.genops(payload)
+    ]
+
+
 def test_migrated_legacy_is_what_the_fixed_code_writes(migrated):
-    # The legacy and the current fixture come from the same seeded training run: migration
-    # must give the fixed code's checkpoint, byte for byte.
-    assert_same_bytes(CURRENT.read_bytes(), migrated.read_bytes(), "the migrated legacy fixture")
+    # The legacy and the current fixture come from the same seeded training run. The legacy
+    # one holds a format-1 state; migration upgrades it, so the running level and the
+    # factor's counters start afresh and the scaler's pickle differs from the current
+    # fixture's. Everything else is the fixed code's checkpoint, byte for byte.
+    current, result = _raw_members(CURRENT), _raw_members(migrated)
+    assert [(n, c) for n, c, _ in current] == [(n, c) for n, c, _ in result]
+    for (name, _, a), (_, _, b) in zip(current, result, strict=True):
+        if name != "data":
+            assert a == b, f"member {name} differs"
+    with zipfile.ZipFile(CURRENT) as zf:
+        current_data = json.loads(zf.read("data"))
+    with zipfile.ZipFile(migrated) as zf:
+        result_data = json.loads(zf.read("data"))
+    for data in (current_data, result_data):
+        data[SCALER][":serialized:"] = ""
+    assert current_data == result_data
+    # The scaler's pickle is the one the current code writes for the upgraded state:
+    # attribute for attribute in the current order, opcode for opcode.
+    payload = _scaler_pickle(migrated)
+    assert _pickled_state_keys(payload) == _pickled_state_keys(_scaler_pickle(CURRENT))
+    import cloudpickle
+
+    upgraded = SafeUnpickler(io.BytesIO(_scaler_pickle(LEGACY)), entry=SCALER).load()
+    assert _writer_opcodes(payload) == _writer_opcodes(cloudpickle.dumps(upgraded))
+
+
+def test_migration_order_and_defaults_are_the_scalers():
+    import torch
+
+    from dppo_ckpt.vgs import _STATE_DEFAULTS, VarianceGradientScaler
+
+    fresh = VarianceGradientScaler([torch.nn.Parameter(torch.zeros(2))])
+    assert list(migrate._STATE_ORDER) == list(fresh.__getstate__())
+    assert migrate.SCALER_STATE_VERSION == VarianceGradientScaler.STATE_FORMAT_VERSION
+    assert {
+        k: v for k, v in _STATE_DEFAULTS.items() if k != "_state_version"
+    } == migrate._STATE_DEFAULTS
 
 
 def test_every_member_and_data_key_is_kept(migrated):
@@ -255,7 +306,8 @@ def test_foreign_modules_fixture_migrates_without_those_modules(tmp_path):
     payload = _scaler_pickle(out)
     keys = _pickled_state_keys(payload)
     assert "_parameters" not in keys and "_logger" not in keys
-    assert keys[:3] == ["beta", "alpha", "eps"] and "_exp_avg_sq" in keys
+    assert keys[:4] == ["_state_version", "beta", "alpha", "eps"] and "_exp_avg_sq" in keys
+    assert "variance_cap" not in keys and "_level" in keys
     strings = [arg for op, arg, _ in pickletools.genops(payload) if isinstance(arg, str)]
     assert strings[:2] == ["variance_gradient_scaler", "VarianceGradientScaler"]
     assert "_parameters" not in strings
@@ -358,6 +410,17 @@ def test_dry_run_writes_nothing(tmp_path):
         assert _listing(tmp_path) == before
 
 
+def _migrated_bytes(tmp_path: Path) -> bytes:
+    """The legacy fixture as :func:`migrate.migrate_file` rewrites it (in a folder of its own)."""
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    outcome = migrate.migrate_file(LEGACY, folder / "migrated.zip", static=True)
+    assert outcome.exit_code == 0, outcome.message
+    data = (folder / "migrated.zip").read_bytes()
+    shutil.rmtree(folder)
+    return data
+
+
 def test_existing_output_needs_force(tmp_path):
     out = tmp_path / "new.zip"
     out.write_bytes(b"precious")
@@ -367,7 +430,7 @@ def test_existing_output_needs_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.zip"]
     result = runner.invoke(app, ["migrate", "--force", "--static", str(LEGACY), str(out)])
     assert result.exit_code == 0, result.output
-    assert_same_bytes(CURRENT.read_bytes(), out.read_bytes(), "the output")
+    assert_same_bytes(_migrated_bytes(tmp_path), out.read_bytes(), "the output")
 
 
 def test_in_place_keeps_an_atomic_backup(tmp_path):
@@ -376,7 +439,7 @@ def test_in_place_keeps_an_atomic_backup(tmp_path):
     result = runner.invoke(app, ["migrate", "--in-place", "--static", str(work)])
     assert result.exit_code == 0, result.output
     assert_same_bytes(LEGACY.read_bytes(), (tmp_path / "model.zip.bak").read_bytes(), "the backup")
-    assert_same_bytes(CURRENT.read_bytes(), work.read_bytes(), "the file migrated in place")
+    assert_same_bytes(_migrated_bytes(tmp_path), work.read_bytes(), "the file migrated in place")
     # A second legacy file whose backup name is taken is refused, and left as it was.
     shutil.copyfile(LEGACY, work)
     result = runner.invoke(app, ["migrate", "--in-place", "--static", str(work)])

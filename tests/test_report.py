@@ -377,3 +377,13 @@ def test_rendering_does_not_import_torch() -> None:
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_inspect_reports_the_scalers_level_and_bound_shares() -> None:
+    from dppo_ckpt.checkpoint.contents import inspect_checkpoint
+    from fixtures.make_fixtures import FIXTURES_DIR
+
+    vgs = inspect_checkpoint(FIXTURES_DIR / "dppo_quantile_vgs.zip")["vgs"]
+    assert vgs["level"] is not None and vgs["level"] > 0
+    assert vgs["config"]["min_scale"] <= vgs["scale_mean"] <= 1.0
+    assert 0.0 <= vgs["at_min_share"] <= 1.0 and 0.0 <= vgs["at_one_share"] <= 1.0

@@ -822,7 +822,7 @@ def test_corrupt_nested_blob(tmp_path: Path) -> None:
 def test_random_bytes_never_crash_the_scanner(payload: bytes) -> None:
     try:
         scan_pickle(payload)
-    except PickleScanError as error:
+    except ArchiveError as error:  # damaged (PickleScanError) or over a budget
         assert "\n" not in str(error)
 
 
@@ -841,7 +841,7 @@ def test_mutated_pickles_give_clean_errors(flips: list[tuple[int, int]]) -> None
         payload[position] ^= mask
     try:
         scan_pickle(bytes(payload), entry="e")
-    except PickleScanError as error:
+    except ArchiveError as error:  # damaged (PickleScanError) or over a budget
         assert "\n" not in str(error)
 
 

@@ -119,7 +119,7 @@ def vector_run(workspace) -> Path:
     )  # fmt: skip
     _ok(result)
     assert (
-        "environment: tests.ux_envs:UxVector-v0 x2 (subproc), env_kwargs {\"scale\": 2.0}, "
+        'environment: tests.ux_envs:UxVector-v0 x2 (subproc), env_kwargs {"scale": 2.0}, '
         "VecNormalize(clip_obs=5.0)"
     ) in result.stdout
     return workspace / "vector"
@@ -159,8 +159,13 @@ def test_the_spec_and_statistics_are_recorded(vector_run):
 def test_normalize_in_subproc_resumes_bit_for_bit(vector_run, workspace):
     result = _ok(
         dppo_ckpt(
-            "train", "--resume", "vector/checkpoint_000000128.zip", "--out", "vector-resumed",
-            "--eval-episodes", "0",
+            "train",
+            "--resume",
+            "vector/checkpoint_000000128.zip",
+            "--out",
+            "vector-resumed",
+            "--eval-episodes",
+            "0",
             cwd=workspace,
         )  # fmt: skip
     )
@@ -179,8 +184,13 @@ def test_frame_stack_resumes_bit_for_bit(image_run, workspace):
     assert _recorded_env(image_run / "checkpoint_000000032.zip")["frame_stack"] == 4
     result = _ok(
         dppo_ckpt(
-            "train", "--resume", "image/checkpoint_000000032.zip", "--out", "image-resumed",
-            "--eval-episodes", "0",
+            "train",
+            "--resume",
+            "image/checkpoint_000000032.zip",
+            "--out",
+            "image-resumed",
+            "--eval-episodes",
+            "0",
             cwd=workspace,
         )  # fmt: skip
     )
@@ -199,7 +209,14 @@ def test_cycle_rebuilds_the_recorded_stack(run, request, workspace):
     env_id = _recorded_env(checkpoint)["env_id"]
     result = _ok(
         dppo_ckpt(
-            "cycle", str(checkpoint), "--env", env_id, "--cycles", "2", "--steps", "32",
+            "cycle",
+            str(checkpoint),
+            "--env",
+            env_id,
+            "--cycles",
+            "2",
+            "--steps",
+            "32",
             cwd=workspace,
         )  # fmt: skip
     )
@@ -223,7 +240,13 @@ def test_a_copied_checkpoint_names_the_env_to_pass(vector_run, workspace):
     # With --env: the recorded stack (normalised, in workers) and the recorded target.
     result = _ok(
         dppo_ckpt(
-            "train", "--resume", "copied/start.zip", "--env", VECTOR, "--eval-episodes", "0",
+            "train",
+            "--resume",
+            "copied/start.zip",
+            "--env",
+            VECTOR,
+            "--eval-episodes",
+            "0",
             cwd=workspace,
         )  # fmt: skip
     )
@@ -278,8 +301,10 @@ _NO_ALE = importlib.util.find_spec("ale_py") is None
             ["train", "--env", "ALE/Pong-v5"], "--env ALE/Pong-v5 needs ale-py",
             marks=pytest.mark.skipif(not _NO_ALE, reason="ale-py is installed"),
         ),
-        (["train", "--env", "Blackjack-v1"], "error: Blackjack-v1 is not supported: its "
-         "observation space is Tuple"),
+        (
+            ["train", "--env", "Blackjack-v1"],
+            "error: Blackjack-v1 is not supported: its observation space is Tuple",
+        ),
         (["train", "--env", "no_such_module_here:Env-v0"], "cannot import module"),
         (["train", "--env-kwargs", "[1, 2]"], "--env-kwargs must be a JSON object"),
         (["train", "--vec-env", "threads"], "--vec-env must be 'dummy' or 'subproc'"),
@@ -291,8 +316,10 @@ _NO_ALE = importlib.util.find_spec("ale_py") is None
     ],  # fmt: skip
 )
 def test_unusable_environments_exit_2_with_one_line(tmp_path, args, expected):
-    result = dppo_ckpt(*args, "--out", "never", cwd=tmp_path) if args[0] == "train" else (
-        dppo_ckpt(*args, cwd=tmp_path)
+    result = (
+        dppo_ckpt(*args, "--out", "never", cwd=tmp_path)
+        if args[0] == "train"
+        else (dppo_ckpt(*args, cwd=tmp_path))
     )
     assert expected in _one_line_error(result)
     assert not (tmp_path / "never").exists()

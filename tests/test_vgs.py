@@ -14,8 +14,8 @@ float32 averages can differ from the float64 one by more than that when a tensor
 next to its spread (``sum(mh^2)`` then inherits the absolute error of ``m``), so for float32 the
 scale and ``R`` are checked against the reference applied to the scaler's own averages (whose
 accuracy the buffer check establishes): ``rel 1e-6`` (``R`` also ``abs 1e-6``, as it can be ~0).
-With ``alpha <= 1`` the scale then errs by at most ~k*u*(1+R)*alpha/(1+alpha*R) <= k*u for the k
-~ 5 roundings of the aggregation; the largest error seen was 1.2e-7.
+The scale ``(level/R)**alpha`` with ``alpha <= 1`` inherits at most alpha times the relative
+error of ``R`` and of the level; the level, a geometric mean, inherits that of ``R``.
 """
 
 from __future__ import annotations
@@ -57,25 +57,28 @@ class _Outcome:
 
     scale: float
     noise_ratio: float
+    level: float | None
     warmup: bool
-    capped: bool  # the raw quantile exceeded variance_cap
-    floored: bool  # 1/(1 + alpha*R) fell below min_scale
+    floored: bool  # (level/R)**alpha fell below min_scale
+    at_one: bool  # the scale was 1 after warm-up (R at or below its level, or level unset)
     skipped: int  # tensors whose gradient was None
 
 
 @dataclass
 class _Reference:
-    """The VGS of DESIGN.md written out literally, element by element."""
+    """The VGS of DESIGN.md and of the class docstring written out literally, element by
+    element."""
 
     sizes: list[int]
     beta: float = 0.99
-    alpha: float = 0.1
+    alpha: float = 1.0
     eps: float = 1e-8
     warmup_steps: int = 100
     quantile: float = 0.9
-    variance_cap: float = 50.0
+    level_beta: float = 0.99
     min_scale: float = 0.1
     t: int = 0
+    level: float | None = None
     m: list[list[float]] = field(default_factory=list)
     v: list[list[float]] = field(default_factory=list)
 
@@ -97,19 +100,34 @@ class _Reference:
             signal += mh * mh
         return variance / (signal + self.eps)
 
-    def finish(self, ratios: list[float], skipped: int) -> _Outcome:
-        """Aggregate per-tensor ratios into R and the scale, as at step ``self.t``."""
-        raw = _linear_quantile(ratios, self.quantile)
-        noise_ratio = min(raw, self.variance_cap)
-        unclamped = 1.0 / (1.0 + self.alpha * noise_ratio)
+    def finish(self, ratios: list[float], skipped: int, level: float | None) -> _Outcome:
+        """Aggregate per-tensor ratios into R, the scale and the new level, at step ``self.t``
+        from the level ``level`` before it."""
+        noise_ratio = _linear_quantile(ratios, self.quantile)
+        usable = 0.0 < noise_ratio < math.inf
         warmup = self.t <= self.warmup_steps
-        scale = 1.0 if warmup else min(max(unclamped, self.min_scale), 1.0)
+        floored = False
+        can_start = usable and self.t >= 2
+        if warmup:
+            scale = 1.0
+            if self.t == self.warmup_steps and can_start:
+                level = noise_ratio
+        elif level is None:
+            scale, level = 1.0, (noise_ratio if can_start else None)
+        else:
+            raw = (level / noise_ratio) ** self.alpha if noise_ratio > 0 else 1.0
+            floored = raw < self.min_scale
+            scale = min(max(raw, self.min_scale), 1.0)
+            if usable:
+                b = self.level_beta
+                level = math.exp(b * math.log(level) + (1 - b) * math.log(noise_ratio))
         return _Outcome(
             scale=scale,
             noise_ratio=noise_ratio,
+            level=level,
             warmup=warmup,
-            capped=raw > self.variance_cap,
-            floored=unclamped < self.min_scale,
+            floored=floored,
+            at_one=not warmup and scale == 1.0,
             skipped=skipped,
         )
 
@@ -126,7 +144,11 @@ class _Reference:
             for k, g_k in enumerate(g):
                 m[k] = b * m[k] + (1.0 - b) * g_k
                 v[k] = b * v[k] + (1.0 - b) * g_k * g_k
-        return self.finish([self.ratio(i) for i in present], len(grads) - len(present))
+        outcome = self.finish(
+            [self.ratio(i) for i in present], len(grads) - len(present), self.level
+        )
+        self.level = outcome.level
+        return outcome
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,16 +186,16 @@ def _set_grads(params: list[Any], grads: list[torch.Tensor | None]) -> list[torc
 def _step_and_check_in_place(
     scaler: VarianceGradientScaler, params: list[Any], grads: list[torch.Tensor | None]
 ) -> float:
-    """Run one step and check every live gradient was multiplied in place by the scale."""
+    """Run one step and check every live gradient was read and left exactly as it was."""
     originals = _set_grads(params, grads)
     live = [param.grad for param in params]
-    scale = scaler.scale_gradients()
+    scale = scaler.compute_scale()
     for param, before, tensor in zip(params, originals, live, strict=True):
         if before is None:
             assert param.grad is None
             continue
-        assert param.grad is tensor, "the gradient tensor was replaced instead of scaled"
-        assert torch.equal(param.grad, before * scale)
+        assert param.grad is tensor, "the gradient tensor was replaced"
+        assert torch.equal(param.grad, before), "compute_scale() changed a raw gradient"
     return scale
 
 
@@ -198,6 +220,7 @@ def _run_against_reference(stream: _Stream, dtype: torch.dtype) -> list[_Outcome
             if g is not None and g.numel():
                 max_abs_grad[i] = max(max_abs_grad[i], float(g.abs().max()))
         before = scaler.state_dict()
+        level_before = reference.level
         scale = _step_and_check_in_place(scaler, params, grads)
         outcome = reference.step([None if g is None else _flat(g) for g in grads])
         if outcome is None:
@@ -230,11 +253,27 @@ def _run_against_reference(stream: _Stream, dtype: torch.dtype) -> list[_Outcome
                 reference.ratio(i, _flat(scaler._exp_avg[i]), _flat(scaler._exp_avg_sq[i]))
                 for i in present
             ]
-            expected = reference.finish(ratios, outcome.skipped)
+            expected = reference.finish(ratios, outcome.skipped, level_before)
         tolerance = 1e-9 if exact else 1e-6
-        _assert_close(scale, expected.scale, tolerance, 0.0, "scale")
+        # The variance is a difference v - m^2 that cancels when the noise is small next to
+        # the signal: R then has a relative error of about k*u/R (k ~ 16 roundings), and the
+        # scale (level/R)**alpha, alpha <= 1, at most that. (The level is the scaler's own.)
+        ratio = expected.noise_ratio
+        rel = tolerance * (1.0 + 1.0 / ratio) if ratio > 0 else math.inf
+        if rel < 1.0:
+            _assert_close(scale, expected.scale, rel, 0.0, "scale")
+        assert stream.config["min_scale"] <= scale <= 1.0
         # R can be ~0 (pure signal); there its absolute error ~u is what matters.
         _assert_close(scaler.noise_ratio, expected.noise_ratio, tolerance, tolerance, "R")
+        # R ~ 0 (no noise) is a knife edge: rounding decides whether it is 0 (the level stays
+        # unset) or a tiny positive number (it may start the level). The scale is 1 either way.
+        if expected.noise_ratio > tolerance:
+            assert (scaler.level is None) == (expected.level is None)
+            if expected.level is not None:
+                _assert_close(scaler.level, expected.level, tolerance, tolerance, "level")
+        # From here on the reference continues from the scaler's own level, so that float32
+        # errors are not compounded through the level.
+        reference.level = scaler.level
     return outcomes
 
 
@@ -269,7 +308,7 @@ def _streams(draw: st.DrawFn) -> _Stream:
         "eps": draw(st.sampled_from([1e-8, 1e-3, 1.0])),
         "warmup_steps": draw(st.integers(0, 4)),
         "quantile": draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0)),
-        "variance_cap": draw(st.sampled_from([0.1, 1.0, 50.0]) | st.floats(0.05, 100.0)),
+        "level_beta": draw(st.sampled_from([0.0, 0.5, 0.99]) | st.floats(0.0, 0.999)),
         "min_scale": draw(st.sampled_from([0.1, 0.5, 0.9, 1.0]) | st.floats(0.05, 1.0)),
     }
     n_steps = draw(st.integers(1, 12))
@@ -303,7 +342,7 @@ def _streams(draw: st.DrawFn) -> _Stream:
 def test_matches_reference_on_random_streams(stream: _Stream, dtype: torch.dtype) -> None:
     for outcome in _run_against_reference(stream, dtype):
         # Reported by --hypothesis-show-statistics; the regime tests below guarantee coverage.
-        flags = [("warmup", outcome.warmup), ("capped", outcome.capped)]
+        flags = [("warmup", outcome.warmup), ("at_one", outcome.at_one)]
         flags.append(("floored", outcome.floored and not outcome.warmup))
         event("+".join(name for name, hit in flags if hit) or "free")
         if outcome.skipped:
@@ -321,47 +360,46 @@ def _regime_stream(name: str) -> _Stream:
             for s in shapes
         ]
 
-    base = dict(beta=0.9, alpha=0.5, eps=1e-8, warmup_steps=2, quantile=0.75)
-    if name == "free":  # mostly signal: 0 < R < cap, min_scale < scale < 1
+    base = dict(beta=0.9, alpha=0.5, eps=1e-8, warmup_steps=2, quantile=0.75, level_beta=0.9)
+    if name == "free":  # noise rising step by step: level < R, min_scale < scale < 1
         return _Stream(
             shapes,
-            dict(base, variance_cap=50.0, min_scale=0.1),
-            [grads(1.0, 0.5) for _ in range(8)],
+            dict(base, min_scale=0.1),
+            [grads(1.0, 0.2 * 1.5**k) for k in range(8)],
         )
-    if name == "capped":  # pure noise: the raw quantile exceeds the cap
+    if name == "at_one":  # noise falling step by step: R below its level, scale 1
         return _Stream(
-            shapes, dict(base, variance_cap=1.0, min_scale=0.1), [grads(0.0, 1.0) for _ in range(8)]
+            shapes, dict(base, min_scale=0.1), [grads(1.0, 3.0 * 0.3**k) for k in range(8)]
         )
-    if name == "floored":  # pure noise, strong damping: 1/(1 + alpha*R) < min_scale
+    if name == "floored":  # noise rising fast, strong damping: (level/R)**alpha < min_scale
         return _Stream(
             shapes,
-            dict(base, alpha=1.0, variance_cap=50.0, min_scale=0.6),
-            [grads(0.0, 1.0) for _ in range(8)],
+            dict(base, alpha=1.0, min_scale=0.6),
+            [grads(1.0, 0.05 * 4.0**k) for k in range(8)],
         )
     if name == "missing":  # some gradients None at some steps, one step with none at all
         steps = [grads(0.5, 1.0) for _ in range(8)]
         steps[3][1] = steps[3][2] = None
         steps[5] = [None] * len(shapes)
         steps[6][0] = None
-        return _Stream(shapes, dict(base, variance_cap=50.0, min_scale=0.1), steps)
+        return _Stream(shapes, dict(base, min_scale=0.1), steps)
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("regime", ["free", "capped", "floored", "missing"])
+@pytest.mark.parametrize("regime", ["free", "at_one", "floored", "missing"])
 def test_each_regime_is_reached_and_matches_reference(regime: str, dtype: torch.dtype) -> None:
     stream = _regime_stream(regime)
     outcomes = _run_against_reference(stream, dtype)
     assert [o.warmup for o in outcomes[:3]] == [True, True, False]  # warmup_steps=2
+    assert outcomes[1].level == outcomes[1].noise_ratio  # the last warm-up step sets it
     after = outcomes[2:]
     if regime == "free":
-        assert all(not o.capped and not o.floored for o in after)
-        assert all(o.noise_ratio > 0 and stream.config["min_scale"] < o.scale < 1 for o in after)
-    elif regime == "capped":
-        assert all(o.capped and o.noise_ratio == stream.config["variance_cap"] for o in after)
-        assert all(not o.floored and o.scale < 1 for o in after)
+        assert all(not o.floored and stream.config["min_scale"] < o.scale < 1 for o in after)
+    elif regime == "at_one":
+        assert all(o.at_one for o in after)
     elif regime == "floored":
-        assert all(o.floored and o.scale == stream.config["min_scale"] for o in after)
+        assert all(o.floored and o.scale == stream.config["min_scale"] for o in after[1:])
     else:
         assert len(outcomes) == len(stream.steps) - 1  # the all-None step did not count
         assert any(o.skipped for o in outcomes)
@@ -396,7 +434,7 @@ def test_quantile_interpolates_linearly_between_tensors() -> None:
     # gradients a then b: m = .25a + .5b, v = .25a^2 + .5b^2, 1 - beta^2 = .75, so
     # mh = (a + 2b)/3, vh = (a^2 + 2b^2)/3 and var = vh - mh^2 = 2(a - b)^2/9.
     params = _params([(), (), (), ()])
-    scaler = VarianceGradientScaler(params, beta=0.5, eps=1e-300, warmup_steps=0, quantile=0.3)
+    scaler = VarianceGradientScaler(params, beta=0.5, eps=1e-300, warmup_steps=2, quantile=0.3)
     first = [torch.tensor(x) for x in (1.0, 1.0, 1.0, 1.0)]
     second = [torch.tensor(x) for x in (1.0, 4.0, -2.0, 0.25)]
     ratios = []
@@ -408,7 +446,7 @@ def test_quantile_interpolates_linearly_between_tensors() -> None:
     expected = float(torch.quantile(torch.tensor(ratios, dtype=torch.float64), 0.3))
     assert expected == pytest.approx(_linear_quantile(ratios, 0.3), rel=1e-12)
     assert scaler.noise_ratio == pytest.approx(expected, rel=1e-5)
-    assert scaler.scaling_factor == pytest.approx(1 / (1 + 0.1 * expected), rel=1e-6)
+    assert scaler.level == scaler.noise_ratio  # the last warm-up step starts the level
 
 
 def test_variance_is_clamped_element_wise_before_summing() -> None:
@@ -420,16 +458,17 @@ def test_variance_is_clamped_element_wise_before_summing() -> None:
     config = dict(beta=0.5, alpha=1.0, eps=1e-12, warmup_steps=0)
     scaler = VarianceGradientScaler(params, **config)
     state = scaler.state_dict()
-    state.update(step_count=3, exp_avg=[torch.tensor([2.0, 0.1], dtype=f64)])
+    state.update(step_count=3, level=0.1, exp_avg=[torch.tensor([2.0, 0.1], dtype=f64)])
     state["exp_avg_sq"] = [torch.tensor([0.0, 1.0], dtype=f64)]
     scaler.load_state_dict(state)
     reference = _Reference([2], **config)
     reference.t, reference.m, reference.v = 3, [[2.0, 0.1]], [[0.0, 1.0]]
+    reference.level = 0.1
 
     scale = _step_and_check_in_place(scaler, params, [torch.zeros(2, dtype=f64)])
     outcome = reference.step([[0.0, 0.0]])
     assert outcome is not None
-    assert 0.6 < outcome.scale < 0.8  # unclamped, the ratio would be negative and scale 1
+    assert 0.2 < outcome.scale < 0.6  # unclamped, the ratio would be negative and scale 1
     assert scale == pytest.approx(outcome.scale, rel=1e-12)
     assert scaler.noise_ratio == pytest.approx(outcome.noise_ratio, rel=1e-12)
 
@@ -444,24 +483,25 @@ def _noisy_grads(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor 
     return [torch.randn(shape, generator=generator) for shape in shapes]
 
 
-def test_live_gradients_are_scaled_in_place() -> None:
+def test_live_gradients_are_read_in_place_and_left_unchanged() -> None:
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    scaler = VarianceGradientScaler(net.parameters(), warmup_steps=1, alpha=1.0)
+    scaler = VarianceGradientScaler(net.parameters(), warmup_steps=2, alpha=1.0)
     scales = []
-    for seed in range(4):
+    for seed in range(6):
         net.zero_grad(set_to_none=False)
         x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
-        net(x).pow(2).sum().backward()
+        (net(x).pow(2).sum() * (1 + seed) ** 2).backward()  # ever noisier gradients
         ids = [id(p.grad) for p in net.parameters()]
         before = [p.grad.clone() for p in net.parameters()]
-        scales.append(scaler.scale_gradients())
+        scales.append(scaler.compute_scale())
         assert [id(p.grad) for p in net.parameters()] == ids
         for p, b in zip(net.parameters(), before, strict=True):
-            assert torch.equal(p.grad, b * scales[-1])
-    assert scales[0] == 1.0 and all(s < 1.0 for s in scales[1:])
+            assert torch.equal(p.grad, b)
+    assert scales[:2] == [1.0, 1.0] and scaler.level is not None
+    assert any(s < 1.0 for s in scales[2:])
 
 
-def test_frozen_parameters_are_not_tracked_and_not_scaled() -> None:
+def test_frozen_parameters_are_not_tracked() -> None:
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     for p in net[0].parameters():
         p.requires_grad_(False)
@@ -474,21 +514,21 @@ def test_frozen_parameters_are_not_tracked_and_not_scaled() -> None:
     for seed in range(3):
         for p, g in zip(net[1].parameters(), _noisy_grads([(2, 4), (2,)], seed), strict=True):
             p.grad = g
-        scale = scaler.scale_gradients()
-    assert scale < 1.0
+        scaler.compute_scale()
+    assert scaler.step_count == 3
     assert net[0].weight.grad is frozen_grad and torch.equal(frozen_grad, torch.ones(4, 3))
 
 
 def test_step_with_no_gradient_at_all_changes_nothing() -> None:
     params = _params([(2, 3), (3,)])
     scaler = VarianceGradientScaler(params, warmup_steps=0, alpha=1.0)
-    _step_and_check_in_place(scaler, params, _noisy_grads([(2, 3), (3,)], 0))
-    _step_and_check_in_place(scaler, params, _noisy_grads([(2, 3), (3,)], 1))
+    for seed in range(3):
+        _step_and_check_in_place(scaler, params, _noisy_grads([(2, 3), (3,)], seed))
     before = scaler.state_dict()
-    assert before["scaling_factor"] < 1.0
+    assert before["level"] is not None
     for p in params:
         p.grad = None
-    assert scaler.scale_gradients() == 1.0
+    assert scaler.compute_scale() == 1.0
     _assert_same_state(scaler.state_dict(), before)
 
 
@@ -501,23 +541,182 @@ def test_disabled_scaler_is_inert() -> None:
     for seed in range(3):
         grads = _noisy_grads([(2, 3), (3,)], seed)
         _set_grads(params, grads)
-        assert scaler.scale_gradients() == 1.0
+        assert scaler.compute_scale() == 1.0
         assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
         logger.dump(seed)
     _assert_same_state(scaler.state_dict(), before)
     assert memory.rows == [{}, {}, {}]
 
 
-def test_unlinked_scaler_refuses_to_step() -> None:
+def test_unlinked_scaler_refuses_to_compute_a_scale() -> None:
     scaler = VarianceGradientScaler(None)
     assert scaler.parameters is None and scaler._exp_avg is None
     with pytest.raises(RuntimeError, match="update_parameters"):
-        scaler.scale_gradients()
+        scaler.compute_scale()
     unpickled = pickle.loads(pickle.dumps(VarianceGradientScaler(_params([(2,)]))))
     with pytest.raises(RuntimeError, match="not linked"):
-        unpickled.scale_gradients()
+        unpickled.compute_scale()
     # A disabled scaler needs no parameters.
-    assert VarianceGradientScaler(None, enabled=False).scale_gradients() == 1.0
+    assert VarianceGradientScaler(None, enabled=False).compute_scale() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("noise_ratio", "expected"),
+    [(0.0, 1.0), (math.inf, 0.25), (math.nan, 0.25), (4.0, 0.5), (0.5, 1.0)],
+    ids=["zero", "inf", "nan", "above", "below"],
+)
+def test_scale_of_unusual_ratios_and_the_level_they_leave(
+    noise_ratio: float, expected: float
+) -> None:
+    scaler = VarianceGradientScaler(None, warmup_steps=0, alpha=1.0, min_scale=0.25)
+    scaler._level = 2.0
+    scale, level = scaler._scale_and_level(10, noise_ratio)
+    assert scale == expected
+    if 0.0 < noise_ratio < math.inf:
+        assert level == pytest.approx(math.exp(0.99 * math.log(2.0) + 0.01 * math.log(noise_ratio)))
+    else:
+        assert level == 2.0  # neither 0, inf nor NaN enters the geometric level
+
+
+def test_alpha_zero_never_scales() -> None:
+    scaler = VarianceGradientScaler(None, warmup_steps=0, alpha=0.0)
+    scaler._level = 1e-9
+    assert scaler._scale_and_level(5, 1e9)[0] == 1.0
+    assert scaler._scale_and_level(5, math.nan)[0] == 1.0
+
+
+def test_the_first_step_never_starts_the_level() -> None:
+    # One sample has no variance: R at step 1 is rounding noise, not a usable level.
+    for warmup in (0, 1):
+        scaler = VarianceGradientScaler(None, warmup_steps=warmup)
+        assert scaler._scale_and_level(1, 1e-9) == (1.0, None)
+        assert scaler._scale_and_level(2, 3.0) == (1.0, 3.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The factor follows the noise
+# --------------------------------------------------------------------------------------------
+
+#: Updates between a noise change and the measurement of the factor it causes.
+_K = 10
+#: Updates between noise changes.
+_HOLD = 20
+
+
+def _noise_schedule(sigmas: list[float], seed: int = 0) -> list[float]:
+    """The factor after each update of a scaler fed gradients g = mu + sigma_j * noise, where
+    sigma_j holds for _HOLD updates each (from update 100 + j*_HOLD on, 0-based); a 100-update
+    warm-up at sigmas[0] comes first."""
+    shapes = [(16, 8), (16,), (4, 16), (4,)]
+    params = _params(shapes)
+    scaler = VarianceGradientScaler(params, beta=0.9, warmup_steps=100, alpha=1.0)
+    generator = torch.Generator().manual_seed(seed)
+    mean = [torch.randn(shape, generator=generator) for shape in shapes]
+    factors = []
+    for sigma in [sigmas[0]] * 100 + [s for s in sigmas for _ in range(_HOLD)]:
+        for param, mu in zip(params, mean, strict=True):
+            param.grad = mu + sigma * torch.randn(mu.shape, generator=generator)
+        factors.append(scaler.compute_scale())
+    return factors
+
+
+def test_factor_falls_as_the_noise_steps_up_and_recovers_when_it_drops() -> None:
+    sigmas = [0.5 * 1.5**j for j in range(7)]  # the usual noise, then six step-ups by half
+    sigmas += [sigmas[0]] * 4  # then back down to the usual noise, for 80 updates
+    factors = _noise_schedule(sigmas)
+    # The factor at the K-th update after each change of the noise.
+    measured = [factors[100 + j * _HOLD + _K - 1] for j in range(len(sigmas))]
+    assert measured[0] > 0.9  # after warm-up, at the usual noise
+    rising = measured[:7]
+    assert all(b < a for a, b in zip(rising, rising[1:], strict=False)), rising
+    assert rising[-1] < 0.6
+    # Once the noise is back down, the factor climbs back and is 1 again within 3K updates
+    # (the gradient averages, beta 0.9, first forget the high noise), and stays there.
+    drop = 100 + 7 * _HOLD
+    recovery = factors[drop : drop + 3 * _K]
+    assert recovery[-1] == 1.0 and recovery[_K] > recovery[0]
+    assert min(factors[drop + 3 * _K :]) == 1.0
+
+
+def test_factor_returns_towards_one_when_a_higher_noise_persists() -> None:
+    # A relative scaler: a noise that stays up becomes the usual one as the level follows it.
+    factors = _noise_schedule([0.5] + [2.0] * 40)
+    after_step = factors[100 + _HOLD :]
+    assert min(after_step[:_K]) < 0.5
+    assert after_step[-1] > 0.9
+
+
+# --------------------------------------------------------------------------------------------
+# The step: the factor scales the learning rate of one optimizer step
+# --------------------------------------------------------------------------------------------
+
+
+def _adam_setup(lr: Any = 1e-3) -> tuple[list[Any], torch.optim.Optimizer]:
+    params = _params([(4, 3), (3,)])
+    for param, value in zip(params, _noisy_grads([(4, 3), (3,)], 5), strict=True):
+        param.data.copy_(value)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    return params, optimizer
+
+
+@pytest.mark.parametrize("lr", [1e-3, torch.tensor(1e-3)], ids=["float", "tensor"])
+def test_step_scales_the_update_and_restores_the_learning_rate(lr: Any) -> None:
+    params, optimizer = _adam_setup(lr)
+    scaler = VarianceGradientScaler(params)
+    grads = _noisy_grads([(4, 3), (3,)], 1)
+    state = copy.deepcopy(optimizer.state_dict())
+
+    def update(scale: float) -> list[torch.Tensor]:
+        optimizer.load_state_dict(copy.deepcopy(state))
+        rate = optimizer.param_groups[0]["lr"]
+        with torch.no_grad():
+            for param, grad in zip(params, grads, strict=True):
+                param.zero_()  # from the origin, so that the result is the step itself
+                param.grad = grad.clone()
+        scaler.step(optimizer, scale)
+        assert optimizer.param_groups[0]["lr"] is rate  # the very same object
+        return [p.detach().double().clone() for p in params]
+
+    unit, scaled = update(1.0), update(0.3)
+    for a, b in zip(unit, scaled, strict=True):
+        assert float((b - 0.3 * a).norm()) <= 1e-5 * float(a.norm()) + 1e-12
+        assert float(a.norm()) > 0
+
+
+def test_a_gradient_factor_does_not_reach_adams_step() -> None:
+    # Why the factor goes into the learning rate: Adam divides a gradient factor out again.
+    params, optimizer = _adam_setup()
+    grads = _noisy_grads([(4, 3), (3,)], 1)
+    moves = []
+    for factor in (1.0, 0.3):
+        fresh = torch.optim.Adam(params, lr=1e-3)
+        with torch.no_grad():
+            for param, grad in zip(params, grads, strict=True):
+                param.zero_()
+                param.grad = grad * factor
+        fresh.step()
+        moves.append(torch.cat([p.detach().flatten() for p in params]).clone())
+    assert torch.allclose(moves[0], moves[1], rtol=1e-4)
+    del optimizer
+
+
+def test_step_restores_the_learning_rate_when_the_optimizer_raises() -> None:
+    params, optimizer = _adam_setup()
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("boom")
+
+    optimizer.step = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="boom"):
+        VarianceGradientScaler(params).step(optimizer, 0.5)
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.inf, math.nan, "0.5", True])
+def test_step_refuses_a_scale_that_is_no_positive_number(scale: Any) -> None:
+    params, optimizer = _adam_setup()
+    with pytest.raises(ValueError, match="scale"):
+        VarianceGradientScaler(params).step(optimizer, scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,19 +844,24 @@ def test_deepcopy_follows_the_pickling_rules() -> None:
 def test_state_dict_round_trip_is_bit_for_bit() -> None:
     scaler, params = _trained_scaler()
     state = scaler.state_dict()
-    assert state["format_version"] == VarianceGradientScaler.STATE_FORMAT_VERSION == 1
+    assert state["format_version"] == VarianceGradientScaler.STATE_FORMAT_VERSION == 2
     assert state["config"] == {
         "beta": 0.99,
         "alpha": 0.5,
         "eps": 1e-8,
         "warmup_steps": 2,
         "quantile": 0.9,
-        "variance_cap": 50.0,
+        "level_beta": 0.99,
         "min_scale": 0.1,
         "enabled": True,
     }
     assert state["step_count"] == 5 and state["scaling_factor"] == scaler.scaling_factor
     assert state["noise_ratio"] == scaler.noise_ratio
+    assert state["level"] == scaler.level and state["level"] is not None
+    assert state["post_warmup_steps"] == 3
+    assert state["at_min_steps"] + state["at_one_steps"] <= 3
+    counts = scaler.factor_counts
+    assert counts["steps"] == 3 and counts["scale_sum"] == state["scale_sum"]
     # Cloned, not aliased.
     assert scaler._exp_avg is not None
     assert all(a is not b for a, b in zip(state["exp_avg"], scaler._exp_avg, strict=True))
@@ -693,8 +897,8 @@ def test_load_state_dict_refuses_newer_and_malformed_states() -> None:
     state = scaler.state_dict()
     fresh = VarianceGradientScaler(params)
     untouched = fresh.state_dict()
-    with pytest.raises(ValueError, match="format_version 2 is newer"):
-        fresh.load_state_dict({**state, "format_version": 2})
+    with pytest.raises(ValueError, match="format_version 3 is newer"):
+        fresh.load_state_dict({**state, "format_version": 3})
     with pytest.raises(ValueError, match="format_version"):
         fresh.load_state_dict({k: v for k, v in state.items() if k != "format_version"})
     with pytest.raises(ValueError, match="missing"):
@@ -703,12 +907,76 @@ def test_load_state_dict_refuses_newer_and_malformed_states() -> None:
         fresh.load_state_dict({**state, "config": {**state["config"], "beta": 1.5}})
     with pytest.raises(ValueError, match="step_count"):
         fresh.load_state_dict({**state, "step_count": -1})
+    with pytest.raises(ValueError, match="level"):
+        fresh.load_state_dict({**state, "level": 0.0})
+    with pytest.raises(ValueError, match="at_min_steps"):
+        fresh.load_state_dict({**state, "at_min_steps": 1.5})
+    with pytest.raises(ValueError, match="format 1"):
+        fresh.load_state_dict({**state, "format_version": 1})  # a format-2 config
     with pytest.raises(ValueError, match=r"parameter 1 .*expected shape \(4,\), got shape \(5,\)"):
         other = VarianceGradientScaler(_params([(4, 3), (5,), ()]))
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="cover 3 trainable parameters .*got 2"):
         VarianceGradientScaler(params[:2]).load_state_dict(state)
     _assert_same_state(fresh.state_dict(), untouched)
+
+
+def _format_1_state(scaler: VarianceGradientScaler) -> dict[str, Any]:
+    """What the format-1 scaler (absolute cap, no level) returned from state_dict()."""
+    state = scaler.state_dict()
+    config = {k: v for k, v in state["config"].items() if k != "level_beta"}
+    config = {**config, "variance_cap": 50.0}
+    keep = ("step_count", "scaling_factor", "noise_ratio", "exp_avg", "exp_avg_sq")
+    return {"format_version": 1, "config": config, **{key: state[key] for key in keep}}
+
+
+def test_format_1_state_dict_loads_upgraded() -> None:
+    scaler, params = _trained_scaler()
+    old = _format_1_state(scaler)
+    fresh = VarianceGradientScaler(params)
+    fresh.load_state_dict(old)
+    state = fresh.state_dict()
+    assert state["format_version"] == 2
+    assert state["config"] == {
+        **{k: v for k, v in old["config"].items() if k != "variance_cap"},
+        "level_beta": 0.99,
+    }
+    assert state["level"] is None
+    assert (state["post_warmup_steps"], state["at_min_steps"], state["at_one_steps"]) == (0, 0, 0)
+    for key in ("step_count", "scaling_factor", "noise_ratio"):
+        assert state[key] == old[key]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert [t.numpy().tobytes() for t in state[key]] == [t.numpy().tobytes() for t in old[key]]
+    # Past warm-up with no level: the next step starts it and scales by 1, then it scales.
+    assert _step_and_check_in_place(fresh, params, _noisy_grads([(4, 3), (4,), ()], 7)) == 1.0
+    assert fresh.level == fresh.noise_ratio
+
+
+def _format_1_pickle_state(scaler: VarianceGradientScaler) -> dict[str, Any]:
+    """The attributes a format-1 scaler pickled, in its order."""
+    state = scaler.__getstate__()
+    order = ("beta", "alpha", "eps", "warmup_steps", "quantile")
+    old = {key: state[key] for key in order}
+    old["variance_cap"] = 50.0
+    for key in ("min_scale", "enabled", "_step_count", "_scaling_factor", "_noise_ratio"):
+        old[key] = state[key]
+    old["_exp_avg"], old["_exp_avg_sq"] = state["_exp_avg"], state["_exp_avg_sq"]
+    return old
+
+
+def test_format_1_pickle_unpickles_upgraded_in_the_current_attribute_order() -> None:
+    scaler, params = _trained_scaler()
+    restored = VarianceGradientScaler.__new__(VarianceGradientScaler)
+    restored.__setstate__(_format_1_pickle_state(scaler))
+    assert not hasattr(restored, "variance_cap")
+    assert restored.level is None and restored.factor_counts["steps"] == 0
+    assert restored._state_version == VarianceGradientScaler.STATE_FORMAT_VERSION
+    fresh = VarianceGradientScaler(params)
+    assert list(restored.__getstate__()) == list(fresh.__getstate__())
+    assert list(vgs_module._STATE_DEFAULTS) == list(fresh.__getstate__())
+    upgraded = VarianceGradientScaler(params)
+    upgraded.load_state_dict(_format_1_state(scaler))
+    _assert_same_state(restored.state_dict(), upgraded.state_dict())
 
 
 def test_reset_statistics_zeroes_buffers_and_step() -> None:
@@ -807,25 +1075,43 @@ def _memory_logger() -> tuple[Logger, _Memory]:
     return Logger(folder=None, output_formats=[memory]), memory
 
 
-def test_logger_receives_scale_noise_ratio_and_step() -> None:
+def test_logger_receives_scale_noise_ratio_level_and_shares() -> None:
     shapes = [(3, 2), (2,)]
     params = _params(shapes)
     logger, memory = _memory_logger()
-    scaler = VarianceGradientScaler(params, warmup_steps=1, alpha=1.0, logger=logger)
+    scaler = VarianceGradientScaler(params, warmup_steps=2, alpha=1.0, logger=logger)
     assert scaler.logger is logger
     expected = []
-    for seed in range(3):
+    for seed in range(4):
         scale = _step_and_check_in_place(scaler, params, _noisy_grads(shapes, seed))
-        expected.append(
-            {"vgs/scale": scale, "vgs/noise_ratio": scaler.noise_ratio, "vgs/step": seed + 1}
-        )
+        row: dict[str, Any] = {"vgs/scale": scale, "vgs/noise_ratio": scaler.noise_ratio}
+        if scaler.level is not None:
+            row["vgs/level"] = scaler.level
+        row["vgs/step"] = seed + 1
+        if seed + 1 > 2:
+            row["vgs/scale_mean"] = scale
+            row["vgs/at_min_share"] = float(scale == scaler.min_scale)
+            row["vgs/at_one_share"] = float(scale == 1.0)
+        expected.append(row)
         logger.dump(seed)
     assert memory.rows == expected
-    assert expected[-1]["vgs/scale"] < 1.0
+    assert "vgs/level" not in expected[0] and "vgs/level" in expected[1]
+
+    # Between two dumps the shares are those of the updates in between.
+    for seed in range(4, 8):
+        _step_and_check_in_place(scaler, params, _noisy_grads(shapes, seed))
+    logger.dump(8)
+    counts = scaler.factor_counts
+    row = memory.rows[-1]
+    assert row["vgs/at_min_share"] + row["vgs/at_one_share"] <= 1.0
+    assert counts["steps"] == 6
+    assert row["vgs/scale_mean"] == pytest.approx(
+        (counts["scale_sum"] - sum(r["vgs/scale_mean"] for r in expected[2:])) / 4
+    )
 
     scaler.logger = None
-    _step_and_check_in_place(scaler, params, _noisy_grads(shapes, 3))
-    logger.dump(3)
+    _step_and_check_in_place(scaler, params, _noisy_grads(shapes, 9))
+    logger.dump(9)
     assert memory.rows[-1] == {}
 
 
@@ -843,7 +1129,8 @@ def test_logger_receives_scale_noise_ratio_and_step() -> None:
         ("warmup_steps", True),
         ("quantile", 1.5),
         ("quantile", -0.1),
-        ("variance_cap", 0.0),
+        ("level_beta", 1.0),
+        ("level_beta", -0.5),
         ("min_scale", 0.0),
         ("min_scale", 1.5),
         ("enabled", 1),
@@ -862,10 +1149,10 @@ def test_boundary_configuration_is_accepted() -> None:
         alpha=0.0,
         warmup_steps=0,
         quantile=1.0,
-        variance_cap=math.inf,
+        level_beta=0.0,
         min_scale=1.0,
     )
-    assert scaler.beta == 0.0 and scaler.variance_cap == math.inf
+    assert scaler.beta == 0.0 and scaler.level_beta == 0.0
     assert VarianceGradientScaler(None, quantile=0.0, alpha=3).alpha == 3.0
 
 

@@ -28,7 +28,7 @@ DPPO007    archive     the model loads through the allow-list loader (security i
 DPPO008    lifecycle   the scaler tracks exactly the policy's parameter objects
 DPPO009    lifecycle   the optimizer tracks exactly the policy's parameter objects
 DPPO010    statistics  the scaler's statistics after load equal the stored ones, bit for bit
-DPPO011    lifecycle   the scaler's factor reaches the policy's own ``.grad`` tensors
+DPPO011    lifecycle   a probe update with the scaler's factor s moves the parameters s times as far
 DPPO012    roundtrip   save -> load leaves parameters, optimizer and scaler state unchanged
 =========  ==========  ==================================================================
 
@@ -41,10 +41,11 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from dppo_ckpt.checkpoint.allowlist import UserAllowList
 from dppo_ckpt.checkpoint.archive import (
     CheckpointArchive,
     CheckpointError,
@@ -61,6 +62,7 @@ from dppo_ckpt.checkpoint.contents import (
 )
 from dppo_ckpt.checkpoint.results import CheckResult, FileReport, Severity, Verdict
 from dppo_ckpt.checkpoint.safe_pickle import (
+    ALLOWED_GLOBALS,
     GlobalVerdict,
     PickleScanError,
     ScanReport,
@@ -224,11 +226,12 @@ CHECKS: Final[dict[str, CheckSpec]] = {
         ),
         CheckSpec(
             "DPPO011",
-            "Scaler scale reaches the live gradients",
+            "Scaler factor scales the optimizer's step",
             "lifecycle",
             _ERROR,
             "Relink the scaler with scaler.update_parameters(policy.parameters()) so that it "
-            "scales the gradients the optimizer uses.",
+            "watches the gradients the optimizer uses, and apply its factor with "
+            "scaler.step(optimizer, scale) (the learning rate), not to .grad.",
         ),
         CheckSpec(
             "DPPO012",
@@ -262,12 +265,18 @@ def _describe(exc: BaseException) -> str:
 class _Context:
     """What the checks of one file share: the open archive, the scan, the loaded model."""
 
+    @property
+    def allow(self) -> Mapping[tuple[str, str], str]:
+        """The built-in allow-list with the user's entries."""
+        return self.user_allow.merged(ALLOWED_GLOBALS)
+
     path: str
     static: bool
     trust: bool
     quick: bool
     env: Any
     budgets: Budgets = DEFAULT_BUDGETS
+    user_allow: UserAllowList = field(default_factory=UserAllowList)
     archive: CheckpointArchive | None = None
     unusable: str | None = None
     scan: ScanReport | None = None
@@ -313,7 +322,7 @@ def check_archive_sound(ctx: _Context) -> CheckResult:
             _drain(archive, name)
         # The scan parses `data`, decodes every entry and opens every torch archive: any of
         # them being unusable surfaces here as an ArchiveError.
-        ctx.scan = scan_checkpoint(archive, budgets=ctx.budgets)
+        ctx.scan = scan_checkpoint(archive, allow=ctx.allow, budgets=ctx.budgets)
         archive.metadata  # noqa: B018  (validates dppo_ckpt.json when present)
     except CheckpointError as exc:
         details = {"member": exc.member} if getattr(exc, "member", None) else {}
@@ -388,10 +397,18 @@ def check_nothing_unsafe(ctx: _Context) -> CheckResult:
     assert ctx.scan is not None
     scan = ctx.scan
     refused = scan.refused
+    extra: dict[str, Any] = {}
+    used = ""
+    if ctx.user_allow.pairs:
+        # Listed in every report, so that a change adding a zip and an entry is visible.
+        extra = {"extra_allow": ctx.user_allow.names, "allow_source": ctx.user_allow.source}
+        source = ctx.user_allow.source or "--allow"
+        used = f" (with extra allow entries {', '.join(ctx.user_allow.names)} from {source})"
     if not refused:
         return spec.passed(
             f"{len(scan.globals_referenced)} distinct globals in {scan.pickles_scanned} "
-            "pickles, all allow-listed"
+            f"pickles, all allow-listed{used}",
+            **extra,
         )
     code_findings = [f for f in refused if f.verdict is GlobalVerdict.CODE_BY_VALUE]
     code = bool(code_findings)
@@ -401,6 +418,7 @@ def check_nothing_unsafe(ctx: _Context) -> CheckResult:
     inside = f" ({' > '.join(first.path)})" if first.path else ""
     kind = "code pickled by value" if code else "globals off the allow-list"
     details = {
+        **extra,
         "member": first.member,
         "refused": [
             {"global": f.global_name, "verdict": f.verdict.value, "member": f.member,
@@ -410,8 +428,10 @@ def check_nothing_unsafe(ctx: _Context) -> CheckResult:
     }  # fmt: skip
     if first.entry is not None:
         details["entry"] = first.entry
-    message = f"{kind}: {first.global_name} in {where}{inside}" + (
-        f" and {len(names) - 1} more" if len(names) > 1 else ""
+    message = (
+        f"{kind}: {first.global_name} in {where}{inside}"
+        + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+        + used
     )
     if ctx.trust:
         # The user vouches for the file; the finding is reported, not held against it.
@@ -486,8 +506,9 @@ def _load(ctx: _Context) -> CheckResult:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ctx.model = safe_load(
-                ctx.archive, env=ctx.env, device="cpu", trust=ctx.trust, budgets=ctx.budgets
-            )
+                ctx.archive, env=ctx.env, device="cpu", trust=ctx.trust, budgets=ctx.budgets,
+                allow=ctx.allow,
+            )  # fmt: skip
     except UnsafePickleError as exc:
         ctx.load_blocker = "the loader refused the file as unsafe (DPPO007)"
         return spec.failed(
@@ -552,7 +573,7 @@ def _load_checks(ctx: _Context) -> list[CheckResult]:
         results.append(
             _timed(
                 CHECKS["DPPO012"],
-                lambda: mc.check_round_trip(ctx.model, ctx.env, trust=ctx.trust),
+                lambda: mc.check_round_trip(ctx.model, ctx.env, trust=ctx.trust, allow=ctx.allow),
             )
         )
     return results
@@ -571,6 +592,7 @@ def run_checks(
     quick: bool = False,
     env: Any = None,
     budgets: Budgets = DEFAULT_BUDGETS,
+    allow: UserAllowList | None = None,
 ) -> FileReport:
     """Run every check on one checkpoint file.
 
@@ -581,12 +603,14 @@ def run_checks(
     :param quick: skip the save/load round trip (``DPPO012``).
     :param env: environment handed to the loader (as in SB3's ``load``).
     :param budgets: what reading and loading the file may cost.
+    :param allow: the user's extra allow entries (``--allow``, ``[tool.dppo-ckpt] allow``).
     :return: the results of all twelve checks and the exit code they amount to; never raises
         for anything about the file.
     """
     ctx = _Context(
-        path=os.fspath(path), static=static, trust=trust, quick=quick, env=env, budgets=budgets
-    )
+        path=os.fspath(path), static=static, trust=trust, quick=quick, env=env, budgets=budgets,
+        user_allow=allow or UserAllowList(),
+    )  # fmt: skip
     try:
         return FileReport.from_results(ctx.path, _run_all(ctx))
     finally:

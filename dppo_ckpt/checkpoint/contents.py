@@ -160,13 +160,31 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def _bound_shares(state: Mapping[Any, Any]) -> dict[str, Any]:
+    """Mean factor after warm-up and the share of those updates at each bound."""
+    steps = state.get("_post_warmup_steps")
+    if type(steps) is not int or steps <= 0:
+        return {"scale_mean": None, "at_min_share": None, "at_one_share": None}
+
+    def share(key: str) -> float | None:
+        value = state.get(key)
+        return value / steps if isinstance(value, (int, float)) else None
+
+    return {
+        "scale_mean": share("_scale_sum"),
+        "at_min_share": share("_at_min_steps"),
+        "at_one_share": share("_at_one_steps"),
+    }
+
+
 def scaler_summary(payload: bytes) -> dict[str, Any]:
     """Configuration, counters and buffer shapes of a pickled scaler, decoded code-free.
 
-    :return: ``class``, ``config`` (the eight hyperparameters), ``step_count``,
-        ``scaling_factor``, ``noise_ratio``, ``tensors`` (number of statistic tensors per
-        buffer), ``elements`` (their total element count) and ``legacy`` (parameter objects
-        pickled inside).
+    :return: ``class``, ``config`` (the hyperparameters), ``step_count``,
+        ``scaling_factor``, ``noise_ratio``, ``level`` (the running level of the noise ratio),
+        ``scale_mean``, ``at_min_share`` and ``at_one_share`` (after warm-up), ``tensors``
+        (number of statistic tensors per buffer), ``elements`` (their total element count)
+        and ``legacy`` (the state holds legacy keys).
     :raises ValueError: the pickle is corrupt or is not a pickled object with a state dict.
     """
     class_name, state = scaler_model(payload)
@@ -182,6 +200,8 @@ def scaler_summary(payload: bytes) -> dict[str, Any]:
         "step_count": _plain(state.get("_step_count")),
         "scaling_factor": _plain(state.get("_scaling_factor")),
         "noise_ratio": _plain(state.get("_noise_ratio")),
+        "level": _plain(state.get("_level")),
+        **_bound_shares(state),
         "tensors": None,
         "elements": None,
         "legacy": bool(legacy_state_keys(state)),
@@ -306,6 +326,7 @@ def inspect_archive(archive: CheckpointArchive) -> dict[str, Any]:
                 "member": f.member,
                 "entry": f.entry,
                 "path": list(f.path),
+                "count": f.count,
             }
             for f in scan.findings
         ],

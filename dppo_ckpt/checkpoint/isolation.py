@@ -12,6 +12,7 @@ an interpreter start and a torch import.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
 import time
@@ -22,8 +23,9 @@ from typing import Any, Final
 
 from dppo_ckpt.checkpoint.results import FileReport
 
-__all__ = ["ChildOutcome", "run_isolated", "run_many_isolated"]
+__all__ = ["ChildOutcome", "crash_report", "probe_load", "run_isolated", "run_many_isolated"]
 
+DEFAULT_TIMEOUT: Final = 120.0
 _PRELOAD: Final = ["torch", "stable_baselines3", "dppo_ckpt.ppo", "dppo_ckpt.checkpoint.checks"]
 _context: Any = None
 
@@ -166,3 +168,33 @@ def crash_report(path: str, outcome: ChildOutcome, timeout: float) -> FileReport
     return FileReport.from_results(
         path, [CHECKS["DPPO001"].errored(f"the check process failed: {outcome.error}")]
     )
+
+
+def _probe_load(path: str, trust: bool) -> None:
+    from dppo_ckpt.checkpoint.safe_pickle import safe_load
+
+    # Errors are the caller's to report with its own wording, from its own load; the child
+    # only shows that loading this file does not bring the process down.
+    with contextlib.suppress(Exception):
+        safe_load(path, trust=trust)
+
+
+def probe_load(
+    path: str, *, trust: bool, timeout: float = DEFAULT_TIMEOUT
+) -> tuple[int, str] | None:
+    """Load ``path`` once in a child before the caller loads it in its own process.
+
+    ``train --resume`` and ``cycle MODEL`` go on to train the model they load, so they load
+    it themselves; this probe makes a crash or a hang cost the child, not the caller.
+
+    :return: ``(exit code, one-line reason)`` when the child died or overran, else None.
+    """
+    outcome = run_isolated(_probe_load, path, trust, timeout=timeout)
+    if outcome.signal_name is not None:
+        return 3, (
+            f"{path}: loading it killed the check process by {outcome.signal_name}: "
+            "refused as unsafe"
+        )
+    if outcome.timed_out:
+        return 2, f"{path}: budget timeout exceeded: loading took longer than {timeout:g} s"
+    return None

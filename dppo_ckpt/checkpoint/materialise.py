@@ -46,8 +46,8 @@ __all__ = [
 ]
 
 
-class MaterialiseRefused(Exception):
-    """An allowed global was used in a way its rule forbids (the file is refused as unsafe).
+class _GlobalMisuse(Exception):
+    """A global the file names was used in a way its rule does not admit.
 
     :param global_name: ``module.qualname`` of the global involved.
     :param reason: what was wrong, in one line.
@@ -59,18 +59,13 @@ class MaterialiseRefused(Exception):
         self.reason = reason
 
 
-class MaterialiseInvalid(Exception):
+class MaterialiseRefused(_GlobalMisuse):
+    """An allowed global was used in a way its rule forbids (the file is refused as unsafe)."""
+
+
+class MaterialiseInvalid(_GlobalMisuse):
     """An allowed constructor got arguments that do not describe a valid object (the file is
-    damaged, exit code 2): a buffer that does not match its shape, a malformed state.
-
-    :param global_name: ``module.qualname`` of the global involved.
-    :param reason: what was wrong, in one line.
-    """
-
-    def __init__(self, global_name: str, reason: str) -> None:
-        super().__init__(reason)
-        self.global_name = global_name
-        self.reason = reason
+    damaged, exit code 2): a buffer that does not match its shape, a malformed state."""
 
 
 class LoadBudgetExceeded(Exception):
@@ -421,7 +416,9 @@ class _Evaluator:
         build_check: Callable[[Any, Any], str | None],
         load_bytes: Callable[[bytes], Any],
         budget: LoadBudget,
+        rules: Mapping[tuple[str, str], Any],
     ) -> None:
+        self._rules = rules
         self._resolve = resolve
         self._build_check = build_check
         self._load_bytes = load_bytes
@@ -492,7 +489,7 @@ class _Evaluator:
         if not isinstance(node.func, StubGlobal):
             raise MaterialiseRefused("<call>", "a call of something other than a named global")
         name = node.func.name
-        rule = CALL_RULES.get((node.func.module, node.func.qualname))
+        rule = self._rules.get((node.func.module, node.func.qualname))
         target = self.value(node.func, depth)
         args = tuple(self.value(arg, depth) for arg in node.args)
         if node.kind in ("NEWOBJ", "NEWOBJ_EX"):
@@ -594,6 +591,7 @@ def materialise(
     build_check: Callable[[Any, Any], str | None],
     load_bytes: Callable[[bytes], Any],
     budget: LoadBudget,
+    rules: Mapping[tuple[str, str], Any] = CALL_RULES,
 ) -> Any:
     """Build the real value of a stand-in graph.
 
@@ -604,7 +602,8 @@ def materialise(
     :param build_check: why a ``BUILD`` of ``state`` on an object is unsafe, or None.
     :param load_bytes: rebuilds a nested tensor blob without running code.
     :param budget: the file's allocation budget.
+    :param rules: how each global may be used (:data:`CALL_RULES`, plus the user's entries).
     :raises MaterialiseRefused: a global was used against its rule.
     :raises LoadBudgetExceeded: the objects would exceed ``budget``.
     """
-    return _Evaluator(resolve, build_check, load_bytes, budget).value(root)
+    return _Evaluator(resolve, build_check, load_bytes, budget, rules).value(root)

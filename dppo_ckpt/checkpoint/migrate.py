@@ -1,9 +1,11 @@
-"""Rewrite legacy checkpoints whose Variance Gradient Scaler pickled its parameter objects.
+"""Rewrite legacy checkpoints: scalers that pickled their parameter objects, or an old state.
 
 Checkpoints written before the scaler stopped pickling ``_parameters`` carry copies of the
 policy's parameters inside the scaler entry of ``data``; after loading, such copies are stale
-by construction. :func:`migrate_file` rewrites a checkpoint so that the pickled scaler carries
-no ``_parameters`` (nor ``_logger``), and changes nothing else:
+by construction. Checkpoints written before the scaler's running level carry a format-1 state
+(an absolute cap on the noise ratio). :func:`migrate_file` rewrites a checkpoint so that the
+pickled scaler carries no ``_parameters`` (nor ``_logger``) and a current state (upgraded as
+``VarianceGradientScaler.__setstate__`` upgrades it when loading), and changes nothing else:
 
 - *code-free*: the scaler entry is decoded into inert stand-ins
   (:mod:`dppo_ckpt.checkpoint.stub_pickle`), the keys are removed from its ``BUILD`` state and
@@ -58,6 +60,7 @@ from dppo_ckpt.checkpoint.archive import (
     open_checkpoint,
 )
 from dppo_ckpt.checkpoint.contents import LEGACY_STATE_KEYS, legacy_state_keys
+from dppo_ckpt.checkpoint.inputs import checkpoint_files
 from dppo_ckpt.checkpoint.results import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -66,7 +69,6 @@ from dppo_ckpt.checkpoint.results import (
     FileReport,
     Verdict,
     overall_exit_code,
-    printable,
 )
 from dppo_ckpt.checkpoint.safe_pickle import (
     Finding,
@@ -88,6 +90,7 @@ from dppo_ckpt.checkpoint.stub_pickle import (
 __all__ = [
     "DROPPED_STATE_KEYS",
     "SCALER_ENTRY",
+    "SCALER_STATE_VERSION",
     "MigrationError",
     "MigrationOutcome",
     "MigrationPlan",
@@ -95,9 +98,7 @@ __all__ = [
     "is_exempt",
     "migrate_file",
     "migrate_paths",
-    "outcomes_to_json",
     "plan_migration",
-    "render_outcomes",
     "resolve_jobs",
     "rewrite_scaler_pickle",
 ]
@@ -107,6 +108,54 @@ SCALER_ENTRY: Final = "_variance_gradient_scaler"
 #: Attributes the fixed scaler never pickles (``VarianceGradientScaler.__getstate__``); the
 #: list is repeated here because this module must not import torch.
 DROPPED_STATE_KEYS: Final = LEGACY_STATE_KEYS
+#: The scaler state format the current code writes (``VarianceGradientScaler``'s
+#: ``STATE_FORMAT_VERSION``), and the pickled attributes of that format in the order the
+#: scaler creates them, with the values a format-1 state lacks (``__setstate__`` upgrades the
+#: same way). Repeated here because this module must not import torch.
+SCALER_STATE_VERSION: Final = 2
+_STATE_ORDER: Final = (
+    "_state_version",
+    "beta",
+    "alpha",
+    "eps",
+    "warmup_steps",
+    "quantile",
+    "level_beta",
+    "min_scale",
+    "enabled",
+    "_step_count",
+    "_scaling_factor",
+    "_noise_ratio",
+    "_level",
+    "_post_warmup_steps",
+    "_at_min_steps",
+    "_at_one_steps",
+    "_scale_sum",
+    "_exp_avg",
+    "_exp_avg_sq",
+)
+_STATE_DEFAULTS: Final[dict[str, Any]] = {
+    "beta": 0.99,
+    "alpha": 1.0,
+    "eps": 1e-8,
+    "warmup_steps": 100,
+    "quantile": 0.9,
+    "level_beta": 0.99,
+    "min_scale": 0.1,
+    "enabled": True,
+    "_step_count": 0,
+    "_scaling_factor": 1.0,
+    "_noise_ratio": 0.0,
+    "_level": None,
+    "_post_warmup_steps": 0,
+    "_at_min_steps": 0,
+    "_at_one_steps": 0,
+    "_scale_sum": 0.0,
+    "_exp_avg": None,
+    "_exp_avg_sq": None,
+}
+#: Format 1's absolute cap on the noise ratio, which the running level replaced.
+_FORMAT_1_ONLY: Final = ("variance_cap",)
 #: Classes of this package that older code kept in other modules. Migration only *names*
 #: them, so they are accepted from any module in these entries (see :func:`is_exempt`).
 _NAMED_CLASSES: Final = {
@@ -237,29 +286,56 @@ def _blob_digests(values: Iterable[Any]) -> list[str]:
     return sorted(digests)
 
 
+def _upgraded(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 scaler state in the current format, as ``__setstate__`` upgrades it: the
+    cap dropped, the attributes of the running level and of the factor's counters added with
+    their starting values, in the order the current scaler pickles them (attributes unknown
+    here keep their place after those)."""
+    known = {key: value for key, value in state.items() if key not in _FORMAT_1_ONLY}
+    merged = {**_STATE_DEFAULTS, **known, "_state_version": SCALER_STATE_VERSION}
+    ordered = {key: merged[key] for key in _STATE_ORDER}
+    ordered.update((key, value) for key, value in merged.items() if key not in ordered)
+    return ordered
+
+
 def rewrite_scaler_pickle(payload: bytes) -> tuple[bytes | None, dict[str, Any]]:
-    """Remove :data:`DROPPED_STATE_KEYS` from a pickled scaler, executing nothing.
+    """Remove :data:`DROPPED_STATE_KEYS` from a pickled scaler and upgrade a format-1 state
+    to the current format, executing nothing.
 
     :param payload: the scaler entry's pickle (decoded from base64).
     :return: ``(new_pickle, facts)``; ``new_pickle`` is ``None`` when the pickle holds none of
-        the keys (already current). ``facts`` says what was found: the scaler class, the keys
-        removed, how many parameter tensors ``_parameters`` held.
+        the keys and its state is current. ``facts`` says what was found: the scaler class,
+        the keys removed, how many parameter tensors ``_parameters`` held, the state format
+        before and after.
     :raises MigrationError: not a pickled scaler, or a pickle the stand-ins cannot rewrite.
     """
     root = _stub(payload, SCALER_ENTRY)
     state = _scaler_state(root)
     removed = legacy_state_keys(state)
     parameters = state.get("_parameters")
+    version = state.get("_state_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise MigrationError(f"entry {SCALER_ENTRY!r}: unknown state format {version!r}", 2)
+    if version > SCALER_STATE_VERSION:
+        raise MigrationError(
+            f"entry {SCALER_ENTRY!r}: state format {version} is newer than the supported "
+            f"{SCALER_STATE_VERSION}; upgrade dppo-ckpt to migrate it",
+            EXIT_UNUSABLE,
+        )
     facts: dict[str, Any] = {
         "scaler_class": root.func.name,
         "removed_state_keys": removed,
         "pickled_parameters": len(parameters) if isinstance(parameters, list) else 0,
+        "state_version_before": version,
+        "state_version_after": SCALER_STATE_VERSION,
         "scaler_bytes_before": len(payload),
     }
-    if not removed:
+    if not removed and version == SCALER_STATE_VERSION:
         facts["scaler_bytes_after"] = len(payload)
         return None, facts
     kept = {key: value for key, value in state.items() if key not in DROPPED_STATE_KEYS}
+    if version < SCALER_STATE_VERSION:
+        kept = _upgraded(kept)
     root.ops[0] = ("build", kept)
     try:
         new_payload = stub_dumps(root, pickle_protocol(payload))
@@ -791,9 +867,20 @@ class MigrationOutcome:
 
 def _summary(facts: dict[str, Any], verb: str = "removed") -> str:
     removed = facts.get("removed_state_keys") or []
-    text = f"{verb} {', '.join(removed)} from the scaler state"
-    if facts.get("pickled_parameters"):
-        text += f" ({facts['pickled_parameters']} stale parameter copies)"
+    parts = []
+    if removed:
+        part = f"{verb} {', '.join(removed)} from the scaler state"
+        if facts.get("pickled_parameters"):
+            part += f" ({facts['pickled_parameters']} stale parameter copies)"
+        parts.append(part)
+    before_version, after_version = (
+        facts.get("state_version_before"),
+        facts.get("state_version_after"),
+    )
+    if before_version is not None and before_version != after_version:
+        upgrade = "upgraded" if verb == "removed" else "upgrade"
+        parts.append(f"{upgrade} the scaler state from format {before_version} to {after_version}")
+    text = "; ".join(parts) or "nothing to change in the scaler state"
     before, after = facts.get("data_bytes_before"), facts.get("data_bytes_after")
     if before is not None and after is not None:
         text += f"; data {before} -> {after} bytes"
@@ -912,11 +999,13 @@ def resolve_jobs(
     *,
     out_dir: str | os.PathLike[str] | None = None,
     in_place: bool = False,
+    recursive: bool = False,
 ) -> list[tuple[Path, Path | None]]:
     """Turn the command line into ``(source, destination)`` pairs.
 
-    ``OLD NEW``; or inputs (files, or folders whose ``*.zip`` files are taken) with
-    ``out_dir`` (same file names) or ``in_place`` (destination ``None``).
+    ``OLD NEW``; or inputs (files, or folders whose ``*.zip`` files are taken, those of
+    subfolders too with ``recursive``) with ``out_dir`` (same file names) or ``in_place``
+    (destination ``None``).
 
     :raises UsageError: any other combination, or two inputs that would land on one output.
     """
@@ -931,12 +1020,7 @@ def resolve_jobs(
         if old.is_dir() or new.is_dir():
             raise UsageError("folders need --out-dir or --in-place")
         return [(old, new)]
-    sources: list[Path] = []
-    for item in map(Path, paths):
-        if item.is_dir():
-            sources += sorted(p for p in item.iterdir() if p.suffix == ".zip" and p.is_file())
-        else:
-            sources.append(item)
+    sources = checkpoint_files(paths, recursive=recursive)
     if in_place:
         return [(source, None) for source in sources]
     assert out_dir is not None
@@ -961,11 +1045,12 @@ def migrate_paths(
     dry_run: bool = False,
     force: bool = False,
     static: bool = False,
+    recursive: bool = False,
 ) -> tuple[list[MigrationOutcome], int]:
     """Migrate every input named on the command line; return the outcomes and the exit code
     (the worst of them: 3 > 2 > 1 > 0)."""
     try:
-        jobs = resolve_jobs(paths, out_dir=out_dir, in_place=in_place)
+        jobs = resolve_jobs(paths, out_dir=out_dir, in_place=in_place, recursive=recursive)
     except UsageError as exc:
         bad = MigrationOutcome(", ".join(map(os.fspath, paths)), None, "unusable", exc.reason, 2)
         return [bad], EXIT_UNUSABLE
@@ -983,58 +1068,3 @@ def migrate_paths(
     ]
     code = overall_exit_code(FileReport(o.source, [], o.exit_code) for o in outcomes)
     return outcomes, code
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------------
-
-_STATUS_STYLE: Final = {
-    "migrated": "green",
-    "already current": "green",
-    "would migrate": "yellow",
-    "failed": "red",
-    "unusable": "red",
-    "refused": "bold red",
-}
-
-
-def render_outcomes(outcomes: Sequence[MigrationOutcome], console: Any) -> None:
-    """A summary table (input, output, status, what changed) and a count line."""
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title="dppo-ckpt migrate", title_justify="left")
-    table.add_column("Input", overflow="fold")
-    table.add_column("Output", overflow="fold")
-    table.add_column("Status", no_wrap=True)
-    table.add_column("Exit", no_wrap=True)
-    table.add_column("Details")
-    for o in outcomes:
-        details = o.message + (f"\nbackup: {o.backup}" if o.backup and o.exit_code == 0 else "")
-        table.add_row(
-            Text(printable(o.source)),
-            Text(printable(o.destination or "-")),
-            Text(o.status, style=_STATUS_STYLE.get(o.status, "")),
-            str(o.exit_code),
-            Text("\n".join(printable(line) for line in details.split("\n"))),
-        )
-    console.print(table)
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o.status] = counts.get(o.status, 0) + 1
-    console.print(Text(", ".join(f"{n} {status}" for status, n in counts.items())), soft_wrap=True)
-
-
-def outcomes_to_json(outcomes: Sequence[MigrationOutcome], exit_code: int, version: str) -> str:
-    """The outcomes as JSON: ``{"tool", "version", "command", "exit_code", "files": [...]}``."""
-    return json.dumps(
-        {
-            "tool": "dppo-ckpt",
-            "version": version,
-            "command": "migrate",
-            "exit_code": exit_code,
-            "files": [o.to_dict() for o in outcomes],
-        },
-        indent=2,
-    )

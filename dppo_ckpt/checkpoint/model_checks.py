@@ -8,6 +8,7 @@ scaler holding *copies* of the parameters that compared equal and were never upd
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from dppo_ckpt.checkpoint.results import CheckResult
 __all__ = [
     "check_optimizer_tracks_policy",
     "check_round_trip",
-    "check_scale_reaches_gradients",
+    "check_scale_reaches_step",
     "check_scaler_statistics",
     "check_scaler_tracks_policy",
     "model_checks",
@@ -232,11 +233,16 @@ def _probe_loss(model: Any) -> torch.Tensor:
 
 @contextmanager
 def _restored(model: Any) -> Iterator[None]:
-    """Restore the scaler, the gradients, the training mode and the torch RNG on exit."""
+    """Restore, on exit, everything a probe update touches: the parameters (in place, so
+    their identity is kept), their gradients, the optimizer's state and hyperparameters, the
+    scaler's state and logger, the training mode and the torch RNG."""
     scaler = _scaler(model)
     policy = model.policy
+    optimizer = policy.optimizer
     params = list(policy.parameters())
+    values = [p.detach().clone() for p in params]
     grads = [p.grad for p in params]
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
     state = scaler.state_dict()
     logger = scaler.logger
     training = policy.training
@@ -244,6 +250,10 @@ def _restored(model: Any) -> Iterator[None]:
     try:
         yield
     finally:
+        with torch.no_grad():
+            for param, value in zip(params, values, strict=True):
+                param.copy_(value)
+        optimizer.load_state_dict(optimizer_state)
         scaler.load_state_dict(state)
         scaler.logger = logger
         for param, grad in zip(params, grads, strict=True):
@@ -254,12 +264,14 @@ def _restored(model: Any) -> Iterator[None]:
 
 def _probe_state(state: dict[str, Any]) -> dict[str, Any]:
     """The scaler's state forced into a regime where the factor cannot be 1: past warm-up,
-    enabled, damping on (alpha >= 1), and statistics (zero mean, unit second moment) that make every
-    per-tensor noise ratio positive."""
+    enabled, damping on (alpha >= 1), statistics (zero mean, unit second moment, beta > 0)
+    that make every per-tensor noise ratio large, and a level far below any such ratio."""
     config = dict(state["config"])
     config.update(
         warmup_steps=0,
         enabled=True,
+        # beta = 0 would make the one-step variance zero, and R = 0 scales by 1.
+        beta=max(config["beta"], 0.5),
         # A tiny alpha would round the factor to exactly 1 and prove nothing.
         alpha=max(config["alpha"], 1.0),
         min_scale=min(config["min_scale"], 0.5),
@@ -269,21 +281,58 @@ def _probe_state(state: dict[str, Any]) -> dict[str, Any]:
         **state,
         "config": config,
         "step_count": 0,
+        "level": 1e-12,
         "exp_avg": [torch.zeros_like(t) for t in exp_avg],
         "exp_avg_sq": [torch.ones_like(t) for t in exp_avg],
     }
 
 
-def check_scale_reaches_gradients(model: Any) -> CheckResult:
-    """DPPO011: one backward pass of a PPO-shaped loss on a synthetic batch, then
-    ``scale_gradients()`` must multiply the policy's own ``.grad`` tensors by exactly the
-    factor it returns.
+#: The probe's tolerance, per tensor: ||delta_s - s*delta_1|| <= REL*||delta_1|| + ABS.
+PROBE_REL_TOLERANCE = 1e-5
+PROBE_ABS_TOLERANCE = 1e-12
+
+
+def _update_from_origin(
+    model: Any,
+    params: list[torch.Tensor],
+    raw: list[torch.Tensor | None],
+    optimizer_state: dict[str, Any],
+    scale_of: Callable[[], float],
+) -> tuple[list[torch.Tensor], float]:
+    """One update of ``model`` along its training path on the gradients ``raw``, from the
+    optimizer state ``optimizer_state`` and with the parameters at zero; the parameters after
+    it (the step itself, in float64) and the scale used.
+
+    Stepping from the origin makes the parameters after the step *be* the step, free of the
+    float32 rounding of ``theta + delta`` (which, at |theta| ~ 1 and a step of ~1e-3, alone
+    exceeds the probe's 1e-5 tolerance). Adam's step does not depend on theta.
+    """
+    optimizer = model.policy.optimizer
+    optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+    with torch.no_grad():
+        for param, grad in zip(params, raw, strict=True):
+            param.grad = None if grad is None else grad.clone()
+            param.zero_()
+    scale = scale_of()
+    model._optimizer_step(_scaler(model), scale)
+    return [p.detach().double().clone() for p in params], scale
+
+
+def check_scale_reaches_step(model: Any) -> CheckResult:
+    """DPPO011: from a forced post-warm-up state, one probe update with the scaler's factor
+    ``s`` moves the policy's parameters by ``s`` times the update with factor 1.
+
+    A PPO-shaped loss on a synthetic batch gives the gradients. Two updates run along the
+    model's own training path (:meth:`~dppo_ckpt.ppo.DistributionalPPO._optimizer_step`:
+    clipping, then the scaler's step) from the same optimizer state: one with factor 1 and
+    one with the factor ``compute_scale()`` returns, which must also leave the raw gradients
+    untouched. Per tensor, ``||delta_s - s*delta_1|| <= 1e-5*||delta_1|| + 1e-12``. A factor
+    that only multiplies ``.grad`` fails: Adam and the clipping divide it out again.
 
     During warm-up the factor is 1, which proves nothing; the probe therefore runs the scaler
-    from a forced post-warm-up state (see :func:`_probe_state`). Everything is restored
-    afterwards: the scaler's state (bit for bit) and logger, every ``.grad``, the training
-    mode and the torch RNG. No optimizer step is taken, so parameters and optimizer state
-    never change.
+    from a forced state (see :func:`_probe_state`). Everything is restored afterwards: the
+    parameters, gradients, optimizer state, scaler state (bit for bit) and logger, the
+    training mode and the torch RNG.
     """
     spec = CHECKS["DPPO011"]
     skip = _not_applicable("DPPO011", model)
@@ -291,7 +340,7 @@ def check_scale_reaches_gradients(model: Any) -> CheckResult:
         return skip
     scaler = _scaler(model)
     if scaler.parameters is None:
-        return spec.failed("the scaler is not linked to any parameter: it scales nothing")
+        return spec.failed("the scaler is not linked to any parameter: it watches nothing")
     params = _trainable(model)
     with _restored(model):
         scaler.logger = None
@@ -300,11 +349,19 @@ def check_scale_reaches_gradients(model: Any) -> CheckResult:
             param.grad = None
         with torch.enable_grad():
             _probe_loss(model).backward()
-        before = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        raw = [None if p.grad is None else p.grad.detach().clone() for p in params]
         tracked_with_grad = sum(t.grad is not None for t in scaler.parameters)
-        factor = scaler.scale_gradients()
-        after = [None if p.grad is None else p.grad.detach() for p in params]
-    with_grad = [i for i, g in enumerate(before) if g is not None]
+        optimizer_state = copy.deepcopy(model.policy.optimizer.state_dict())
+        unit, _ = _update_from_origin(model, params, raw, optimizer_state, lambda: 1.0)
+        read: list[torch.Tensor | None] = []
+
+        def scale_of() -> float:
+            factor = scaler.compute_scale()
+            read.extend(None if p.grad is None else p.grad.detach().clone() for p in params)
+            return factor
+
+        scaled, factor = _update_from_origin(model, params, raw, optimizer_state, scale_of)
+    with_grad = [i for i, g in enumerate(raw) if g is not None]
     if not with_grad:
         return spec.failed("the probe loss reached no parameter of the policy")
     if factor == 1.0:
@@ -315,29 +372,52 @@ def check_scale_reaches_gradients(model: Any) -> CheckResult:
             else "the scaler returned 1 in a forced post-warm-up regime"
         )
         return spec.failed(
-            f"0/{len(with_grad)} of the policy's gradients were scaled: {why}",
+            f"the factor cannot reach the step: {why}",
             factor=factor,
             tracked_with_grad=tracked_with_grad,
         )
-    wrong = [
-        i
-        for i in with_grad
-        if not torch.equal(after[i], before[i] * factor)  # type: ignore[arg-type]
-    ]
-    if wrong:
-        unchanged = sum(torch.equal(after[i], before[i]) for i in wrong)  # type: ignore[arg-type]
+    touched = [i for i in with_grad if not torch.equal(read[i], raw[i])]  # type: ignore[arg-type]
+    if touched:
         return spec.failed(
-            f"{len(wrong)}/{len(with_grad)} of the policy's gradients were not multiplied by "
-            f"the reported factor {factor:.6g} ({unchanged} left unchanged: the scaler acts "
-            "on other tensors)",
+            f"compute_scale() changed {len(touched)}/{len(with_grad)} of the raw gradients; "
+            "the factor belongs in the step size only",
+            factor=factor,
+            changed=len(touched),
+        )
+    wrong: list[int] = []
+    worst = 0.0
+    for i in with_grad:
+        error = float(torch.linalg.vector_norm(scaled[i] - factor * unit[i]))
+        size = float(torch.linalg.vector_norm(unit[i]))
+        worst = max(worst, error / size if size > 0.0 else error)
+        if error > PROBE_REL_TOLERANCE * size + PROBE_ABS_TOLERANCE:
+            wrong.append(i)
+    moved = sum(float(torch.linalg.vector_norm(unit[i])) > 0.0 for i in with_grad)
+    if wrong:
+        steps = [
+            float(torch.linalg.vector_norm(scaled[i])) / float(torch.linalg.vector_norm(unit[i]))
+            for i in wrong
+            if float(torch.linalg.vector_norm(unit[i])) > 0.0
+        ]
+        ratio = (
+            f"; the step moved by {min(steps):.4g}..{max(steps):.4g} of the unscaled one"
+            if (steps)
+            else ""
+        )
+        return spec.failed(
+            f"{len(wrong)}/{len(with_grad)} of the policy's tensors did not move by the factor "
+            f"{factor:.6g} times the unscaled step (worst relative error {worst:.3g}){ratio}",
             factor=factor,
             wrong=len(wrong),
+            worst_relative_error=worst,
         )
     return spec.passed(
-        f"factor {factor:.6g} applied exactly to {len(with_grad)}/{len(params)} of the "
-        "policy's gradients; scaler state, gradients and RNG restored",
+        f"factor {factor:.6g} scaled the step of {len(with_grad)}/{len(params)} of the "
+        f"policy's tensors ({moved} moved; worst relative error {worst:.2g}); parameters, "
+        "optimizer, scaler and RNG restored",
         factor=factor,
         gradients=len(with_grad),
+        worst_relative_error=worst,
     )
 
 
@@ -358,14 +438,17 @@ def model_state(model: Any) -> dict[str, Any]:
     )
 
 
-def check_round_trip(model: Any, env: Any = None, *, trust: bool = False) -> CheckResult:
+def check_round_trip(
+    model: Any, env: Any = None, *, trust: bool = False, allow: Any = None
+) -> CheckResult:
     """DPPO012: save to a temporary file, load it back with the allow-list loader, and
     compare policy parameters and buffers, optimizer state and scaler state bit for bit.
 
     :param trust: reload through the same trusted path the model was loaded with (a model
         with a closure schedule saves that closure again, which the allow-list refuses)
+    :param allow: the allow-list the model was loaded with (built-in plus the user's).
     """
-    from dppo_ckpt.checkpoint.safe_pickle import safe_load
+    from dppo_ckpt.checkpoint.safe_pickle import ALLOWED_GLOBALS, safe_load
 
     spec = CHECKS["DPPO012"]
     before = model_state(model)
@@ -374,7 +457,9 @@ def check_round_trip(model: Any, env: Any = None, *, trust: bool = False) -> Che
         model.save(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reloaded = safe_load(path, env=env, device="cpu", trust=trust)
+            reloaded = safe_load(
+                path, env=env, device="cpu", trust=trust, allow=allow or ALLOWED_GLOBALS
+            )
     difference = _first_difference(before, model_state(reloaded))
     if difference is not None:
         return spec.failed(f"the state after save -> load differs at {difference}")
@@ -413,6 +498,6 @@ def model_checks(
         ("DPPO008", lambda: check_scaler_tracks_policy(model)),
         ("DPPO009", lambda: check_optimizer_tracks_policy(model)),
         ("DPPO010", statistics),
-        ("DPPO011", lambda: check_scale_reaches_gradients(model)),
+        ("DPPO011", lambda: check_scale_reaches_step(model)),
     ]
     return [_timed(CHECKS[check_id], fn) for check_id, fn in plan]

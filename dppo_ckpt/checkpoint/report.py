@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from enum import Enum
 from importlib import resources
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 from dppo_ckpt.checkpoint.results import (
@@ -35,11 +35,16 @@ from dppo_ckpt.checkpoint.results import (
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from dppo_ckpt.checkpoint.migrate import MigrationOutcome
+
 __all__ = [
     "JSON_SCHEMA_VERSION",
     "SARIF_CATEGORIES",
     "TOOL_NAME",
     "json_schema",
+    "migration_to_json",
+    "render_inspection",
+    "render_migration",
     "render_table",
     "summary_line",
     "to_json",
@@ -114,6 +119,11 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
     from rich.text import Text
 
     for report in reports:
+        results = report.results
+        if _unusable(report):
+            # One row says why; the skipped checks add nothing a reader needs here. JSON,
+            # JUnit and SARIF keep every check, so CI test cases stay stable.
+            results = results[:1]
         table = Table(
             title=Text(printable(report.path), style="bold"),
             caption=f"exit code {report.exit_code}",
@@ -124,8 +134,8 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
         table.add_column("Check")
         table.add_column("Verdict", no_wrap=True)
         table.add_column("Message")
-        for result in report.results:
-            message = Text(printable(result.message))
+        for result in results:
+            message = Text(printable(_without_path(result.message, report.path)))
             if result.remedy and result.verdict in (Verdict.FAIL, Verdict.ERROR):
                 message.append("\n")
                 message.append(f"-> {printable(result.remedy)}", style="italic cyan")
@@ -136,8 +146,28 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
                 message,
             )
         console.print(table)
+    failing = [r for r in reports if r.exit_code]
+    if failing and len(reports) > 1:
+        named = ", ".join(f"{printable(r.path)} (exit {r.exit_code})" for r in failing)
+        console.print(Text(f"not good: {named}"), soft_wrap=True)
     # soft_wrap: the summary line must stay one line, whatever the console width.
     console.print(Text(summary_line(reports)), soft_wrap=True)
+
+
+def _unusable(report: FileReport) -> bool:
+    """The file could not be used: DPPO001 did not pass and every other check was skipped."""
+    first, rest = report.results[:1], report.results[1:]
+    return (
+        bool(first)
+        and first[0].verdict in (Verdict.FAIL, Verdict.ERROR)
+        and all(r.verdict is Verdict.SKIP for r in rest)
+    )
+
+
+def _without_path(message: str, path: str) -> str:
+    """The message without a leading ``PATH:`` (the table's title already names the file)."""
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,3 +446,146 @@ def to_sarif(reports: Sequence[FileReport], tool_version: str) -> str:
         ],
     }
     return json.dumps(document, indent=2, ensure_ascii=True, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def render_inspection(info: dict[str, Any], console: Console) -> None:
+    """``inspect``'s tables: members, versions, hyperparameters, scaler, numerics, globals."""
+    from rich.table import Table
+    from rich.text import Text
+
+    def table(title: str, *columns: str) -> Table:
+        out = Table(title=Text(title, style="bold"), title_justify="left")
+        for column in columns:
+            out.add_column(column)
+        return out
+
+    def row(out: Table, *values: Any) -> None:
+        out.add_row(*(Text(printable(v)) for v in values))
+
+    console.print(Text(printable(info["path"]), style="bold"))
+    members = table("Members", "Name", "Size", "Stored", "Compression")
+    for m in info["members"]:
+        row(members, m["name"], m["size"], m["compressed_size"], m["compression"])
+    console.print(members)
+    overview = table("Checkpoint", "Field", "Value")
+    for key, value in info["versions"].items():
+        row(overview, f"{key} version", value if value is not None else "not recorded")
+    row(overview, "algorithm", info["algorithm"] or "unknown")
+    row(overview, "policy class", info["policy_class"] or "unknown")
+    row(overview, "legacy scaler entry", "yes: run `dppo-ckpt migrate`" if info["legacy"] else "no")
+    row(overview, "all globals allow-listed", "yes" if info["safe"] else "NO")
+    console.print(overview)
+    hyper = table("Hyperparameters (plain JSON values of data)", "Key", "Value")
+    for key, value in info["hyperparameters"].items():
+        text = repr(value)
+        row(hyper, key, text if len(text) <= 80 else text[:77] + "...")
+    for key, kind in info["pickled_entries"].items():
+        # The class a pickled class entry names, not the metaclass SB3 records as its type.
+        shown = info["policy_class"] if key == "policy_class" and info["policy_class"] else kind
+        row(hyper, key, f"pickled {shown or ''}".strip())
+    console.print(hyper)
+    vgs = info["vgs"]
+    scaler = table("Variance Gradient Scaler", "Field", "Value")
+    if vgs is None:
+        row(scaler, "scaler", "none (off, or not a DistributionalPPO checkpoint)")
+    elif "error" in vgs:
+        row(scaler, "scaler", f"cannot decode: {vgs['error']}")
+    else:
+        for key, value in vgs["config"].items():
+            row(scaler, key, value)
+        for key in (
+            "step_count", "scaling_factor", "noise_ratio", "level", "scale_mean",
+            "at_min_share", "at_one_share", "tensors", "elements",
+        ):  # fmt: skip
+            row(scaler, key, vgs[key])
+    console.print(scaler)
+    numerics = table("Numerics (what bit-for-bit results depend on)", "Field", "Value")
+    if info["numerics"] is None:
+        row(numerics, "fingerprint", "not recorded (plain SB3, or dppo-ckpt < 0.2)")
+    else:
+        for key, value in info["numerics"].items():
+            row(numerics, key, value)
+    console.print(numerics)
+    globals_table = Table(title=Text("Globals referenced", style="bold"), title_justify="left")
+    globals_table.add_column("Global", overflow="fold")
+    globals_table.add_column("Verdict", no_wrap=True)
+    globals_table.add_column("Uses", justify="right", no_wrap=True)
+    globals_table.add_column("Where", overflow="fold")
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for g in info["globals"]:
+        grouped.setdefault((g["global"], g["verdict"]), []).append(g)
+    # Refused globals first, so they are never lost among the allowed ones.
+    for (name, verdict), places in sorted(grouped.items(), key=lambda kv: kv[0][1] == "allowed"):
+        wheres = []
+        for g in places:
+            where = g["member"] + (f" / {g['entry']}" if g["entry"] else "")
+            wheres.append(where + "".join(f" > {p}" for p in g["path"]))
+        unique = list(dict.fromkeys(wheres))
+        shown = ", ".join(unique[:3]) + (f" and {len(unique) - 3} more" if len(unique) > 3 else "")
+        style = "green" if verdict == "allowed" else "bold red"
+        globals_table.add_row(
+            Text(printable(name)),
+            Text(verdict, style=style),
+            str(sum(g.get("count", 1) for g in places)),
+            Text(printable(shown)),
+        )
+    console.print(globals_table)
+
+
+# ---------------------------------------------------------------------------------------------
+# migrate
+# ---------------------------------------------------------------------------------------------
+
+_STATUS_STYLE: Final = {
+    "migrated": "green",
+    "already current": "green",
+    "would migrate": "yellow",
+    "failed": "red",
+    "unusable": "red",
+    "refused": "bold red",
+}
+
+
+def render_migration(outcomes: Sequence[MigrationOutcome], console: Any) -> None:
+    """A summary table (input, output, status, what changed) and a count line."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="dppo-ckpt migrate", title_justify="left")
+    table.add_column("Input", overflow="fold")
+    table.add_column("Output", overflow="fold")
+    table.add_column("Status", no_wrap=True)
+    table.add_column("Exit", no_wrap=True)
+    table.add_column("Details")
+    for o in outcomes:
+        details = o.message + (f"\nbackup: {o.backup}" if o.backup and o.exit_code == 0 else "")
+        table.add_row(
+            Text(printable(o.source)),
+            Text(printable(o.destination or "-")),
+            Text(o.status, style=_STATUS_STYLE.get(o.status, "")),
+            str(o.exit_code),
+            Text("\n".join(printable(line) for line in details.split("\n"))),
+        )
+    console.print(table)
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    console.print(Text(", ".join(f"{n} {status}" for status, n in counts.items())), soft_wrap=True)
+
+
+def migration_to_json(outcomes: Sequence[MigrationOutcome], exit_code: int, version: str) -> str:
+    """The outcomes as JSON: ``{"tool", "version", "command", "exit_code", "files": [...]}``."""
+    return json.dumps(
+        {
+            "tool": "dppo-ckpt",
+            "version": version,
+            "command": "migrate",
+            "exit_code": exit_code,
+            "files": [o.to_dict() for o in outcomes],
+        },
+        indent=2,
+    )

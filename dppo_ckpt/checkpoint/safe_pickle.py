@@ -467,7 +467,14 @@ _PLAIN_DTYPE_CODE: Final = re.compile(
 )
 
 
-def _rule_violation(call: StubCall) -> str | None:
+def rules_for(allow: Mapping[tuple[str, str], Any]) -> Mapping[tuple[str, str], Any]:
+    """How each global of ``allow`` may be used: the built-in rules, and for the user's own
+    entries (pairs beyond :data:`ALLOWED_GLOBALS`) creation empty plus a checked ``BUILD``."""
+    extra = {pair: NEW_EMPTY for pair in allow if pair not in ALLOWED_GLOBALS}
+    return {**CALL_RULES, **extra} if extra else CALL_RULES
+
+
+def _rule_violation(call: StubCall, rules: Mapping[tuple[str, str], Any]) -> str | None:
     """Why this call of an allowed global breaks the global's rule, or None.
 
     The static half of :mod:`~dppo_ckpt.checkpoint.materialise`'s rules, so that ``--static``
@@ -475,7 +482,7 @@ def _rule_violation(call: StubCall) -> str | None:
     """
     func = call.func
     key = (func.module, func.qualname)
-    rule = CALL_RULES.get(key)
+    rule = rules.get(key)
     if key == _NUMPY_DTYPE and call.args:
         code = call.args[0]
         if not isinstance(code, str) or not _PLAIN_DTYPE_CODE.fullmatch(code):
@@ -518,6 +525,7 @@ class _Scanner:
     max_depth: int = _DEFAULT_MAX_DEPTH
     tally: Any = None
     read_budget: ReadBudget = field(init=False)
+    rules: Mapping[tuple[str, str], Any] = field(init=False)
     findings: dict[tuple[Any, ...], Finding] = field(default_factory=dict)
     models: dict[str, PickleModel] = field(default_factory=dict)
     pth_roots: dict[str, Any] = field(default_factory=dict)
@@ -526,6 +534,7 @@ class _Scanner:
 
     def __post_init__(self) -> None:
         self.read_budget = self.budgets.read_budget()
+        self.rules = rules_for(self.allow)
 
     def record(
         self,
@@ -622,7 +631,7 @@ class _Scanner:
                 self.blobs += 1
                 self._blob(obj.args, member, entry, (*path, f"tensor blob {self.blobs}"), depth)
             if checks_rules and classify_global(*key, self.allow) is GlobalVerdict.ALLOWED:
-                violation = _rule_violation(obj)
+                violation = _rule_violation(obj, self.rules)
                 if violation is not None:
                     self.record(member, entry, violation, GlobalVerdict.NOT_ALLOWED, path)
 
@@ -851,6 +860,7 @@ class _EntryLoader:
                 build_check=_refuse_build,
                 load_bytes=self._load_from_bytes,
                 budget=self.budget,
+                rules=rules_for(self.allow),
             )
         except MaterialiseRefused as exc:
             raise UnsafePickleError(

@@ -1,0 +1,92 @@
+"""The user's allow-list: exact pairs only, never code, listed in every report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dppo_ckpt.checkpoint.allowlist import AllowListError, user_allow_list
+from dppo_ckpt.checkpoint.checks import run_checks
+from tests._models import make_model
+from tests.zoo_schedules import SimpleLinearSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = "tests.zoo_schedules.SimpleLinearSchedule"
+
+
+@pytest.fixture(scope="module")
+def zoo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("zoo") / "zoo.zip"
+    make_model(learning_rate=SimpleLinearSchedule(1e-3, 1e-4)).save(path)
+    return path
+
+
+def _codes(report) -> dict[str, str]:
+    return {r.check_id: r.verdict.value for r in report.results}
+
+
+def test_a_zoo_schedule_is_refused_without_allow_and_passes_with_it(
+    zoo_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no pyproject.toml above a scratch folder
+    refused = run_checks(zoo_checkpoint, quick=True, allow=user_allow_list())
+    assert refused.exit_code == 3
+    assert ZOO in next(r.message for r in refused.results if r.check_id == "DPPO004")
+    allowed = run_checks(zoo_checkpoint, quick=True, allow=user_allow_list([ZOO]))
+    assert allowed.exit_code == 0, [(r.check_id, r.message) for r in allowed.results]
+    dppo004 = next(r for r in allowed.results if r.check_id == "DPPO004")
+    assert dppo004.details["extra_allow"] == [ZOO]
+    assert ZOO in dppo004.message
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["tests.zoo_schedules", "tests.zoo_schedules.Simple", "tests.SimpleLinearSchedule",
+     "tests.zoo_schedules.SimpleLinearScheduleX"],
+)  # fmt: skip
+def test_allow_never_admits_a_pair_it_does_not_name(
+    zoo_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    report = run_checks(zoo_checkpoint, static=True, allow=user_allow_list([entry]))
+    assert report.exit_code == 3
+
+
+@pytest.mark.parametrize(
+    "entry", ["os.system", "builtins.eval", "subprocess.Popen", "importlib.import_module",
+              "pkgutil.resolve_name", "numpy.*", "mymod", "a.b.__reduce__"],
+)  # fmt: skip
+def test_code_running_or_malformed_entries_are_an_error_of_their_own(entry: str) -> None:
+    with pytest.raises(AllowListError):
+        user_allow_list([entry])
+
+
+def test_the_nearest_pyproject_list_is_used_and_named_in_the_report(
+    zoo_checkpoint: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    (project / "sub").mkdir(parents=True)
+    (project / "pyproject.toml").write_text(f'[tool.dppo-ckpt]\nallow = ["{ZOO}"]\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-m", "dppo_ckpt.cli", "verify", "--quick", "-f", "json",
+         str(zoo_checkpoint)],
+        capture_output=True, text=True, cwd=project / "sub", env=env, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr
+    results = json.loads(run.stdout)["files"][0]["results"]
+    dppo004 = next(r for r in results if r["check_id"] == "DPPO004")
+    assert dppo004["details"]["allow_source"] == str(project / "pyproject.toml")
+    bad = project / "pyproject.toml"
+    bad.write_text('[tool.dppo-ckpt]\nallow = ["os.system"]\n')
+    run = subprocess.run(
+        [sys.executable, "-m", "dppo_ckpt.cli", "verify", "--static", str(zoo_checkpoint)],
+        capture_output=True, text=True, cwd=project, env=env, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 2 and "os.system" in run.stderr
+    assert "Traceback" not in run.stderr
