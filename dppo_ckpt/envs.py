@@ -38,6 +38,8 @@ import importlib.util
 import io
 import json
 import math
+import os
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -409,13 +411,22 @@ def _check_spaces(spec: EnvSpec, env: VecEnv | gym.Env) -> None:
             raise EnvError(f"{spec.env_id} is not supported: {problem} (supported: {kinds})")
 
 
-def _make_one(spec: EnvSpec, rank: int, seed: int | None) -> gym.Env:
+def _make_one(spec: EnvSpec, rank: int, seed: int | None, builder_pid: int = 0) -> gym.Env:
     """One environment of the stack, as SB3's ``make_vec_env`` makes it.
 
     A module-level function (pickled by reference): a ``SubprocVecEnv`` worker calls it in
     its own process, which therefore imports the ``module:`` part and ale-py by itself.
+
+    :param builder_pid: the process that builds the stack; called in another one (a worker),
+        the worker ignores Ctrl-C
     """
     import gymnasium as gym
+
+    if builder_pid and os.getpid() != builder_pid:
+        # Ctrl-C reaches the whole process group; SB3's worker ends on it and breaks the pipe
+        # that the training process still steps through. That process decides when to stop
+        # (at a rollout boundary, after its final checkpoint) and closes the workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     from stable_baselines3.common.monitor import Monitor
 
     from dppo_ckpt._snapshottable import Snapshottable
@@ -456,7 +467,9 @@ def build_vec_env(
 
     import_env_module(spec, allowed=allowed, source=source)
     _check_registered(spec)
-    factories = [functools.partial(_make_one, spec, rank, seed) for rank in range(spec.n_envs)]
+    factories = [
+        functools.partial(_make_one, spec, rank, seed, os.getpid()) for rank in range(spec.n_envs)
+    ]
     if spec.vec_env == "subproc":
         # A worker that fails to build its environment dies with a traceback on stderr and
         # leaves a broken pipe: build one here first, where a failure is one line.

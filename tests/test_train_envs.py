@@ -11,8 +11,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -285,6 +287,35 @@ def test_environments_that_cannot_be_pickled_restart_fresh_and_say_why(workspace
     ) in result.stdout
     # The statistics are numbers, not a pickle: they come back even so.
     assert "VecNormalize statistics from checkpoint_000000128.vecnorm.npz" in result.stdout
+
+
+def test_ctrl_c_to_the_process_group_stops_a_subproc_run_cleanly(workspace):
+    # A terminal's Ctrl-C signals every process of the foreground group, workers included.
+    folder = workspace / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dppo_ckpt.cli", "train", "--env", VECTOR, "--vec-env",
+         "subproc", "--n-envs", "2", "--normalize", "--config", "vector.toml",
+         "--timesteps", "1000000", "--checkpoint-every", "128", "--out", "interrupted"],
+        cwd=workspace, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(folder.glob("checkpoint_*.zip")):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert "stopped by Ctrl-C" in stdout
+    last = sorted(folder.glob("checkpoint_*.zip"))[-1]
+    assert last.with_name(last.name.replace(".zip", ".envs.pkl")).is_file()
 
 
 _NO_ALE = importlib.util.find_spec("ale_py") is None
