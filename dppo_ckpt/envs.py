@@ -38,6 +38,8 @@ import importlib.util
 import io
 import json
 import math
+import os
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -53,6 +55,7 @@ __all__ = [
     "EnvError",
     "EnvOptions",
     "EnvSpec",
+    "SnapshotError",
     "build_vec_env",
     "check_normalize_options",
     "close_quietly",
@@ -86,6 +89,10 @@ _SNAPSHOT_FORMAT = 2
 _SPEC_FIELDS = ("env_id", "n_envs", "env_kwargs", "vec_env", "normalize", "frame_stack", "atari")
 # VecNormalize statistics: a few arrays the size of one observation; far larger is not ours.
 _MAX_NORMALIZATION_BYTES = 64 * 1024 * 1024
+
+
+class SnapshotError(ValueError):
+    """An environment of the stack cannot be snapshotted; the message says why."""
 
 
 class EnvError(Exception):
@@ -394,8 +401,8 @@ def _space_problem(space: gym.Space, what: str) -> str | None:
     return f"its {what} space is {type(space).__name__}"
 
 
-def _check_spaces(spec: EnvSpec, venv: VecEnv) -> None:
-    for what, space in (("observation", venv.observation_space), ("action", venv.action_space)):
+def _check_spaces(spec: EnvSpec, env: VecEnv | gym.Env) -> None:
+    for what, space in (("observation", env.observation_space), ("action", env.action_space)):
         problem = _space_problem(space, what)
         if problem is not None:
             kinds = "Box, Discrete, MultiDiscrete, MultiBinary"
@@ -404,13 +411,22 @@ def _check_spaces(spec: EnvSpec, venv: VecEnv) -> None:
             raise EnvError(f"{spec.env_id} is not supported: {problem} (supported: {kinds})")
 
 
-def _make_one(spec: EnvSpec, rank: int, seed: int | None) -> gym.Env:
+def _make_one(spec: EnvSpec, rank: int, seed: int | None, builder_pid: int = 0) -> gym.Env:
     """One environment of the stack, as SB3's ``make_vec_env`` makes it.
 
     A module-level function (pickled by reference): a ``SubprocVecEnv`` worker calls it in
     its own process, which therefore imports the ``module:`` part and ale-py by itself.
+
+    :param builder_pid: the process that builds the stack; called in another one (a worker),
+        the worker ignores Ctrl-C
     """
     import gymnasium as gym
+
+    if builder_pid and os.getpid() != builder_pid:
+        # Ctrl-C reaches the whole process group; SB3's worker ends on it and breaks the pipe
+        # that the training process still steps through. That process decides when to stop
+        # (at a rollout boundary, after its final checkpoint) and closes the workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     from stable_baselines3.common.monitor import Monitor
 
     from dppo_ckpt._snapshottable import Snapshottable
@@ -451,7 +467,21 @@ def build_vec_env(
 
     import_env_module(spec, allowed=allowed, source=source)
     _check_registered(spec)
-    factories = [functools.partial(_make_one, spec, rank, seed) for rank in range(spec.n_envs)]
+    factories = [
+        functools.partial(_make_one, spec, rank, seed, os.getpid()) for rank in range(spec.n_envs)
+    ]
+    if spec.vec_env == "subproc":
+        # A worker that fails to build its environment dies with a traceback on stderr and
+        # leaves a broken pipe: build one here first, where a failure is one line.
+        try:
+            probe = _make_one(spec, 0, seed)
+        except Exception as exc:  # gymnasium and the environment's code raise many kinds
+            raise EnvError(f"cannot create environment {spec.env_id!r}: {_one_line(exc)}") from None
+        try:
+            _check_spaces(spec, probe)
+        finally:
+            with contextlib.suppress(Exception):
+                probe.close()
     try:
         venv: VecEnv = (
             SubprocVecEnv(factories) if spec.vec_env == "subproc" else DummyVecEnv(factories)
@@ -525,14 +555,14 @@ def snapshot_environments(venv: VecEnv) -> bytes:
     """Pickle every environment of the stack (remote ones in their own process) and the
     frame-stack buffers.
 
-    :raises ValueError: an environment cannot be pickled (the message says why)
+    :raises SnapshotError: an environment cannot be pickled (the message says why)
     """
     import cloudpickle
 
     envs = venv.env_method("dppo_ckpt_snapshot")
     problem = next((e for e in envs if isinstance(e, str)), None)
     if problem is not None:
-        raise ValueError(problem)
+        raise SnapshotError(problem)
     document = {"format": _SNAPSHOT_FORMAT, "envs": envs, "frame_stack": _frame_stack_arrays(venv)}
     return cloudpickle.dumps(document)
 

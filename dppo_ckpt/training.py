@@ -580,6 +580,9 @@ class _RunFolder:
             return None
         try:
             return envs.snapshot_environments(env)
+        except envs.SnapshotError as exc:  # names the environment's own exception already
+            self.snapshot_error = str(exc).splitlines()[0]
+            return None
         except Exception as exc:  # whatever the environment's pickling raises
             self.snapshot_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             return None

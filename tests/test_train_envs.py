@@ -7,11 +7,14 @@ against the uninterrupted run, and cycled from its checkpoint with the same stac
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -261,9 +264,74 @@ def test_a_checkpoint_recording_no_env_is_not_trained_on_a_default(tmp_path):
     assert "records none" in _one_line_error(result) and "pass --env ID" in result.stderr
 
 
+def test_environments_that_cannot_be_pickled_restart_fresh_and_say_why(workspace):
+    result = _ok(
+        dppo_ckpt(
+            "train", "--env", "tests.ux_envs:UxUnpicklable-v0", "--vec-env", "subproc",
+            "--n-envs", "2", "--normalize", "--config", "vector.toml", "--timesteps", "256",
+            "--checkpoint-every", "128", "--out", "unpicklable", "--eval-episodes", "0",
+            cwd=workspace,
+        )  # fmt: skip
+    )
+    assert "note: the environments cannot be pickled (TypeError: cannot pickle" in result.stdout
+    assert "--resume will say: environments restart fresh" in result.stdout
+    result = _ok(
+        dppo_ckpt(
+            "train", "--resume", "unpicklable/checkpoint_000000128.zip", "--out", "unp-resumed",
+            "--eval-episodes", "0",
+            cwd=workspace,
+        )  # fmt: skip
+    )
+    assert (
+        "environments restart fresh (no environment snapshot was written with this checkpoint)"
+    ) in result.stdout
+    # The statistics are numbers, not a pickle: they come back even so.
+    assert "VecNormalize statistics from checkpoint_000000128.vecnorm.npz" in result.stdout
+
+
+def test_ctrl_c_to_the_process_group_stops_a_subproc_run_cleanly(workspace):
+    # A terminal's Ctrl-C signals every process of the foreground group, workers included.
+    folder = workspace / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dppo_ckpt.cli", "train", "--env", VECTOR, "--vec-env",
+         "subproc", "--n-envs", "2", "--normalize", "--config", "vector.toml",
+         "--timesteps", "1000000", "--checkpoint-every", "128", "--out", "interrupted"],
+        cwd=workspace, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(folder.glob("checkpoint_*.zip")):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert "stopped by Ctrl-C" in stdout
+    last = sorted(folder.glob("checkpoint_*.zip"))[-1]
+    assert last.with_name(last.name.replace(".zip", ".envs.pkl")).is_file()
+
+
+_NO_ALE = importlib.util.find_spec("ale_py") is None
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
+        pytest.param(
+            ["train", "--env", "CartPole-v1", "--atari"], "--atari needs ale-py",
+            marks=pytest.mark.skipif(not _NO_ALE, reason="ale-py is installed"),
+        ),
+        pytest.param(
+            ["train", "--env", "ALE/Pong-v5"], "--env ALE/Pong-v5 needs ale-py",
+            marks=pytest.mark.skipif(not _NO_ALE, reason="ale-py is installed"),
+        ),
         (
             ["train", "--env", "Blackjack-v1"],
             "error: Blackjack-v1 is not supported: its observation space is Tuple",
@@ -273,7 +341,10 @@ def test_a_checkpoint_recording_no_env_is_not_trained_on_a_default(tmp_path):
         (["train", "--vec-env", "threads"], "--vec-env must be 'dummy' or 'subproc'"),
         (["cycle", "--env", "Blackjack-v1"], "Blackjack-v1 is not supported"),
     ],
-    ids=["tuple-space", "bad-module", "env-kwargs", "vec-env", "cycle-tuple-space"],
+    ids=[
+        "atari", "ale-id", "tuple-space", "bad-module", "env-kwargs", "vec-env",
+        "cycle-tuple-space",
+    ],  # fmt: skip
 )
 def test_unusable_environments_exit_2_with_one_line(tmp_path, args, expected):
     result = (

@@ -6,6 +6,7 @@ because the tests put the project on the path, never registered by the package i
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import gymnasium as gym
@@ -66,6 +67,19 @@ class UxImage(gym.Env):
         return self._image(), reward, False, False, {}
 
 
-for _id, _entry, _steps in (("UxVector-v0", UxVector, 40), ("UxImage-v0", UxImage, 30)):
+class UxUnpicklable(UxVector):
+    """UxVector holding a lock, as environments holding a simulator handle do: no pickle."""
+
+    def __init__(self, scale: float = 1.0, render_mode: str | None = None) -> None:
+        super().__init__(scale=scale, render_mode=render_mode)
+        self._lock = threading.Lock()
+
+
+_ENVS = (
+    ("UxVector-v0", UxVector, 40),
+    ("UxImage-v0", UxImage, 30),
+    ("UxUnpicklable-v0", UxUnpicklable, 40),
+)
+for _id, _entry, _steps in _ENVS:
     if _id not in gym.registry:
         gym.register(_id, entry_point=_entry, max_episode_steps=_steps)
