@@ -162,6 +162,10 @@ class TrainSummary:
     wall_time_s: float
     vgs_scale: float | None
     vgs_step: int | None
+    #: The scaler's running level of the noise ratio, and its factor counts after warm-up
+    #: (``VarianceGradientScaler.factor_counts``, since the run began).
+    vgs_level: float | None = None
+    vgs_counts: dict[str, float] | None = None
     checkpoints: list[Path] = field(default_factory=list)
     last_checkpoint: Path | None = None
     eval_return_mean: float | None = None
@@ -987,6 +991,7 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
     scaler = model._variance_gradient_scaler
     if scaler is not None:
         summary.vgs_scale, summary.vgs_step = scaler.scaling_factor, scaler.step_count
+        summary.vgs_level, summary.vgs_counts = scaler.level, scaler.factor_counts
     if run.snapshot_error is not None:
         console.print(
             f"note: the environments cannot be pickled ({run.snapshot_error}); "
@@ -1005,6 +1010,17 @@ def train(options: TrainOptions, console: Console) -> TrainSummary:
         summary.eval_episodes = options.eval_episodes
     model.get_env().close()
     return summary
+
+
+def _factor_line(counts: dict[str, float] | None) -> str:
+    """The mean factor and the shares at its bounds, over the updates after warm-up."""
+    steps = 0 if counts is None else int(counts["steps"])
+    if counts is None or steps == 0:
+        return "no update after warm-up yet"
+    return (
+        f"mean {counts['scale_sum'] / steps:.3f}; at min_scale {counts['at_min'] / steps:.1%}, "
+        f"at 1 {counts['at_one'] / steps:.1%} of {steps:,} updates"
+    )
 
 
 def render_summary(summary: TrainSummary, console: Console) -> None:
@@ -1032,6 +1048,9 @@ def render_summary(summary: TrainSummary, console: Console) -> None:
         table.add_row("VGS scale", "off")
     else:
         table.add_row("VGS scale", f"{summary.vgs_scale:.4f} (step {summary.vgs_step:,})")
+        level = "not set yet" if summary.vgs_level is None else f"{summary.vgs_level:.4g}"
+        table.add_row("VGS level of the noise ratio", level)
+        table.add_row("VGS factor after warm-up", _factor_line(summary.vgs_counts))
     written = f"{len(summary.checkpoints)}"
     if summary.unverified:
         written += " (unverified)"

@@ -232,11 +232,30 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+def _factor_distribution(state: dict[Any, Any]) -> dict[str, Any]:
+    """The shares of the updates after warm-up at each bound of the factor, and its mean."""
+    steps = state.get("_post_warmup_steps")
+    values = [state.get(key) for key in ("_at_min_steps", "_at_one_steps", "_scale_sum")]
+    plain = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in (steps, *values)]
+    if not all(plain) or steps < 0:  # type: ignore[operator]
+        return dict.fromkeys(("updates_after_warmup", "at_min_share", "at_one_share", "scale_mean"))
+    at_min, at_one, total = values
+    return {
+        "updates_after_warmup": steps,
+        "at_min_share": at_min / steps if steps else None,
+        "at_one_share": at_one / steps if steps else None,
+        "scale_mean": total / steps if steps else None,
+    }
+
+
 def scaler_summary(payload: bytes) -> dict[str, Any]:
     """Configuration, counters and buffer shapes of a pickled scaler, decoded code-free.
 
-    :return: ``class``, ``config`` (the eight hyperparameters), ``step_count``,
-        ``scaling_factor``, ``noise_ratio``, ``tensors`` (number of statistic tensors per
+    :return: ``class``, ``state_version`` (1 for the format before the running level),
+        ``config`` (the eight hyperparameters), ``step_count``, ``scaling_factor``,
+        ``noise_ratio``, ``level``, the factor's distribution over the updates after warm-up
+        (``updates_after_warmup``, ``at_min_share``, ``at_one_share``, ``scale_mean``; None
+        in format 1, which did not count), ``tensors`` (number of statistic tensors per
         buffer), ``elements`` (their total element count) and ``legacy`` (parameter objects
         pickled inside).
     :raises ValueError: the pickle is corrupt or is not a pickled object with a state dict.
@@ -247,6 +266,8 @@ def scaler_summary(payload: bytes) -> dict[str, Any]:
     state = obj.state
     summary: dict[str, Any] = {
         "class": obj.stub_global,
+        # Pickles without a version are format 1, from before the running level.
+        "state_version": _plain(state.get("_state_version", 1)),
         # The scaler's hyperparameters are its only public attributes; counters, statistics
         # and links are private, so no copy of the key list is needed here.
         "config": {
@@ -257,6 +278,8 @@ def scaler_summary(payload: bytes) -> dict[str, Any]:
         "step_count": _plain(state.get("_step_count")),
         "scaling_factor": _plain(state.get("_scaling_factor")),
         "noise_ratio": _plain(state.get("_noise_ratio")),
+        "level": _plain(state.get("_level")),
+        **_factor_distribution(state),
         "tensors": None,
         "elements": None,
         "legacy": state.get("_parameters") is not None,
