@@ -331,10 +331,12 @@ class VarianceGradientScaler:
     The factor is computed from the level *before* this step's ``R`` enters it, so a noise
     step-up is seen at full height; the level then follows ``R`` with a time constant of
     ``1/(1-level_beta)`` steps (100 by default), so the factor returns to 1 once a higher
-    noise has become the usual one. The formula is the one whose factor measurably varies on
-    real runs (see the README: on the default ``Pendulum-v1`` run no single value, bounds
-    included, takes most updates) while leaving the final return where the scaler-off run
-    has it. Every number of this formula is computed in exactly one place,
+    noise has become the usual one. ``alpha = 1`` makes the step inversely proportional to the
+    excess noise (twice the usual noise, half the step). The formula was chosen by measurement
+    (README, "The Variance Gradient Scaler"): on the default ``Pendulum-v1`` run its factor
+    varies (1 on 43% of the updates after warm-up, mean 0.81, no value on more than 80%),
+    and over 5 seeds of 100k steps the final return with the scaler is -150 +- 35 against
+    -186 +- 82 without it. Every number of this formula is computed in exactly one place,
     :meth:`_scale_and_level`.
 
     Tracked parameters are those that require gradients; frozen ones are ignored. The buffers
