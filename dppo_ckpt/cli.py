@@ -427,6 +427,14 @@ def train_command(
             "environment snapshot whose manifest is not signed with your key (may run code!).",
         ),
     ] = False,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Also allow this exact module.Name (repeatable; adds to [tool.dppo-ckpt] allow).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train a DistributionalPPO agent with the scaler, into a run folder of checkpoints.
 
@@ -467,6 +475,7 @@ def train_command(
         tensorboard=tensorboard,
         portable=portable,
         trust=trust,
+        user_allow=_user_allow(allow),
     )
     # soft_wrap: status lines (paths, "environments restart fresh") stay whole for log readers.
     console = Console(highlight=False, soft_wrap=True)
@@ -614,6 +623,14 @@ def cycle_command(
             "--trust", help="Load MODEL even with globals off the allow-list (may run code!)."
         ),
     ] = False,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Also allow this exact module.Name (repeatable; adds to [tool.dppo-ckpt] allow).",
+            show_default=False,
+        ),
+    ] = None,
     portable: Annotated[bool, _PORTABLE_OPTION] = True,
 ) -> None:
     """Save-load-train cycles with regression checks: the CI gate.
@@ -651,6 +668,7 @@ def cycle_command(
             steps=steps,
             seed=seed,
             trust=trust,
+            allow=_user_allow(allow),
             portable=portable,
             note=lambda line: typer.echo(f"note: {_printable(line)}", err=True),
         )

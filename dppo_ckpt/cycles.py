@@ -266,6 +266,7 @@ class _Start:
     trust: bool
     source: str = "the options"  # what recorded the spec, for messages
     where: str = "the options"  # where the spec came from, for the line that shows it
+    allow: Any = None  # the allow-list MODEL loads with (built-in plus the user's entries)
 
 
 def _make_env(start: _Start) -> tuple[VecEnv, str | None]:
@@ -330,9 +331,9 @@ def _start(start: _Start) -> tuple[DistributionalPPO, str | None]:
 
     from dppo_ckpt.checkpoint.archive import CheckpointError
     from dppo_ckpt.checkpoint.isolation import probe_load
-    from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError, safe_load
+    from dppo_ckpt.checkpoint.safe_pickle import ALLOWED_GLOBALS, UnsafePickleError, safe_load
 
-    crashed = probe_load(os.fspath(model_path), trust=trust)
+    crashed = probe_load(os.fspath(model_path), trust=trust, allow=start.allow)
     if crashed is not None:
         envs.close_quietly(env)
         raise CycleError(crashed[1], crashed[0])
@@ -341,8 +342,9 @@ def _start(start: _Start) -> tuple[DistributionalPPO, str | None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = safe_load(
-                model_path, algo_cls=DistributionalPPO, env=env, device="cpu", trust=trust
-            )
+                model_path, algo_cls=DistributionalPPO, env=env, device="cpu", trust=trust,
+                allow=start.allow or ALLOWED_GLOBALS,
+            )  # fmt: skip
     except UnsafePickleError as exc:
         problem = CycleError(
             f"{model_path} refused as unsafe: {_one_line(exc)} (--trust loads it anyway)",
@@ -443,6 +445,7 @@ def run_cycles(
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
     trust: bool = False,
+    allow: Any = None,
     workdir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     portable: bool = True,
@@ -460,6 +463,8 @@ def run_cycles(
     :param steps: environment steps per cycle (N), rounded up to whole rollouts
     :param seed: seed of the fresh model and of the environments
     :param trust: load ``model_path`` even if it pickles globals off the allow-list
+    :param allow: the user's extra allow entries (a
+        :class:`~dppo_ckpt.checkpoint.allowlist.UserAllowList`) for ``model_path``
     :param workdir: keep the cycle checkpoints here (default: a temporary folder)
     :param progress: called with a short line as each stage starts
     :param portable: run in portable numerics (see :mod:`dppo_ckpt.numerics`); fixed for the
@@ -485,6 +490,10 @@ def run_cycles(
     if env_id is not None:
         given.env_id = env_id
     start = _plan_start(path, given, seed, trust)
+    if allow is not None and allow.pairs:
+        from dppo_ckpt.checkpoint.safe_pickle import ALLOWED_GLOBALS
+
+        start = dataclasses.replace(start, allow=allow.merged(ALLOWED_GLOBALS))
     say = progress or (lambda line: None)
 
     with contextlib.ExitStack() as stack:

@@ -169,6 +169,7 @@ class TrainOptions:
     tensorboard: bool = False
     portable: bool = True
     trust: bool = False
+    user_allow: Any = None  # UserAllowList: extra allow entries for the resume checkpoint
 
 
 @dataclass
@@ -181,9 +182,11 @@ class TrainSummary:
     wall_time_s: float
     vgs_scale: float | None
     vgs_step: int | None
-    checkpoints: list[Path] = field(default_factory=list)
+    #: The scaler's running level of the noise ratio, and its factor counts after warm-up
+    #: (``VarianceGradientScaler.factor_counts``, since the run began).
     vgs_level: float | None = None
     vgs_counts: dict[str, float] | None = None
+    checkpoints: list[Path] = field(default_factory=list)
     last_checkpoint: Path | None = None
     eval_return_mean: float | None = None
     eval_return_std: float | None = None
@@ -966,10 +969,13 @@ def _load_checkpoint(
     from dppo_ckpt.checkpoint.archive import CheckpointError
     from dppo_ckpt.checkpoint.isolation import probe_load
     from dppo_ckpt.checkpoint.results import EXIT_UNSAFE
-    from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError, safe_load
+    from dppo_ckpt.checkpoint.safe_pickle import ALLOWED_GLOBALS, UnsafePickleError, safe_load
     from dppo_ckpt.ppo import DistributionalPPO
 
-    crashed = probe_load(str(path), trust=options.trust)
+    allow = ALLOWED_GLOBALS
+    if options.user_allow is not None and options.user_allow.pairs:
+        allow = options.user_allow.merged(ALLOWED_GLOBALS)
+    crashed = probe_load(str(path), trust=options.trust, allow=allow)
     if crashed is not None:
         raise TrainingError(crashed[1], crashed[0])
     try:
@@ -979,6 +985,7 @@ def _load_checkpoint(
             env=env,
             device=settings.get("device", "cpu"),
             trust=options.trust,
+            allow=allow,
             force_reset=not restored,
             tensorboard_log=tensorboard_log,
         )
@@ -1381,6 +1388,17 @@ def _evaluation_env(spec: envs.EnvSpec, training_env: VecEnv | None, seed: int) 
     return env
 
 
+def _factor_line(counts: dict[str, float] | None) -> str:
+    """The mean factor and the shares at its bounds, over the updates after warm-up."""
+    steps = 0 if counts is None else int(counts["steps"])
+    if counts is None or steps == 0:
+        return "no update after warm-up yet"
+    return (
+        f"mean {counts['scale_sum'] / steps:.3f}; at min_scale {counts['at_min'] / steps:.1%}, "
+        f"at 1 {counts['at_one'] / steps:.1%} of {steps:,} updates"
+    )
+
+
 def render_summary(summary: TrainSummary, console: Console) -> None:
     """The summary table of a run, then the path of its last checkpoint."""
     from rich.table import Table
@@ -1406,16 +1424,9 @@ def render_summary(summary: TrainSummary, console: Console) -> None:
         table.add_row("VGS scale", "off")
     else:
         table.add_row("VGS scale", f"{summary.vgs_scale:.4f} (step {summary.vgs_step:,})")
-        counts = summary.vgs_counts or {}
-        steps = counts.get("steps", 0)
-        if steps:
-            level = "not set" if summary.vgs_level is None else f"{summary.vgs_level:.3g}"
-            table.add_row(
-                "VGS after warm-up",
-                f"mean factor {counts['scale_sum'] / steps:.3f}, at the floor "
-                f"{counts['at_min'] / steps:.0%}, at 1 {counts['at_one'] / steps:.0%}, "
-                f"noise level {level} ({int(steps):,} updates)",
-            )
+        level = "not set yet" if summary.vgs_level is None else f"{summary.vgs_level:.4g}"
+        table.add_row("VGS level of the noise ratio", level)
+        table.add_row("VGS factor after warm-up", _factor_line(summary.vgs_counts))
     written = f"{len(summary.checkpoints)}"
     if summary.unverified:
         written += " (unverified)"

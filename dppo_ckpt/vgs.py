@@ -512,8 +512,11 @@ class VarianceGradientScaler:
             scale = 1.0
         elif not usable:
             scale = self.min_scale
+        elif noise_ratio <= level:
+            # (level/R)**alpha >= 1 is clamped to 1; not computing it avoids float overflow.
+            scale = 1.0
         else:
-            scale = min(max((level / noise_ratio) ** self.alpha, self.min_scale), 1.0)
+            scale = max((level / noise_ratio) ** self.alpha, self.min_scale)
         if usable:
             decay = self.level_beta
             level = math.exp(decay * math.log(level) + (1.0 - decay) * math.log(noise_ratio))

@@ -90,3 +90,35 @@ def test_the_nearest_pyproject_list_is_used_and_named_in_the_report(
     )  # fmt: skip
     assert run.returncode == 2 and "os.system" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_cycle_loads_a_zoo_checkpoint_with_allow_and_refuses_it_without(
+    zoo_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dppo_ckpt.cycles import CycleError, run_cycles
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CycleError) as refused:
+        run_cycles(zoo_checkpoint, cycles=1, steps=64, allow=user_allow_list())
+    assert refused.value.exit_code == 3 and ZOO in str(refused.value)
+    report = run_cycles(zoo_checkpoint, cycles=1, steps=64, allow=user_allow_list([ZOO]))
+    assert report.path == str(zoo_checkpoint)
+    assert "refused" not in " ".join(r.message for r in report.results)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"activation_fn": __import__("torch").nn.GELU},
+        {"activation_fn": __import__("torch").nn.LeakyReLU},
+        {"optimizer_class": __import__("torch").optim.AdamW},
+    ],
+)
+def test_sb3_and_torch_classes_given_as_policy_kwargs_pass(
+    kwargs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "m.zip"
+    make_model(policy_kwargs=kwargs).save(path)
+    report = run_checks(path, quick=True, allow=user_allow_list())
+    assert report.exit_code == 0, [(r.check_id, r.message) for r in report.results if r.message]

@@ -215,6 +215,11 @@ def test_inspect_describes_a_checkpoint(tmp_path: Path) -> None:
     assert info["vgs"]["step_count"] == 8
     assert info["vgs"]["config"]["warmup_steps"] == 3
     assert info["vgs"]["tensors"] == 13 and info["vgs"]["elements"] == 1234
+    vgs = info["vgs"]
+    assert vgs["state_version"] == 2 and "level_beta" in vgs["config"]
+    assert vgs["level"] > 0 and vgs["updates_after_warmup"] == 5  # 8 updates, warm-up 3
+    assert 0 <= vgs["at_min_share"] <= 1 and 0 <= vgs["at_one_share"] <= 1
+    assert 0 < vgs["scale_mean"] <= 1
     assert info["legacy"] is False and info["safe"] is True
     assert {"dppo_ckpt.vgs.VarianceGradientScaler", "torch.storage._load_from_bytes"} <= {
         g["global"] for g in info["globals"]
@@ -222,7 +227,10 @@ def test_inspect_describes_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_inspect_legacy_plain_and_hostile(tmp_path: Path) -> None:
-    assert _inspect_json("dppo_legacy.zip", tmp_path)["legacy"] is True
+    legacy = _inspect_json("dppo_legacy.zip", tmp_path)
+    assert legacy["legacy"] is True
+    assert legacy["vgs"]["state_version"] == 1 and "variance_cap" in legacy["vgs"]["config"]
+    assert legacy["vgs"]["level"] is None and legacy["vgs"]["at_min_share"] is None
     plain = _inspect_json("sb3_ppo.zip", tmp_path)
     assert (plain["algorithm"], plain["vgs"]) == ("PPO", None)
     for name in ("hostile_data_entry.zip", "hostile_code_by_value.zip", "hostile_nested_blob.zip"):
@@ -235,6 +243,11 @@ def test_inspect_table_and_broken_files(tmp_path: Path) -> None:
     run = dppo_ckpt("inspect", str(fixture("hostile_policy_pth.zip")), cwd=tmp_path)
     assert run.returncode == 0
     assert "io.open" in run.stdout and "not allowed" in run.stdout
+    table = dppo_ckpt("inspect", str(fixture("dppo_quantile_vgs.zip")), cwd=tmp_path).stdout
+    for row in ("level", "share at min_scale", "share at 1", "mean factor"):
+        assert row in table, row
+    legacy = dppo_ckpt("inspect", str(fixture("dppo_legacy.zip")), cwd=tmp_path).stdout
+    assert "migrate" in legacy and "n/a" in legacy
     broken = dppo_ckpt("inspect", str(fixture("broken_dotdot.zip")), cwd=tmp_path)
     _no_traceback(broken)
     assert broken.returncode == 2 and "'..'" in broken.stderr

@@ -240,6 +240,26 @@ def test_migrated_legacy_is_what_the_fixed_code_writes(migrated):
     assert _writer_opcodes(payload) == _writer_opcodes(cloudpickle.dumps(upgraded))
 
 
+def test_migration_says_it_upgraded_the_state(tmp_path):
+    outcome = migrate.migrate_file(LEGACY, tmp_path / "new.zip", static=True)
+    assert outcome.facts["state_version_before"] == 1
+    assert outcome.facts["state_version_after"] == 2
+    assert "from format 1 to 2" in outcome.message and "_parameters" in outcome.message
+
+
+def test_a_newer_state_format_is_refused_as_unusable():
+    from dppo_ckpt.checkpoint.stub_pickle import pickle_protocol, stub_dumps, stub_loads
+
+    payload = _scaler_pickle(CURRENT)
+    root = stub_loads(payload)
+    root.ops[0][1]["_state_version"] = 3
+    newer = stub_dumps(root, pickle_protocol(payload))
+    with pytest.raises(migrate.MigrationError, match="format 3 is newer") as info:
+        migrate.rewrite_scaler_pickle(newer)
+    assert info.value.exit_code == 2
+    assert migrate.rewrite_scaler_pickle(payload)[0] is None  # current: nothing to do
+
+
 def test_migration_order_and_defaults_are_the_scalers():
     import torch
 

@@ -258,9 +258,24 @@ def test_a_checkpoint_recording_no_env_is_not_trained_on_a_default(tmp_path):
 def test_environments_that_cannot_be_pickled_restart_fresh_and_say_why(workspace):
     result = _ok(
         dppo_ckpt(
-            "train", "--env", "tests.ux_envs:UxUnpicklable-v0", "--vec-env", "subproc",
-            "--n-envs", "2", "--normalize", "--config", "vector.toml", "--timesteps", "256",
-            "--checkpoint-every", "128", "--out", "unpicklable", "--eval-episodes", "0",
+            "train",
+            "--env",
+            "tests.ux_envs:UxUnpicklable-v0",
+            "--vec-env",
+            "subproc",
+            "--n-envs",
+            "2",
+            "--normalize",
+            "--config",
+            "vector.toml",
+            "--timesteps",
+            "256",
+            "--checkpoint-every",
+            "128",
+            "--out",
+            "unpicklable",
+            "--eval-episodes",
+            "0",
             cwd=workspace,
         )  # fmt: skip
     )
@@ -268,8 +283,13 @@ def test_environments_that_cannot_be_pickled_restart_fresh_and_say_why(workspace
     assert "--resume will say: environments restart fresh" in result.stdout
     result = _ok(
         dppo_ckpt(
-            "train", "--resume", "unpicklable/checkpoint_000000128.zip", "--out", "unp-resumed",
-            "--eval-episodes", "0",
+            "train",
+            "--resume",
+            "unpicklable/checkpoint_000000128.zip",
+            "--out",
+            "unp-resumed",
+            "--eval-episodes",
+            "0",
             cwd=workspace,
         )  # fmt: skip
     )
@@ -316,11 +336,13 @@ _NO_ALE = importlib.util.find_spec("ale_py") is None
     ("args", "expected"),
     [
         pytest.param(
-            ["train", "--env", "CartPole-v1", "--atari"], "--atari needs ale-py",
+            ["train", "--env", "CartPole-v1", "--atari"],
+            "--atari needs ale-py",
             marks=pytest.mark.skipif(not _NO_ALE, reason="ale-py is installed"),
         ),
         pytest.param(
-            ["train", "--env", "ALE/Pong-v5"], "--env ALE/Pong-v5 needs ale-py",
+            ["train", "--env", "ALE/Pong-v5"],
+            "--env ALE/Pong-v5 needs ale-py",
             marks=pytest.mark.skipif(not _NO_ALE, reason="ale-py is installed"),
         ),
         (
@@ -333,7 +355,12 @@ _NO_ALE = importlib.util.find_spec("ale_py") is None
         (["cycle", "--env", "Blackjack-v1"], "Blackjack-v1 is not supported"),
     ],
     ids=[
-        "atari", "ale-id", "tuple-space", "bad-module", "env-kwargs", "vec-env",
+        "atari",
+        "ale-id",
+        "tuple-space",
+        "bad-module",
+        "env-kwargs",
+        "vec-env",
         "cycle-tuple-space",
     ],  # fmt: skip
 )

@@ -94,6 +94,8 @@ def test_train_writes_checkpoints_that_pass_verify(run_a):
     assert f"last checkpoint: {Path('A') / last.name}" in result.stdout
     for row in ("steps", "wall time", "fps", "final evaluation return", "VGS scale"):
         assert row in result.stdout
+    assert "VGS level of the noise ratio" in result.stdout
+    assert re.search(r"VGS factor after warm-up\s*│\s*mean \d\.\d{3}; at min_scale", result.stdout)
     assert re.search(r"checkpoints written\s*│\s*2\s", result.stdout), result.stdout
     manifest = json.loads((run_dir / "run.json").read_text())
     assert [c["timesteps"] for c in manifest["checkpoints"]] == [256, 512]

@@ -578,6 +578,14 @@ def test_scale_of_unusual_ratios_and_the_level_they_leave(
         assert level == 2.0  # neither 0, inf nor NaN enters the geometric level
 
 
+def test_extreme_levels_do_not_overflow() -> None:
+    scaler = VarianceGradientScaler(None, warmup_steps=0, alpha=3.0, min_scale=0.25)
+    scaler._level = 1e300
+    assert scaler._scale_and_level(5, 1e-300)[0] == 1.0
+    scaler._level = 1e-300
+    assert scaler._scale_and_level(5, 1e300)[0] == 0.25
+
+
 def test_alpha_zero_never_scales() -> None:
     scaler = VarianceGradientScaler(None, warmup_steps=0, alpha=0.0)
     scaler._level = 1e-9

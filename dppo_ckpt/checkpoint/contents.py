@@ -160,36 +160,39 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def _bound_shares(state: Mapping[Any, Any]) -> dict[str, Any]:
-    """Mean factor after warm-up and the share of those updates at each bound."""
+def _factor_distribution(state: dict[Any, Any]) -> dict[str, Any]:
+    """The shares of the updates after warm-up at each bound of the factor, and its mean."""
     steps = state.get("_post_warmup_steps")
-    if type(steps) is not int or steps <= 0:
-        return {"scale_mean": None, "at_min_share": None, "at_one_share": None}
-
-    def share(key: str) -> float | None:
-        value = state.get(key)
-        return value / steps if isinstance(value, (int, float)) else None
-
+    values = [state.get(key) for key in ("_at_min_steps", "_at_one_steps", "_scale_sum")]
+    plain = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in (steps, *values)]
+    if not all(plain) or steps < 0:  # type: ignore[operator]
+        return dict.fromkeys(("updates_after_warmup", "at_min_share", "at_one_share", "scale_mean"))
+    at_min, at_one, total = values
     return {
-        "scale_mean": share("_scale_sum"),
-        "at_min_share": share("_at_min_steps"),
-        "at_one_share": share("_at_one_steps"),
+        "updates_after_warmup": steps,
+        "at_min_share": at_min / steps if steps else None,
+        "at_one_share": at_one / steps if steps else None,
+        "scale_mean": total / steps if steps else None,
     }
 
 
 def scaler_summary(payload: bytes) -> dict[str, Any]:
     """Configuration, counters and buffer shapes of a pickled scaler, decoded code-free.
 
-    :return: ``class``, ``config`` (the hyperparameters), ``step_count``,
-        ``scaling_factor``, ``noise_ratio``, ``level`` (the running level of the noise ratio),
-        ``scale_mean``, ``at_min_share`` and ``at_one_share`` (after warm-up), ``tensors``
-        (number of statistic tensors per buffer), ``elements`` (their total element count)
-        and ``legacy`` (the state holds legacy keys).
+    :return: ``class``, ``state_version`` (1 for the format before the running level),
+        ``config`` (the eight hyperparameters), ``step_count``, ``scaling_factor``,
+        ``noise_ratio``, ``level``, the factor's distribution over the updates after warm-up
+        (``updates_after_warmup``, ``at_min_share``, ``at_one_share``, ``scale_mean``; None
+        in format 1, which did not count), ``tensors`` (number of statistic tensors per
+        buffer), ``elements`` (their total element count) and ``legacy`` (parameter objects
+        pickled inside).
     :raises ValueError: the pickle is corrupt or is not a pickled object with a state dict.
     """
     class_name, state = scaler_model(payload)
     summary: dict[str, Any] = {
         "class": class_name,
+        # Pickles without a version are format 1, from before the running level.
+        "state_version": _plain(state.get("_state_version", 1)),
         # The scaler's hyperparameters are its only public attributes; counters, statistics
         # and links are private, so no copy of the key list is needed here.
         "config": {
@@ -201,7 +204,7 @@ def scaler_summary(payload: bytes) -> dict[str, Any]:
         "scaling_factor": _plain(state.get("_scaling_factor")),
         "noise_ratio": _plain(state.get("_noise_ratio")),
         "level": _plain(state.get("_level")),
-        **_bound_shares(state),
+        **_factor_distribution(state),
         "tensors": None,
         "elements": None,
         "legacy": bool(legacy_state_keys(state)),

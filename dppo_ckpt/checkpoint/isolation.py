@@ -170,26 +170,27 @@ def crash_report(path: str, outcome: ChildOutcome, timeout: float) -> FileReport
     )
 
 
-def _probe_load(path: str, trust: bool) -> None:
-    from dppo_ckpt.checkpoint.safe_pickle import safe_load
+def _probe_load(path: str, trust: bool, allow: Any) -> None:
+    from dppo_ckpt.checkpoint.safe_pickle import ALLOWED_GLOBALS, safe_load
 
     # Errors are the caller's to report with its own wording, from its own load; the child
     # only shows that loading this file does not bring the process down.
     with contextlib.suppress(Exception):
-        safe_load(path, trust=trust)
+        safe_load(path, trust=trust, allow=allow or ALLOWED_GLOBALS)
 
 
 def probe_load(
-    path: str, *, trust: bool, timeout: float = DEFAULT_TIMEOUT
+    path: str, *, trust: bool, allow: Any = None, timeout: float = DEFAULT_TIMEOUT
 ) -> tuple[int, str] | None:
     """Load ``path`` once in a child before the caller loads it in its own process.
 
     ``train --resume`` and ``cycle MODEL`` go on to train the model they load, so they load
     it themselves; this probe makes a crash or a hang cost the child, not the caller.
 
+    :param allow: the allow-list the caller loads with (built-in plus the user's entries).
     :return: ``(exit code, one-line reason)`` when the child died or overran, else None.
     """
-    outcome = run_isolated(_probe_load, path, trust, timeout=timeout)
+    outcome = run_isolated(_probe_load, path, trust, allow and dict(allow), timeout=timeout)
     if outcome.signal_name is not None:
         return 3, (
             f"{path}: loading it killed the check process by {outcome.signal_name}: "

@@ -495,12 +495,22 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
     elif "error" in vgs:
         row(scaler, "scaler", f"cannot decode: {vgs['error']}")
     else:
+        version = vgs["state_version"]
+        old = " (before the running level: `dppo-ckpt migrate` rewrites it)"
+        row(scaler, "state format", f"{version}{old if version == 1 else ''}")
         for key, value in vgs["config"].items():
             row(scaler, key, value)
-        for key in (
-            "step_count", "scaling_factor", "noise_ratio", "level", "scale_mean",
-            "at_min_share", "at_one_share", "tensors", "elements",
-        ):  # fmt: skip
+        for key in ("step_count", "scaling_factor", "noise_ratio", "level"):
+            row(scaler, key, vgs[key])
+        row(scaler, "updates after warm-up", vgs["updates_after_warmup"])
+        for key, label in (
+            ("at_min_share", "share at min_scale"),
+            ("at_one_share", "share at 1"),
+            ("scale_mean", "mean factor"),
+        ):
+            value = vgs[key]
+            row(scaler, label, "n/a" if value is None else f"{value:.3f}")
+        for key in ("tensors", "elements"):
             row(scaler, key, vgs[key])
     console.print(scaler)
     numerics = table("Numerics (what bit-for-bit results depend on)", "Field", "Value")

@@ -179,7 +179,20 @@ ALLOWED_GLOBALS: Final[Mapping[tuple[str, str], str]] = MappingProxyType(
         # -- torch: values policy_kwargs may hold -------------------------------------------
         ("torch.nn.modules.activation", "Tanh"): "policy_kwargs activation_fn (SB3 default)",
         ("torch.nn.modules.activation", "ReLU"): "policy_kwargs activation_fn",
+        **{
+            ("torch.nn.modules.activation", name): (
+                "policy_kwargs activation_fn; a class value only, never called by the loader"
+            )
+            for name in ("ELU", "LeakyReLU", "GELU", "SiLU", "Mish", "Sigmoid", "Softplus")
+        },
+        ("torch.nn.modules.linear", "Identity"): "policy_kwargs activation_fn (no activation)",
         ("torch.optim.adam", "Adam"): "policy_kwargs optimizer_class (SB3 default)",
+        ("torch.optim.adamw", "AdamW"): "policy_kwargs optimizer_class; a class value only",
+        ("torch.optim.sgd", "SGD"): "policy_kwargs optimizer_class; a class value only",
+        ("torch.optim.rmsprop", "RMSprop"): "policy_kwargs optimizer_class; a class value only",
+        ("stable_baselines3.common.sb2_compat.rmsprop_tf_like", "RMSpropTFLike"): (
+            "policy_kwargs optimizer_class (SB3's TF-compatible RMSprop); a class value only"
+        ),
         ("torch", "device"): "a device stored in a kwargs dict",
         ("torch", "float32"): "a dtype stored in a kwargs dict",
         ("torch", "float64"): "a dtype stored in a kwargs dict",
