@@ -545,8 +545,42 @@ def _plan_start(path: Path | None, given: envs.EnvOptions, seed: int, trust: boo
     if given.env_id is not None and recorded is not None:
         where = f"--env; {where}"
     allowed = trust or (given.env_id is not None and given.env_id == spec.env_id)
+    if not allowed and path is not None and spec.module is not None:
+        allowed = _vouched_for(path, spec)
     source = path.name if path is not None else "the options"
     return _Start(path, spec, allowed, seed, trust, source, where)
+
+
+def _vouched_for(path: Path, spec: envs.EnvSpec) -> bool:
+    """Whether the ``run.json`` beside ``path`` is signed with the user's key, lists this very
+    checkpoint (same sha256) and records the same environment: then its ``module:`` part is
+    the user's own, as for ``train --resume``."""
+    import hashlib
+    import json
+
+    from dppo_ckpt import signing
+
+    if not (os.environ.get(signing.KEY_ENV) or signing.key_path().is_file()):
+        return False  # no key yet: nothing was signed with it (and none is created here)
+    try:
+        manifest = json.loads((path.parent / "run.json").read_text("utf-8"))
+        key = signing.load_key()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except (OSError, ValueError, signing.SigningKeyError):
+        return False
+    if not isinstance(manifest, dict) or signing.verify(manifest, key) is not None:
+        return False
+    recorded = manifest.get("env")
+    listed = manifest.get("checkpoints")
+    return (
+        isinstance(recorded, dict)
+        and recorded.get("env_id") == spec.env_id
+        and isinstance(listed, list)
+        and any(
+            isinstance(e, dict) and e.get("file") == path.name and e.get("sha256") == digest
+            for e in listed
+        )
+    )
 
 
 def _numerics_note(path: Path) -> str | None:
