@@ -874,7 +874,7 @@ def _evaluation_env(spec: envs.EnvSpec, training_env: VecEnv | None, seed: int) 
     from stable_baselines3.common.vec_env import VecNormalize
 
     # The module, if any, was imported (or refused) when the training stack was built.
-    env = envs.build_vec_env(
+    env, _ = envs.build_stack(
         dataclasses.replace(spec, n_envs=1, vec_env="dummy"), seed, allowed=True
     )
     normalize = envs.find_wrapper(env, VecNormalize)
