@@ -133,14 +133,18 @@ class CheckSpec:
     def errored(self, message: str) -> CheckResult:
         return self.result(Verdict.ERROR, message, remedy=_ERROR_REMEDY)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the check's function as it is (exceptions included)."""
+        if self.fn is None:
+            raise TypeError(f"{self.check_id} has no function to run")
+        return self.fn(*args, **kwargs)
+
     def run(self, *args: Any, **kwargs: Any) -> CheckResult:
         """Call the check's function, timed; any exception becomes an ``error`` result with a
         one-line message, so that a check never raises."""
-        if self.fn is None:
-            raise TypeError(f"{self.check_id} has no function to run")
         start = time.perf_counter()
         try:
-            result = self.fn(*args, **kwargs)
+            result = self(*args, **kwargs)
         except Exception as exc:
             result = self.errored(describe(exc))
         return replace(result, duration_s=time.perf_counter() - start)
@@ -236,8 +240,8 @@ def _qualified(fn: Callable[..., Any] | None) -> str:
 #: torch, nothing executed), load (the allow-list loader), model (the loaded model), roundtrip.
 VERIFY: Final = Registry("verify", "DPPO", ("archive", "static", "load", "model", "roundtrip"))
 
-#: The invariants of ``dppo-ckpt cycle``: checked after every cycle's load, or once against an
-#: uninterrupted reference run.
+#: The invariants of ``dppo-ckpt cycle``: *cycle* ones are called after every cycle's load with
+#: what it saved and loaded; *reference* ones once, against an uninterrupted run (CYC008).
 CYCLE: Final = Registry("cycle", "CYC", ("cycle", "reference"))
 
 #: The modules that declare checks; importing them fills the registries (none imports torch).
