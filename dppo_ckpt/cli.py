@@ -95,6 +95,15 @@ def _budgets(max_memory: str, timeout: float) -> Budgets:
     return Budgets(max_memory=size, timeout=timeout)
 
 
+_ALLOW_OPTION = typer.Option(
+    "--allow",
+    # rich would read "[tool.dppo-ckpt]" as markup and drop it.
+    help="Also allow this exact module.Name (repeatable; adds to \\[tool.dppo-ckpt] allow).",
+    metavar="MODULE.NAME",
+    show_default=False,
+)
+
+
 def _user_allow(flags: list[str] | None) -> UserAllowList:
     """The run's extra allow entries (``--allow`` and the nearest pyproject), or exit 2."""
     from dppo_ckpt.checkpoint.allowlist import AllowListError, user_allow_list
@@ -200,14 +209,7 @@ def verify(
     timeout: Annotated[
         float, typer.Option("--timeout", min=1.0, help="Wall-time budget per file, in seconds.")
     ] = 120.0,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            help="Also allow this exact module.Name (repeatable; adds to [tool.dppo-ckpt] allow).",
-            show_default=False,
-        ),
-    ] = None,
+    allow: Annotated[list[str] | None, _ALLOW_OPTION] = None,
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Take *.zip in subfolders of folders too.")
     ] = False,
@@ -427,14 +429,7 @@ def train_command(
             "environment snapshot whose manifest is not signed with your key (may run code!).",
         ),
     ] = False,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            help="Also allow this exact module.Name (repeatable; adds to [tool.dppo-ckpt] allow).",
-            show_default=False,
-        ),
-    ] = None,
+    allow: Annotated[list[str] | None, _ALLOW_OPTION] = None,
 ) -> None:
     """Train a DistributionalPPO agent with the scaler, into a run folder of checkpoints.
 
@@ -623,14 +618,7 @@ def cycle_command(
             "--trust", help="Load MODEL even with globals off the allow-list (may run code!)."
         ),
     ] = False,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            help="Also allow this exact module.Name (repeatable; adds to [tool.dppo-ckpt] allow).",
-            show_default=False,
-        ),
-    ] = None,
+    allow: Annotated[list[str] | None, _ALLOW_OPTION] = None,
     portable: Annotated[bool, _PORTABLE_OPTION] = True,
 ) -> None:
     """Save-load-train cycles with regression checks: the CI gate.

@@ -619,7 +619,14 @@ def run_cycles(
             folder.mkdir(parents=True, exist_ok=True)
         results = _run(start, cycles, steps, folder, say, note)
     report_path = str(model_path) if model_path is not None else f"fresh-{start.spec.env_id}"
-    return FileReport.from_results(report_path, results)
+    notes: list[str] = []
+    if allow is not None and allow.pairs and path is not None:
+        # Listed in every format, so a change adding a zip and an allow entry shows in review.
+        source = allow.source or "--allow"
+        notes.append(f"extra allow entries {', '.join(allow.names)} from {source}")
+        used = {"extra_allow": allow.names, "allow_source": allow.source}
+        results = [dataclasses.replace(r, details={**r.details, **used}) for r in results]
+    return FileReport.from_results(report_path, results, notes=notes)
 
 
 def _plan_start(path: Path | None, given: envs.EnvOptions, seed: int, trust: bool) -> _Start:
