@@ -283,7 +283,6 @@ def _scaler_steps_never_reset(cycle: _Cycle) -> _Finding | None:
     title="Policy parameters survive save/load bit for bit",
     category="cycle",
     stage="cycle",
-    summary="every save/load",
     remedy="Save and load policy.pth unchanged; check dtype and device of the loaded policy.",
     passed="{loads} gave back every parameter exactly",
 )
@@ -297,7 +296,6 @@ def _parameters_survive(cycle: _Cycle) -> _Finding | None:
     title="Optimizer state survives save/load bit for bit",
     category="cycle",
     stage="cycle",
-    summary="every save/load",
     remedy="Save and load policy.optimizer.pth with the policy; an optimizer rebuilt after "
     "load loses Adam's moments.",
     passed="{loads} gave back the optimizer state exactly",
@@ -314,7 +312,6 @@ def _optimizer_survives(cycle: _Cycle) -> _Finding | None:
     title="Scaler statistics survive save/load bit for bit",
     category="cycle",
     stage="cycle",
-    summary="every save/load",
     remedy="Restore the scaler with load_state_dict() from its saved state on every load; "
     "never reset or re-create its statistics.",
     passed="{loads} gave back the scaler statistics exactly",
