@@ -15,8 +15,6 @@ from dppo_ckpt import __version__
 from dppo_ckpt import run_plan as defaults
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from dppo_ckpt.checkpoint.allowlist import UserAllowList
     from dppo_ckpt.checkpoint.budgets import Budgets
     from dppo_ckpt.checkpoint.results import FileReport
@@ -152,6 +150,15 @@ def _budgets(max_memory: str, timeout: float) -> Budgets:
     return Budgets(max_memory=size, timeout=timeout)
 
 
+_ALLOW_OPTION = typer.Option(
+    "--allow",
+    # rich would read "[tool.dppo-ckpt]" as markup and drop it.
+    help="Also allow this exact module.Name (repeatable; adds to \\[tool.dppo-ckpt] allow).",
+    metavar="MODULE.NAME",
+    show_default=False,
+)
+
+
 def _user_allow(flags: list[str] | None) -> UserAllowList:
     """The run's extra allow entries (``--allow`` and the nearest pyproject), or exit 2."""
     from dppo_ckpt.checkpoint.allowlist import AllowListError, user_allow_list
@@ -200,22 +207,21 @@ def _verify_all(
     ]
 
 
-def _render(reports: list[FileReport], fmt: VerifyFormat, console: Console | None) -> str:
+def _emit(reports: list[FileReport], fmt: str, command: str, output: Path | None) -> None:
+    """Print the reports, or write them to ``output`` atomically and say so; exit 2 when
+    ``output`` cannot be written."""
     from dppo_ckpt.checkpoint import report
 
-    if fmt is VerifyFormat.json:
-        return report.to_json(reports, __version__, "verify") + "\n"
-    if fmt is VerifyFormat.junit:
-        return report.to_junit(reports, "verify")
-    if fmt is VerifyFormat.sarif:
-        return report.to_sarif(reports, __version__) + "\n"
-    import io
-
-    from rich.console import Console
-
-    buffer = io.StringIO()
-    report.render_table(reports, Console(file=buffer, width=120, color_system=None))
-    return buffer.getvalue()
+    if output is None:
+        report.print_reports(reports, fmt, command=command, tool_version=__version__)
+        return
+    text = report.render(reports, fmt, command=command, tool_version=__version__)
+    try:
+        _write_atomic(output, text)
+    except OSError as exc:
+        typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(report.written_line(reports, output))
 
 
 @app.command(cls=_Command)
@@ -257,14 +263,7 @@ def verify(
     timeout: Annotated[
         float, typer.Option("--timeout", min=1.0, help="Wall-time budget per file, in seconds.")
     ] = 120.0,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            help=_ALLOW_HELP,
-            show_default=False,
-        ),
-    ] = None,
+    allow: Annotated[list[str] | None, _ALLOW_OPTION] = None,
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Take *.zip in subfolders of folders too.")
     ] = False,
@@ -275,6 +274,7 @@ def verify(
     Exit code: 0 all good, 1 a check failed, 2 a file could not be used, 3 refused as unsafe.
     """
     from dppo_ckpt.checkpoint.inputs import checkpoint_files
+    from dppo_ckpt.checkpoint.report import unusable_lines
     from dppo_ckpt.checkpoint.results import overall_exit_code
 
     paths = [str(path) for path in checkpoint_files(models, recursive=recursive)]
@@ -286,30 +286,10 @@ def verify(
         paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
         budgets=budgets, allow=_user_allow(allow),
     )  # fmt: skip
-    code = overall_exit_code(reports)
-    for rep in reports:
-        # The reason a file could not be used, on one line where scripts look for errors.
-        first = rep.results[0] if rep.results else None
-        if first is not None and first.check_id == "DPPO001" and first.verdict.value != "pass":
-            typer.echo(f"error: {_printable(first.message)}", err=True)
-    if output is not None:
-        try:
-            _write_atomic(output, _render(reports, fmt, None))
-        except OSError as exc:
-            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
-            raise typer.Exit(2) from None
-        from dppo_ckpt.checkpoint.report import summary_line
-
-        typer.echo(f"{summary_line(reports)} (report written to {output})")
-    elif fmt is VerifyFormat.table:
-        from rich.console import Console
-
-        from dppo_ckpt.checkpoint.report import render_table
-
-        render_table(reports, Console())
-    else:
-        sys.stdout.write(_render(reports, fmt, None))
-    raise typer.Exit(code)
+    for line in unusable_lines(reports):
+        typer.echo(line, err=True)
+    _emit(reports, fmt.value, "verify", output)
+    raise typer.Exit(overall_exit_code(reports))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,10 +315,9 @@ def inspect(
     configuration and counters, legacy status and every pickled global with its verdict.
     Exit code 2 when the file is not a usable checkpoint.
     """
-    import json
-
     from dppo_ckpt.checkpoint.archive import CheckpointError
     from dppo_ckpt.checkpoint.contents import inspect_checkpoint
+    from dppo_ckpt.checkpoint.report import inspection_to_json, render_inspection
 
     try:
         info = inspect_checkpoint(model)
@@ -346,11 +325,9 @@ def inspect(
         typer.echo(f"error: {_printable(exc)}", err=True)
         raise typer.Exit(2) from None
     if fmt is InspectFormat.json:
-        sys.stdout.write(json.dumps(info, indent=2, ensure_ascii=True, default=str) + "\n")
+        sys.stdout.write(inspection_to_json(info))
         return
     from rich.console import Console
-
-    from dppo_ckpt.checkpoint.report import render_inspection
 
     render_inspection(info, Console())
 
@@ -402,9 +379,6 @@ def _atari_option(default: str) -> Any:
         help="Wrap in SB3's AtariWrapper (needs the atari extra: ale-py).",
         show_default=default,
     )
-
-
-_ALLOW_HELP = "Also allow this exact module.Name (repeatable; adds to \\[tool.dppo-ckpt] allow)."
 
 
 def _env_kwargs(text: str | None) -> dict[str, Any] | None:
@@ -524,14 +498,7 @@ def train_command(
             "environment snapshot whose manifest is not signed with your key (may run code!).",
         ),
     ] = False,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            help=_ALLOW_HELP,
-            show_default=False,
-        ),
-    ] = None,
+    allow: Annotated[list[str] | None, _ALLOW_OPTION] = None,
 ) -> None:
     """Train a DistributionalPPO agent with the scaler, into a run folder of checkpoints.
 
@@ -721,14 +688,7 @@ def cycle_command(
             "--trust", help="Load MODEL even with globals off the allow-list (may run code!)."
         ),
     ] = False,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            help=_ALLOW_HELP,
-            show_default=False,
-        ),
-    ] = None,
+    allow: Annotated[list[str] | None, _ALLOW_OPTION] = None,
     portable: Annotated[bool, _PORTABLE_OPTION] = True,
 ) -> None:
     """Save-load-train cycles with regression checks: the CI gate.
@@ -746,7 +706,6 @@ def cycle_command(
     """
     from dppo_ckpt import cycles as cycles_module
     from dppo_ckpt import envs
-    from dppo_ckpt.checkpoint import report
     from dppo_ckpt.checkpoint.results import overall_exit_code
 
     env_options = envs.EnvOptions(
@@ -774,33 +733,8 @@ def cycle_command(
         typer.echo(f"error: {_printable(exc)}", err=True)
         raise typer.Exit(exc.exit_code) from None
     reports = [result]
-    code = overall_exit_code(reports)
-    if fmt is CycleFormat.json:
-        text = report.to_json(reports, __version__, "cycle") + "\n"
-    elif fmt is CycleFormat.junit:
-        text = report.to_junit(reports, "cycle")
-    else:
-        import io
-
-        from rich.console import Console
-
-        buffer = io.StringIO()
-        report.render_table(reports, Console(file=buffer, width=120, color_system=None))
-        text = buffer.getvalue()
-    if output is not None:
-        try:
-            _write_atomic(output, text)
-        except OSError as exc:
-            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
-            raise typer.Exit(2) from None
-        typer.echo(f"{report.summary_line(reports)} (report written to {output})")
-    elif fmt is CycleFormat.table:
-        from rich.console import Console
-
-        report.render_table(reports, Console())
-    else:
-        sys.stdout.write(text)
-    raise typer.Exit(code)
+    _emit(reports, fmt.value, "cycle", output)
+    raise typer.Exit(overall_exit_code(reports))
 
 
 @app.command("export", cls=_Command)
