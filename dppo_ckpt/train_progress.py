@@ -165,9 +165,7 @@ class RunProgress:
         """The rollout phase at step ``completed``, with the statistics so far."""
         if self.phase == UPDATE:
             self.phase = ROLLOUT
-        self._completed = completed
-        self._stats = {"fps": f"{fps:,.0f}", "ret": _return_text(mean_return), "scale": scale}
-        self._draw()
+        self._show(completed, fps, mean_return, scale)
 
     def begin_update(self, completed: int, epochs: int, batches: int) -> None:
         """The update phase begins: ``epochs`` passes of ``batches`` minibatches each."""
@@ -192,10 +190,16 @@ class RunProgress:
             self._last_draw = now
             self._draw()
 
-    def stopping(self, completed: int) -> None:
-        """The run stops where it saved its last checkpoint."""
+    def stopping(
+        self, completed: int, fps: float, mean_return: float | None, scale: str
+    ) -> None:
+        """The run stops at step ``completed``, where it saved its last checkpoint."""
         self.phase = STOPPING
+        self._show(completed, fps, mean_return, scale)
+
+    def _show(self, completed: int, fps: float, mean_return: float | None, scale: str) -> None:
         self._completed = completed
+        self._stats = {"fps": f"{fps:,.0f}", "ret": _return_text(mean_return), "scale": scale}
         self._draw()
 
     # -- drawing ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from dppo_ckpt.train_progress import (
     ROLLOUT,
+    STOPPING,
     UPDATE,
     RunProgress,
     acknowledgement,
@@ -70,6 +71,9 @@ def test_the_update_phase_counts_epochs_and_minibatches():
         progress.rollout(4097, fps=1234.4, mean_return=-812.26, scale="0.912")
         assert progress.phase == ROLLOUT
         assert progress._detail() == "4,097/4,096  1,234 fps  ret -812  vgs 0.912"
+        progress.stopping(4096, fps=1200.0, mean_return=None, scale="0.850")
+        assert progress.phase == STOPPING
+        assert progress._detail() == "4,096/4,096  1,200 fps  ret -  vgs 0.850"
 
 
 def test_a_ctrl_c_is_acknowledged_once_by_the_watcher():
