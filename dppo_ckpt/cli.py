@@ -358,10 +358,10 @@ def _vec_env_option(default: str) -> Any:
     )  # fmt: skip
 
 
-def _normalize_option(default: str) -> Any:
+def _normalize_option(default: str, options: str) -> Any:
     return typer.Option(
         "--normalize/--no-normalize",
-        help="VecNormalize the observations and rewards (options: the config's \\[normalize]).",
+        help=f"VecNormalize the observations and rewards (options: {options}).",
         show_default=default,
     )
 
@@ -399,7 +399,9 @@ def train_command(
     ] = None,
     env_kwargs: Annotated[str | None, _ENV_KWARGS_OPTION] = None,
     vec_env: Annotated[str | None, _vec_env_option("dummy")] = None,
-    normalize: Annotated[bool | None, _normalize_option("no-normalize")] = None,
+    normalize: Annotated[
+        bool | None, _normalize_option("no-normalize", "the config's \\[normalize]")
+    ] = None,
     frame_stack: Annotated[int | None, _frame_stack_option("0")] = None,
     atari: Annotated[bool | None, _atari_option("no-atari")] = None,
     timesteps: Annotated[
@@ -669,7 +671,10 @@ def cycle_command(
         typer.Option("--n-envs", help="Parallel environments.", show_default="MODEL's, else 1"),
     ] = None,
     vec_env: Annotated[str | None, _vec_env_option("MODEL's, else dummy")] = None,
-    normalize: Annotated[bool | None, _normalize_option("MODEL's, else no-normalize")] = None,
+    normalize: Annotated[
+        bool | None,
+        _normalize_option("MODEL's, else no-normalize", "MODEL's, else VecNormalize's defaults"),
+    ] = None,
     frame_stack: Annotated[int | None, _frame_stack_option("MODEL's, else 0")] = None,
     atari: Annotated[bool | None, _atari_option("MODEL's, else no-atari")] = None,
     cycles: Annotated[int, typer.Option("--cycles", help="Train-save-load cycles (K).")] = 3,
