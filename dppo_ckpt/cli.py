@@ -143,6 +143,25 @@ def _verify_all(
     ]
 
 
+def _verify_on_ray(paths: list[str], address: str | None, **options: Any) -> list[FileReport]:
+    """``verify --ray``: the same reports, from Ray tasks; notes and files/s on stderr."""
+    from dppo_ckpt.checkpoint import fleet
+    from dppo_ckpt.checkpoint.report import fleet_summary_line
+
+    try:
+        result = fleet.verify_on_ray(paths, address=address, **options)
+    except fleet.RayUnavailableError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+    for note in result.notes:
+        typer.echo(f"note: {_printable(note)}", err=True)
+    line = fleet_summary_line(
+        len(result.reports), result.seconds, result.nodes, result.cpus, result.startup_s
+    )
+    typer.echo(line, err=True)
+    return result.reports
+
+
 def _render(reports: list[FileReport], fmt: VerifyFormat, console: Console | None) -> str:
     from dppo_ckpt.checkpoint import report
 
@@ -211,6 +230,15 @@ def verify(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Take *.zip in subfolders of folders too.")
     ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="Fan the checks out as Ray tasks (needs dppo-ckpt[ray])."),
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="With --ray: the cluster to join (default: start a "
+                     "local one).", metavar="ADDR"),
+    ] = None,
 ) -> None:
     """Check checkpoints (files, or the *.zip in folders): archive, safety, legacy layout,
     parameter links, statistics.
@@ -224,11 +252,20 @@ def verify(
     if not paths:
         typer.echo("error: no checkpoint (*.zip) in the folders given", err=True)
         raise typer.Exit(2)
+    if address is not None and not ray:
+        typer.echo("error: --address needs --ray", err=True)
+        raise typer.Exit(2)
     budgets = _budgets(max_memory, timeout)
-    reports = _verify_all(
-        paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
-        budgets=budgets, allow=_user_allow(allow),
-    )  # fmt: skip
+    if ray:
+        reports = _verify_on_ray(
+            paths, address, static=static, trust=trust, quick=quick, budgets=budgets,
+            allow=_user_allow(allow),
+        )  # fmt: skip
+    else:
+        reports = _verify_all(
+            paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
+            budgets=budgets, allow=_user_allow(allow),
+        )  # fmt: skip
     code = overall_exit_code(reports)
     for rep in reports:
         # The reason a file could not be used, on one line where scripts look for errors.

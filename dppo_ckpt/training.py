@@ -170,6 +170,9 @@ class TrainOptions:
     portable: bool = True
     trust: bool = False
     user_allow: Any = None  # UserAllowList: extra allow entries for the resume checkpoint
+    #: Called with each checkpoint's path and the model once the checkpoint is written and
+    #: verified (a sweep reports it to its scheduler); an exception stops the run.
+    on_checkpoint: Callable[[Path, DistributionalPPO], None] | None = None
 
 
 @dataclass
@@ -1302,6 +1305,8 @@ def _train(options: TrainOptions, console: Console) -> TrainSummary:
             status = "verified"
         line = f"checkpoint {current.num_timesteps:,} steps: {path} ({status})"
         console.print(line, highlight=False, soft_wrap=True)
+        if options.on_checkpoint is not None:
+            options.on_checkpoint(path, current)
 
     interrupt = _Interrupt()
     remaining = max(timesteps - model.num_timesteps, 0)
