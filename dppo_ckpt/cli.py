@@ -529,6 +529,58 @@ def train_command(
 
 
 # ---------------------------------------------------------------------------------------------
+# sweep
+
+
+@app.command("sweep")
+def sweep_command(
+    config: Annotated[
+        Path, typer.Argument(help="Sweep config (TOML): [sweep], [train], [model], [space].",
+                             show_default=False)
+    ],
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="The Ray cluster to join (default: start a local one).",
+                     metavar="ADDR"),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Also write the results as JSON here (atomically)."),
+    ] = None,
+) -> None:
+    """Run many train runs on Ray Tune (needs dppo-ckpt[ray]); each trial survives the loss
+    of its worker and resumes exactly from its newest verified checkpoint.
+
+    Exit code: 0 every trial done, 1 a trial failed, 2 the config or Ray could not be used.
+    """
+    from dppo_ckpt.checkpoint import fleet
+
+    if not fleet.ray_available():
+        typer.echo(f"error: sweep needs Ray, which is not installed: {fleet.RAY_EXTRA_HINT}",
+                   err=True)  # fmt: skip
+        raise typer.Exit(2)
+    from rich.console import Console
+
+    from dppo_ckpt import sweep
+    from dppo_ckpt.checkpoint.report import render_sweep, sweep_to_json
+
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        result = sweep.run_sweep(sweep.load_sweep_config(config), console, address=address)
+    except (sweep.SweepError, fleet.RayUnavailableError) as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+    render_sweep(result, console)
+    if output is not None:
+        try:
+            _write_atomic(output, sweep_to_json(result, __version__) + "\n")
+        except OSError as exc:
+            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
+    raise typer.Exit(1 if result.failed else 0)
+
+
+# ---------------------------------------------------------------------------------------------
 # migrate
 
 
