@@ -564,7 +564,8 @@ def sweep_command(
     from dppo_ckpt import sweep
     from dppo_ckpt.checkpoint.report import render_sweep, sweep_to_json
 
-    console = Console(highlight=False, soft_wrap=True)
+    # Wide when written to a file: the results table has a column per drawn value.
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     try:
         result = sweep.run_sweep(sweep.load_sweep_config(config), console, address=address)
     except (sweep.SweepError, fleet.RayUnavailableError) as exc:

@@ -725,6 +725,9 @@ def run_sweep(
     :raises RayUnavailableError: Ray is missing or the cluster cannot be reached
     """
     _apply_numerics(config.train.get("portable", True))
+    # Tune's own status tables would drown the progress lines; verbose=0 quiets them only in
+    # its classic output engine.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     connect(address, num_cpus=num_cpus)
     from ray import tune
 

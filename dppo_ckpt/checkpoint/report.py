@@ -636,7 +636,8 @@ def render_sweep(result: Any, console: Console) -> None:
     table = Table(title=f"sweep results ({result.metric}, {result.mode})", title_justify="left")
     for column in ["trial", "status", *keys, "return", "eval return", "VGS scale",
                    "VGS mean factor", "restarts"]:  # fmt: skip
-        table.add_column(column, no_wrap=column == "trial")
+        # Folded, never cut short: a log file is 80 columns wide and a value must stay whole.
+        table.add_column(column, no_wrap=column == "trial", overflow="fold")
     for row in result.rows:
         mark = " *" if row.trial_id == result.best else ""
         table.add_row(
