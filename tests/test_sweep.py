@@ -223,3 +223,31 @@ def test_address_needs_ray(tmp_path):
     done = _without_ray(tmp_path, "verify", "--address", "x:1", str(FIXTURES / "sb3_ppo.zip"))
     assert done.returncode == 2
     assert done.stderr.strip() == "error: --address needs --ray"
+
+
+def test_sweep_with_a_bad_config_exits_2_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from dppo_ckpt.cli import app
+
+    bad = _write(tmp_path, _BASE.replace("n_steps = 128", "n_stepz = 128"))
+    done = CliRunner().invoke(app, ["sweep", str(bad)])
+    assert done.exit_code == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: config {bad} [model]/[space]: unknown key 'n_stepz' "
+        "(not a DistributionalPPO keyword)"
+    ]
+
+
+def test_a_failed_trial_is_shown_with_the_checks_message():
+    # What Tune hands back for a trial whose trainable raised: the cause's class and message
+    # after the worker's traceback.
+    error = RuntimeError(
+        "ray::_run_trial() (pid=1, ip=10.0.0.1)\n  File \"sweep.py\", line 1, in _run_trial\n"
+        "dppo_ckpt.sweep.TrialCheckpointError: checkpoint run/checkpoint_000000256.zip, the one "
+        "last reported to Tune, fails verification: DPPO001 archive: truncated\n"
+    )
+    assert sweep._error_line(error) == (
+        "checkpoint run/checkpoint_000000256.zip, the one last reported to Tune, fails "
+        "verification: DPPO001 archive: truncated"
+    )
