@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dppo_ckpt.checkpoint import checks
+from dppo_ckpt.checkpoint import static_checks
 from dppo_ckpt.checkpoint.checks import CHECKS, model_checks, run_checks
 from dppo_ckpt.checkpoint.results import CATEGORIES, Verdict
 from dppo_ckpt.checkpoint.safe_pickle import safe_load
@@ -151,7 +151,7 @@ def test_exception_inside_a_check_becomes_an_error(monkeypatch: pytest.MonkeyPat
     def boom(text: str) -> dict[str, str]:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(checks, "parse_system_info", boom)
+    monkeypatch.setattr(static_checks, "parse_system_info", boom)
     report = run_checks(fixture("dppo_quantile_vgs.zip"), static=True)
     result = next(r for r in report.results if r.check_id == "DPPO003")
     assert result.verdict is Verdict.ERROR

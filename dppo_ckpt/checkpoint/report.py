@@ -139,9 +139,10 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
             # One row says why; the skipped checks add nothing a reader needs here. JSON,
             # JUnit and SARIF keep every check, so CI test cases stay stable.
             results = results[:1]
+        caption = "\n".join([f"exit code {report.exit_code}", *map(printable, report.notes)])
         table = Table(
             title=Text(printable(report.path), style="bold"),
-            caption=f"exit code {report.exit_code}",
+            caption=caption,
             title_justify="left",
             caption_justify="left",
         )
@@ -309,6 +310,8 @@ def to_junit(reports: Sequence[FileReport], suite_name: str) -> str:
         properties = ET.SubElement(suite, "properties")
         ET.SubElement(properties, "property", name="path", value=printable(report.path))
         ET.SubElement(properties, "property", name="exit_code", value=str(report.exit_code))
+        for note in report.notes:
+            ET.SubElement(properties, "property", name="note", value=printable(note))
         for result in report.results:
             case = ET.SubElement(
                 suite,
