@@ -291,12 +291,12 @@ def verify(
     ] = False,
     ray: Annotated[
         bool,
-        typer.Option("--ray", help="Fan the checks out as Ray tasks (needs dppo-ckpt[ray])."),
+        typer.Option("--ray", help="Fan the checks out as Ray tasks (needs dppo-ckpt\\[ray])."),
     ] = False,
     address: Annotated[
         str | None,
-        typer.Option("--address", help="With --ray: the cluster to join (default: start a "
-                     "local one).", metavar="ADDR"),
+        typer.Option("--address", help="With --ray: the Ray cluster to join.", metavar="ADDR",
+                     show_default="a new local cluster"),  # fmt: skip
     ] = None,
 ) -> None:
     """Check checkpoints (files, or the *.zip in folders): archive, safety, legacy layout,
@@ -622,23 +622,24 @@ def train_command(
 # sweep
 
 
-@app.command("sweep")
+@app.command("sweep", cls=_Command)
 def sweep_command(
     config: Annotated[
-        Path, typer.Argument(help="Sweep config (TOML): [sweep], [train], [model], [space].",
-                             show_default=False)
+        Path,
+        typer.Argument(help="Sweep config (TOML): \\[sweep], \\[train], \\[model], \\[space].",
+                       show_default=False),  # fmt: skip
     ],
     address: Annotated[
         str | None,
-        typer.Option("--address", help="The Ray cluster to join (default: start a local one).",
-                     metavar="ADDR"),
+        typer.Option("--address", help="The Ray cluster to join.", metavar="ADDR",
+                     show_default="a new local cluster"),  # fmt: skip
     ] = None,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Also write the results as JSON here (atomically)."),
     ] = None,
 ) -> None:
-    """Run many train runs on Ray Tune (needs dppo-ckpt[ray]); each trial survives the loss
+    """Run many train runs on Ray Tune (needs dppo-ckpt\\[ray]); each trial survives the loss
     of its worker and resumes exactly from its newest verified checkpoint.
 
     Exit code: 0 every trial done, 1 a trial failed, 2 the config or Ray could not be used.
