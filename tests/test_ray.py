@@ -47,7 +47,7 @@ def _without_timing(text: str) -> dict:
 def test_verify_ray_gives_the_local_json_report_and_exit_code():
     paths = [str(p) for p in sorted(FIXTURES.glob("*.zip"))]
     runner = CliRunner()
-    local = runner.invoke(app, ["verify", "--format", "json", *paths])
+    local = runner.invoke(app, ["verify", "--jobs", "2", "--format", "json", *paths])
     fanned = runner.invoke(app, ["verify", "--ray", "--format", "json", *paths])
     assert fanned.exit_code == local.exit_code == 3
     assert "Traceback" not in fanned.output

@@ -251,3 +251,22 @@ def test_a_failed_trial_is_shown_with_the_checks_message():
         "checkpoint run/checkpoint_000000256.zip, the one last reported to Tune, fails "
         "verification: DPPO001 archive: truncated"
     )
+
+
+def test_an_address_where_no_cluster_answers_exits_2_at_once(tmp_path):
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "dppo_ckpt.cli", "verify", "--ray", "--static", "--address",
+         f"127.0.0.1:{port}", str(FIXTURES / "sb3_ppo.zip")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
+    ]

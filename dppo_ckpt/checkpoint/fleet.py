@@ -79,6 +79,21 @@ def _worker_environment() -> dict[str, str]:
     return variables
 
 
+def _unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at ``HOST:PORT``, or None (also for addresses Ray resolves itself,
+    such as ``auto`` and ``ray://``). Ray would otherwise retry for minutes before it fails."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit() or not host:
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> float:
     """Join the Ray cluster at ``address``, or start a local one (the default).
 
@@ -92,6 +107,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> float
     if ray.is_initialized():
         return 0.0
     started = time.perf_counter()
+    problem = _unreachable(address) if address else None
+    if problem is not None:
+        raise RayUnavailableError(f"cannot reach the Ray cluster at {address}: {problem}")
     try:
         ray.init(
             address=address,
