@@ -182,6 +182,29 @@ def test_a_manifest_edited_after_signing_verifies_nothing(run_folder, tmp_path):
     assert len(lines) == 1 and training.checkpoint_name(512) in lines[0]
 
 
+@pytest.mark.slow
+def test_what_tune_keeps_rebuilds_the_run_folder_on_a_node_that_lacks_it(run_folder, tmp_path):
+    newest = run_folder / training.checkpoint_name(512)
+    with sweep._staged(newest) as kept:
+        assert sorted(p.name for p in kept.iterdir()) == sorted(
+            [newest.name, f"{newest.stem}.envs.pkl", "run.json"]
+        )
+        fresh = tmp_path / "elsewhere" / "run"
+        assert sweep._seed_run_folder(kept, fresh) == newest.name
+    assert (fresh / newest.name).read_bytes() == newest.read_bytes()
+    assert sweep.resume_point(fresh, newest.name, lambda line: None) == fresh / newest.name
+
+
+def test_the_package_imports_neither_ray_nor_torch_for_the_cli():
+    code = (
+        "import sys, dppo_ckpt.cli, dppo_ckpt.sweep, dppo_ckpt.checkpoint.fleet\n"
+        "print(sorted({'ray', 'torch'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)  # fmt: skip
+    assert done.stdout.strip() == "[]", done.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Without Ray
 
