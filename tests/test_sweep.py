@@ -293,3 +293,15 @@ def test_an_address_where_no_cluster_answers_exits_2_at_once(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
     ]
+
+
+def test_optuna_search_is_optional_and_named_when_missing(tmp_path):
+    import importlib.util
+
+    text = _BASE.replace('seeds = [3, 4]', 'seeds = [3, 4]\nsearch = "optuna"')
+    with pytest.raises(sweep.SweepError) as caught:
+        sweep.load_sweep_config(_write(tmp_path, text))
+    if importlib.util.find_spec("optuna") is None:
+        assert str(caught.value) == "sweep.search = 'optuna' needs optuna: pip install optuna"
+    else:  # Optuna draws every dimension itself: a grid has no place in its space
+        assert "space.n_epochs a choice instead of a grid" in str(caught.value)
