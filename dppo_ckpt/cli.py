@@ -15,8 +15,6 @@ from dppo_ckpt import __version__
 from dppo_ckpt import run_plan as defaults
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from dppo_ckpt.checkpoint.allowlist import UserAllowList
     from dppo_ckpt.checkpoint.budgets import Budgets
     from dppo_ckpt.checkpoint.results import FileReport
@@ -228,22 +226,21 @@ def _verify_on_ray(paths: list[str], address: str | None, **options: Any) -> lis
     return result.reports
 
 
-def _render(reports: list[FileReport], fmt: VerifyFormat, console: Console | None) -> str:
+def _emit(reports: list[FileReport], fmt: str, command: str, output: Path | None) -> None:
+    """Print the reports, or write them to ``output`` atomically and say so; exit 2 when
+    ``output`` cannot be written."""
     from dppo_ckpt.checkpoint import report
 
-    if fmt is VerifyFormat.json:
-        return report.to_json(reports, __version__, "verify") + "\n"
-    if fmt is VerifyFormat.junit:
-        return report.to_junit(reports, "verify")
-    if fmt is VerifyFormat.sarif:
-        return report.to_sarif(reports, __version__) + "\n"
-    import io
-
-    from rich.console import Console
-
-    buffer = io.StringIO()
-    report.render_table(reports, Console(file=buffer, width=120, color_system=None))
-    return buffer.getvalue()
+    if output is None:
+        report.print_reports(reports, fmt, command=command, tool_version=__version__)
+        return
+    text = report.render(reports, fmt, command=command, tool_version=__version__)
+    try:
+        _write_atomic(output, text)
+    except OSError as exc:
+        typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(report.written_line(reports, output))
 
 
 @app.command(cls=_Command)
@@ -305,6 +302,7 @@ def verify(
     Exit code: 0 all good, 1 a check failed, 2 a file could not be used, 3 refused as unsafe.
     """
     from dppo_ckpt.checkpoint.inputs import checkpoint_files
+    from dppo_ckpt.checkpoint.report import unusable_lines
     from dppo_ckpt.checkpoint.results import overall_exit_code
 
     paths = [str(path) for path in checkpoint_files(models, recursive=recursive)]
@@ -325,30 +323,10 @@ def verify(
             paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
             budgets=budgets, allow=_user_allow(allow),
         )  # fmt: skip
-    code = overall_exit_code(reports)
-    for rep in reports:
-        # The reason a file could not be used, on one line where scripts look for errors.
-        first = rep.results[0] if rep.results else None
-        if first is not None and first.check_id == "DPPO001" and first.verdict.value != "pass":
-            typer.echo(f"error: {_printable(first.message)}", err=True)
-    if output is not None:
-        try:
-            _write_atomic(output, _render(reports, fmt, None))
-        except OSError as exc:
-            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
-            raise typer.Exit(2) from None
-        from dppo_ckpt.checkpoint.report import summary_line
-
-        typer.echo(f"{summary_line(reports)} (report written to {output})")
-    elif fmt is VerifyFormat.table:
-        from rich.console import Console
-
-        from dppo_ckpt.checkpoint.report import render_table
-
-        render_table(reports, Console())
-    else:
-        sys.stdout.write(_render(reports, fmt, None))
-    raise typer.Exit(code)
+    for line in unusable_lines(reports):
+        typer.echo(line, err=True)
+    _emit(reports, fmt.value, "verify", output)
+    raise typer.Exit(overall_exit_code(reports))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,10 +352,9 @@ def inspect(
     configuration and counters, legacy status and every pickled global with its verdict.
     Exit code 2 when the file is not a usable checkpoint.
     """
-    import json
-
     from dppo_ckpt.checkpoint.archive import CheckpointError
     from dppo_ckpt.checkpoint.contents import inspect_checkpoint
+    from dppo_ckpt.checkpoint.report import inspection_to_json, render_inspection
 
     try:
         info = inspect_checkpoint(model)
@@ -385,11 +362,9 @@ def inspect(
         typer.echo(f"error: {_printable(exc)}", err=True)
         raise typer.Exit(2) from None
     if fmt is InspectFormat.json:
-        sys.stdout.write(json.dumps(info, indent=2, ensure_ascii=True, default=str) + "\n")
+        sys.stdout.write(inspection_to_json(info))
         return
     from rich.console import Console
-
-    from dppo_ckpt.checkpoint.report import render_inspection
 
     render_inspection(info, Console())
 
@@ -822,7 +797,6 @@ def cycle_command(
     """
     from dppo_ckpt import cycles as cycles_module
     from dppo_ckpt import envs
-    from dppo_ckpt.checkpoint import report
     from dppo_ckpt.checkpoint.results import overall_exit_code
 
     env_options = envs.EnvOptions(
@@ -850,33 +824,8 @@ def cycle_command(
         typer.echo(f"error: {_printable(exc)}", err=True)
         raise typer.Exit(exc.exit_code) from None
     reports = [result]
-    code = overall_exit_code(reports)
-    if fmt is CycleFormat.json:
-        text = report.to_json(reports, __version__, "cycle") + "\n"
-    elif fmt is CycleFormat.junit:
-        text = report.to_junit(reports, "cycle")
-    else:
-        import io
-
-        from rich.console import Console
-
-        buffer = io.StringIO()
-        report.render_table(reports, Console(file=buffer, width=120, color_system=None))
-        text = buffer.getvalue()
-    if output is not None:
-        try:
-            _write_atomic(output, text)
-        except OSError as exc:
-            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
-            raise typer.Exit(2) from None
-        typer.echo(f"{report.summary_line(reports)} (report written to {output})")
-    elif fmt is CycleFormat.table:
-        from rich.console import Console
-
-        report.render_table(reports, Console())
-    else:
-        sys.stdout.write(text)
-    raise typer.Exit(code)
+    _emit(reports, fmt.value, "cycle", output)
+    raise typer.Exit(overall_exit_code(reports))
 
 
 @app.command("export", cls=_Command)

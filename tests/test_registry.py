@@ -175,6 +175,17 @@ def test_bad_declarations_are_refused(
     assert len(suite) == 0
 
 
+def test_a_stage_can_require_options() -> None:
+    suite = Registry("demo", "DEMO", ("only",), required={"only": ("passed",)})
+    with pytest.raises(ValueError, match="DEMO001: a only check declares passed"):
+        suite.check("DEMO001", title="t", category="cycle", remedy="r", stage="only")(print)
+    suite.check("DEMO001", title="t", category="cycle", remedy="r", stage="only", passed="ok")(
+        print
+    )
+    assert suite["DEMO001"].options == {"passed": "ok"}
+    assert all("passed" in spec.options for spec in CYCLE.in_stage("cycle"))
+
+
 def test_an_id_cannot_be_declared_twice() -> None:
     suite = Registry("demo", "DEMO", ("only",))
     declare = suite.check("DEMO001", title="t", category="lifecycle", remedy="r", stage="only")

@@ -159,12 +159,20 @@ class Registry(Mapping[str, CheckSpec]):
     :param name: the suite (``"verify"``, ``"cycle"``), as the README's markers name it
     :param prefix: what every ID of the suite starts with
     :param stages: the suite's stages, in the order they run
+    :param required: per stage, the options its checks must declare for the runner
     """
 
-    def __init__(self, name: str, prefix: str, stages: Sequence[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        prefix: str,
+        stages: Sequence[str],
+        required: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         self.name = name
         self.prefix = prefix
         self.stages: tuple[str, ...] = tuple(stages)
+        self.required = {stage: tuple(names) for stage, names in (required or {}).items()}
         self._specs: dict[str, CheckSpec] = {}
         self._ordered: tuple[str, ...] = ()
 
@@ -191,6 +199,9 @@ class Registry(Mapping[str, CheckSpec]):
             )
         if spec.category not in CATEGORIES:
             raise ValueError(f"{spec.check_id}: unknown category {spec.category!r}")
+        missing = [name for name in self.required.get(spec.stage, ()) if name not in spec.options]
+        if missing:
+            raise ValueError(f"{spec.check_id}: a {spec.stage} check declares {', '.join(missing)}")
         taken = self._specs.get(spec.check_id)
         if taken is not None and _qualified(taken.fn) != _qualified(spec.fn):
             raise ValueError(
@@ -242,7 +253,7 @@ VERIFY: Final = Registry("verify", "DPPO", ("archive", "static", "load", "model"
 
 #: The invariants of ``dppo-ckpt cycle``: *cycle* ones are called after every cycle's load with
 #: what it saved and loaded; *reference* ones once, against an uninterrupted run (CYC008).
-CYCLE: Final = Registry("cycle", "CYC", ("cycle", "reference"))
+CYCLE: Final = Registry("cycle", "CYC", ("cycle", "reference"), required={"cycle": ("passed",)})
 
 #: The modules that declare checks; importing them fills the registries (none imports torch).
 _CHECK_MODULES: Final = ("dppo_ckpt.checkpoint.checks", "dppo_ckpt.cycles")
