@@ -127,6 +127,9 @@ class TrainOptions:
     portable: bool = True
     trust: bool = False
     user_allow: Any = None  # UserAllowList: extra allow entries for the resume checkpoint
+    #: Called with each checkpoint's path and the model once the checkpoint is written and
+    #: verified (a sweep reports it to its scheduler); an exception stops the run.
+    on_checkpoint: Callable[[Path, Any], None] | None = None
 
 
 @dataclass

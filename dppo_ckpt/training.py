@@ -679,7 +679,9 @@ def run(plan: RunPlan, console: Console) -> TrainSummary:
         )
         summary.last_checkpoint = plan.options.resume
     else:
-        verifier = _CheckpointVerifier(run_checks, summary, console)
+        verifier = _CheckpointVerifier(
+            run_checks, summary, console, plan.options.on_checkpoint
+        )
         halted, last_saved = _learn(plan, model, folder, interrupt, verifier, console)
         summary.last_checkpoint = summary.checkpoints[-1]
     summary.wall_time_s = time.perf_counter() - started
@@ -772,11 +774,16 @@ class _CheckpointVerifier:
     """
 
     def __init__(
-        self, run_checks: Callable[..., Any] | None, summary: TrainSummary, console: Console
+        self,
+        run_checks: Callable[..., Any] | None,
+        summary: TrainSummary,
+        console: Console,
+        on_checkpoint: Callable[[Path, DistributionalPPO], None] | None = None,
     ) -> None:
         self.run_checks = run_checks
         self.summary = summary
         self.console = console
+        self.on_checkpoint = on_checkpoint
 
     def __call__(self, path: Path, model: DistributionalPPO) -> None:
         self.summary.checkpoints.append(path)
@@ -802,6 +809,8 @@ class _CheckpointVerifier:
             status = "verified"
         line = f"checkpoint {model.num_timesteps:,} steps: {path} ({status})"
         self.console.print(line, highlight=False, soft_wrap=True)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path, model)
 
 
 def _learn(
