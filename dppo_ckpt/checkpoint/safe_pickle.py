@@ -65,6 +65,7 @@ from dppo_ckpt.checkpoint.stub_pickle import (
     ReadBudgetExceeded,
     StubCall,
     StubGlobal,
+    StubPersistent,
     StubPickleError,
     iter_stubs,
     stub_model,
@@ -443,19 +444,82 @@ _REBUILDS: Final = frozenset(
 )
 
 
-def _crafted_dtype(args: Any, state: Any) -> bool:
-    """True unless a dtype BUILD looks like numpy's own pickle of a plain dtype.
+# Type codes that name their kind without a size, as numpy reads them.
+_BARE_DTYPE_CODES: Final = {
+    "b": ("i", 1), "?": ("b", 1), "i": ("i", 4), "f": ("f", 4), "c": ("S", 1),
+    "M": ("M", 8), "m": ("m", 8), "S": ("S", 0), "U": ("U", 0),
+}  # fmt: skip
+_DTYPE_CODE_PARTS: Final = re.compile(r"([<>=|]?)([biufcmMSU?])(\d*)(?:\[([A-Za-z]+)\])?")
+_DTYPE_NAME_PARTS: Final = re.compile(r"(bool)|(u?int|float|complex)(8|16|32|64|128)")
+_NAME_KINDS: Final = {"int": "i", "uint": "u", "float": "f", "complex": "c"}
 
-    Structured (``V``) and object (``O``) dtypes, or a state with subarray, names or fields,
-    are what make ``dtype.__setstate__`` trust file-given offsets and flags; SB3 checkpoints
-    never need them.
+
+def _dtype_code_parts(code: str) -> tuple[str, str, int, str | None] | None:
+    """``(byte order prefix, kind, size, datetime unit)`` of a plain type code, or None.
+
+    ``size`` is the item size in bytes, or the length for ``S`` and ``U``.
+    """
+    named = _DTYPE_NAME_PARTS.fullmatch(code)
+    if named:
+        if named.group(1):
+            return "", "b", 1, None
+        return "", _NAME_KINDS[named.group(2)], int(named.group(3)) // 8, None
+    parts = _DTYPE_CODE_PARTS.fullmatch(code)
+    if not parts:
+        return None
+    order, kind, digits, unit = parts.groups()
+    if unit is not None and kind not in "Mm":
+        return None
+    if not digits:
+        if kind not in _BARE_DTYPE_CODES:
+            return None
+        kind, size = _BARE_DTYPE_CODES[kind]
+        return order, kind, size, unit
+    return order, "b" if kind == "?" else kind, int(digits), unit
+
+
+def _numpy_dtype_state(code: str) -> tuple[Any, ...] | None:
+    """The state numpy itself pickles for ``numpy.dtype(code)``, worked out without numpy
+    (the full loader compares with numpy's own ``__reduce__``), or None if not a plain code."""
+    parts = _dtype_code_parts(code)
+    if parts is None:
+        return None
+    order, kind, size, unit = parts
+    native = "<" if sys.byteorder == "little" else ">"
+    if kind == "S" or (kind != "U" and size == 1):
+        byteorder = "|"
+    else:
+        byteorder = order if order in "<>" and order else native
+    elsize, alignment = {"S": (size, 1), "U": (4 * size, 4)}.get(kind, (-1, -1))
+    state: tuple[Any, ...] = (
+        3, byteorder, None, None, None, elsize, alignment, 8 if kind == "U" else 0
+    )  # fmt: skip
+    if kind in "Mm":
+        unit_bytes = unit.encode() if unit else b"generic"
+        state = (4, *state[1:], (None, (unit_bytes, 1, 1, 1)))
+    return state
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, RawBytes):
+        return value.tobytes()
+    if isinstance(value, tuple):
+        return tuple(_plain_value(item) for item in value)
+    return value
+
+
+def _crafted_dtype(args: Any, state: Any) -> bool:
+    """True unless a dtype BUILD's state is exactly the one numpy pickles for its type code.
+
+    ``dtype.__setstate__`` trusts the state's field offsets, item size and flags (a
+    "holds references" flag on ``u1`` makes numpy decref raw bytes), so the static scan
+    refuses what the loader refuses: anything but numpy's own state for the code.
     """
     kind = args[0] if isinstance(args, tuple) and args else None
-    if not isinstance(kind, str) or kind[:1] in ("O", "V"):
+    if not isinstance(kind, str):
         return True
-    if not isinstance(state, tuple) or len(state) < 5:
-        return True
-    return any(item is not None for item in state[2:5])
+    expected = _numpy_dtype_state(kind)
+    return expected is None or _plain_value(state) != expected
 
 
 _ARRAY_BUILDERS: Final = frozenset(
@@ -625,6 +689,12 @@ class _Scanner:
         for index, obj in enumerate(iter_stubs(model.root)):
             if index % 65536 == 65535:
                 self.read_budget.spend(0)  # the clock, on very large graphs
+            if checks_rules and isinstance(obj, StubPersistent):
+                # Only torch's own archives resolve persistent ids; the loader refuses them.
+                self.record(
+                    member, entry, "<persistent id in a data entry>",
+                    GlobalVerdict.NOT_ALLOWED, path,
+                )  # fmt: skip
             if not isinstance(obj, StubCall):
                 continue
             func = obj.func
@@ -703,6 +773,7 @@ class _Scanner:
                     member=member,
                     entry=entry,
                     path=path,
+                    findings=self.report().findings,
                 )
             offset = self.scan(
                 blob,
@@ -962,14 +1033,20 @@ def _check_tensor_view(
     args: tuple[Any, ...], member: str, entry: str | None, budget: LoadBudget
 ) -> None:
     """Refuse a tensor view that reaches outside its storage or is larger than the budget
-    (a stride-0 view of one element can declare billions)."""
+    (a stride-0 view of one element can declare billions).
+
+    Such a view is damage, not code (exit code 2, like any constructor argument that does not
+    describe a valid object): the static scan cannot see storage sizes, and it must refuse as
+    unsafe exactly what the loader refuses as unsafe.
+    """
     import torch
 
-    def refuse(reason: str) -> UnsafePickleError:
-        return UnsafePickleError(
-            member, entry, "torch._utils._rebuild_tensor_v2", GlobalVerdict.NOT_ALLOWED,
-            detail=reason,
-        )  # fmt: skip
+    def refuse(reason: str) -> PickleScanError:
+        return PickleScanError(
+            f"invalid arguments to torch._utils._rebuild_tensor_v2: {reason}",
+            member=member,
+            entry=entry,
+        )
 
     if len(args) < 4:
         raise refuse("a tensor needs (storage, offset, size, stride)")
@@ -1223,7 +1300,10 @@ def safe_load(
         if algo_cls is None:
             algo_cls = _choose_algorithm(archive.data, decoded)
         check_attribute_paths(archive, scanner.pth_roots, algo_cls)
-        check_network_size(decoded.get("policy_kwargs"), budgets)
+        # SB3 takes a plain JSON policy_kwargs (no ":serialized:") as it is.
+        check_network_size(
+            decoded.get("policy_kwargs", archive.data.get("policy_kwargs")), budgets
+        )
     # A plain JSON key can steer file writes too: a stored ``tensorboard_log`` would make the
     # next learn() create folders wherever the file says. Only the caller may set one.
     kwargs.setdefault("tensorboard_log", None)
