@@ -174,6 +174,16 @@ def _attribute_path_variable(data: bytes) -> dict[str, bytes]:
     return {"pytorch_variables.pth": _torch_save({"policy.__class__.__doc__": torch.zeros(1)})}
 
 
+def _legacy_attribute_path_variable(data: bytes) -> dict[str, bytes]:
+    # The same key in torch's legacy (non-zip) format, which torch.load reads as well.
+    import torch
+
+    buffer = io.BytesIO()
+    variables = {"policy.__class__.__doc__": torch.zeros(1)}
+    torch.save(variables, buffer, _use_new_zipfile_serialization=False)
+    return {"pytorch_variables.pth": buffer.getvalue()}
+
+
 def _undeclared_member(data: bytes) -> dict[str, bytes]:
     import torch
 
@@ -475,6 +485,9 @@ CASES: dict[str, HostileCase] = {
     "box_shape": _H(_in_entry(_box_shape, "observation_space"), 2, 0, "budget max_elements"),
     "net_arch": _H(lambda d, p: _policy_kwargs_net_arch(d), 2, 0, "budget max_memory"),
     "attribute_path_variable": _H(lambda d, p: _attribute_path_variable(d), 3, 3, "attribute path"),
+    "legacy_attribute_path_variable": _H(
+        lambda d, p: _legacy_attribute_path_variable(d), 3, 3, "attribute path"
+    ),
     "undeclared_member": _H(lambda d, p: _undeclared_member(d), 3, 3, "attribute path"),
     "pkl_in_other_case": _H(_pkl_in_other_case, 3, 3, "posix.system"),
     "pkl_case_collision": _H(_pkl_case_collision, 2, 2, "differ only in case"),

@@ -271,6 +271,7 @@ _NUMPY_ALIASES: Final[Mapping[tuple[str, str], tuple[str, str]]] = MappingProxyT
 # torch.load reads exactly these many pickles at the start of a legacy (non-zip) stream:
 # magic number, protocol version, system info, the object, the list of storage keys.
 _LEGACY_STREAM_PICKLES: Final = 5
+_LEGACY_OBJECT_PICKLE: Final = 3
 _DEFAULT_MAX_DEPTH: Final = 3
 
 
@@ -748,8 +749,12 @@ class _Scanner:
         entry: str | None,
         path: tuple[str, ...],
         depth: int,
-    ) -> None:
-        """Scan what ``torch.load`` would unpickle from ``blob``."""
+    ) -> Any:
+        """Scan what ``torch.load`` would unpickle from ``blob``.
+
+        :return: the model of the object a legacy stream holds (its fourth pickle), the one
+            SB3 uses; None for a zip archive, whose ``data.pkl`` the caller names itself.
+        """
         if is_zip_bytes(bytes(blob[:4])):
             try:
                 with open_torch_archive(
@@ -764,8 +769,8 @@ class _Scanner:
                 ) from None
             for inner_name, data in pickles.items():
                 self.scan(data, member=member, entry=entry, path=(*path, inner_name), depth=depth)
-            return
-        offset = 0
+            return None
+        offset, root = 0, None
         for index in range(_LEGACY_STREAM_PICKLES):
             if offset >= len(blob):
                 raise PickleScanError(
@@ -775,14 +780,18 @@ class _Scanner:
                     path=path,
                     findings=self.report().findings,
                 )
-            offset = self.scan(
+            model = self.scan(
                 blob,
                 member=member,
                 entry=entry,
                 path=(*path, f"pickle {index + 1} of {_LEGACY_STREAM_PICKLES}"),
                 start=offset,
                 depth=depth,
-            ).end
+            )
+            offset = model.end
+            if index == _LEGACY_OBJECT_PICKLE:
+                root = model.root
+        return root
 
     def scan_archive(self, archive: CheckpointArchive) -> None:
         """Scan every pickle SB3's loader would unpickle from ``archive``."""
@@ -791,7 +800,8 @@ class _Scanner:
             self.models[key] = self.scan(payload, member=DATA_MEMBER, entry=key)
         for name, inner in archive.iter_pth():
             if inner is None:
-                self.scan_torch_stream(
+                # torch.load reads legacy streams too: their keys are attribute paths as well.
+                self.pth_roots[name] = self.scan_torch_stream(
                     archive.read_member(name), member=name, entry=None, path=(), depth=0
                 )
                 continue
