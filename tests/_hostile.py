@@ -439,6 +439,36 @@ def _plain_json_net_arch(data: bytes, policy: bytes) -> dict[str, bytes]:
     return {"data": json.dumps(doc).encode()}
 
 
+def _plain_json_value(key: str, value: object) -> _Edit:
+    def edit(data: bytes, policy: bytes) -> dict[str, bytes]:
+        doc = json.loads(data)
+        doc[key] = value
+        return {"data": json.dumps(doc).encode()}
+
+    return edit
+
+
+def _rebuild_parameter_of_int() -> bytes:
+    return _frame(b"ctorch._utils\n_rebuild_parameter\n(K\x01\x89ccollections\nOrderedDict\n)RtR")
+
+
+def _torch_size_called() -> bytes:
+    return _frame(b"ctorch\nSize\n((K\x01ttR")
+
+
+def _reconstruct_fortran_int() -> bytes:
+    body = (
+        b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\nK\x00\x85"
+        + _bytes(b"b")
+        + b"tR(K\x01K\x01\x85"
+        + _dtype("u1")
+        + b"K\x01"
+        + _bytes(b"\0")
+        + b"tb"
+    )
+    return _frame(body)
+
+
 def _plain_json_net_arch_dict(data: bytes, policy: bytes) -> dict[str, bytes]:
     doc = json.loads(data)
     doc["policy_kwargs"] = {"net_arch": {"pi": [64], "vf": [300_000, 300_000]}}
@@ -517,6 +547,10 @@ CASES: dict[str, HostileCase] = {
     "policy_two_faced": _H(_policy_two_faced, 2, 2, "before its central directory"),
     "local_name_differs": _H(_local_name_differs, 2, 2, "policy.pth"),
     "plain_json_net_arch": _H(_plain_json_net_arch, 2, 0, "budget max_memory"),
+    "plain_json_n_steps": _H(_plain_json_value("n_steps", 1 << 30), 2, 0, "budget max_memory"),
+    "rebuild_parameter_of_int": _H(_in_entry(_rebuild_parameter_of_int), 2, 0, "Parameter"),
+    "torch_size_called": _H(_in_entry(_torch_size_called), 3, 3, "torch.Size"),
+    "reconstruct_fortran_int": _H(_in_entry(_reconstruct_fortran_int), 2, 0, "is_fortran"),
     "plain_json_net_arch_dict": _H(_plain_json_net_arch_dict, 2, 0, "budget max_memory"),
 }
 

@@ -1030,10 +1030,12 @@ class _EntryLoader:
             if name == "_rebuild_tensor_v2":
                 _check_tensor_view(args, member, entry, budget)
             elif not (args and isinstance(args[0], torch.Tensor)):
-                raise UnsafePickleError(
-                    member, entry, f"torch._utils.{name}", GlobalVerdict.NOT_ALLOWED,
-                    detail="a Parameter must wrap a tensor",
-                )  # fmt: skip
+                # Damage, not code: the static scan cannot tell what the argument builds.
+                raise PickleScanError(
+                    f"invalid arguments to torch._utils.{name}: a Parameter must wrap a tensor",
+                    member=member,
+                    entry=entry,
+                )
             return getattr(torch._utils, name)(*args, **kwargs)
 
         return rebuild
@@ -1310,10 +1312,10 @@ def safe_load(
         if algo_cls is None:
             algo_cls = _choose_algorithm(archive.data, decoded)
         check_attribute_paths(archive, scanner.pth_roots, algo_cls)
-        # SB3 takes a plain JSON policy_kwargs (no ":serialized:") as it is.
-        check_network_size(
-            decoded.get("policy_kwargs", archive.data.get("policy_kwargs")), budgets
-        )
+        # SB3 takes plain JSON values (no ":serialized:") as they are.
+        plain = {**archive.data, **decoded}
+        check_network_size(plain.get("policy_kwargs"), budgets)
+        check_rollout_size(plain, budgets)
     # A plain JSON key can steer file writes too: a stored ``tensorboard_log`` would make the
     # next learn() create folders wherever the file says. Only the caller may set one.
     kwargs.setdefault("tensorboard_log", None)
@@ -1408,4 +1410,42 @@ def check_network_size(policy_kwargs: Any, budgets: Budgets) -> None:
             "max_memory",
             f"policy_kwargs net_arch asks for {weights} weights, more than "
             f"{budgets.max_memory} bytes can hold with the optimizer state",
+        )
+
+
+def _space_elements(space: Any) -> int:
+    """Numbers one observation or action of ``space`` takes in a rollout buffer."""
+    inner = getattr(space, "spaces", None)
+    if inner is not None:
+        values = inner.values() if isinstance(inner, Mapping) else inner
+        return sum(_space_elements(s) for s in values)
+    shape = getattr(space, "shape", None)
+    return math.prod(shape) if isinstance(shape, tuple) else 1
+
+
+# rewards, returns, episode starts, values, log-probabilities, advantages, with room for the
+# distributional critics' extra per-step numbers.
+_ROLLOUT_SCALARS: Final = 8
+
+
+def check_rollout_size(data: Mapping[str, Any], budgets: Budgets) -> None:
+    """Refuse ``n_steps`` and ``n_envs`` that ask for a rollout buffer beyond the memory budget.
+
+    SB3's loader sets up the model from them, and the buffer is allocated (and filled by the
+    next ``learn``) at ``n_steps * n_envs`` times the observation and action sizes.
+
+    :raises BudgetExceeded: the buffer would not fit in ``budgets.max_memory``.
+    """
+    n_steps, n_envs = data.get("n_steps"), data.get("n_envs", 1)
+    if not all(type(n) is int for n in (n_steps, n_envs)):
+        return
+    per_step = _ROLLOUT_SCALARS + sum(
+        _space_elements(data.get(key)) for key in ("observation_space", "action_space")
+    )
+    nbytes = 4 * max(n_steps, 0) * max(n_envs, 0) * per_step
+    if nbytes > budgets.max_memory:
+        raise BudgetExceeded(
+            "max_memory",
+            f"n_steps {n_steps} with n_envs {n_envs} ask for a rollout buffer of {nbytes} "
+            f"bytes, more than {budgets.max_memory}",
         )
