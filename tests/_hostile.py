@@ -252,6 +252,10 @@ def _dtype_datetime_state() -> bytes:
     return _frame(_dtype_state("M8", state))
 
 
+def _zero_size_dtype_code() -> bytes:
+    return _frame(_dtype("S0"))
+
+
 def _subarray_dtype_code() -> bytes:
     return _frame(_dtype("(2,)u1"))
 
@@ -524,6 +528,7 @@ CASES: dict[str, HostileCase] = {
     "dtype_flags_state": _H(_in_entry(_dtype_flags_state), 3, 3, "crafted numpy"),
     "dtype_elsize_state": _H(_in_entry(_dtype_elsize_state), 3, 3, "crafted numpy"),
     "dtype_datetime_state": _H(_in_entry(_dtype_datetime_state), 3, 3, "crafted numpy"),
+    "zero_size_dtype_code": _H(_in_entry(_zero_size_dtype_code), 3, 3, "numpy.dtype"),
     "subarray_dtype_code": _H(_in_entry(_subarray_dtype_code), 3, 3, "numpy.dtype"),
     "structured_dtype_code": _H(_in_entry(_structured_dtype_code), 3, 3, "numpy.dtype"),
     "reconstruct_short_buffer": _H(_in_entry(_reconstruct_short_buffer), 2, 0, "needs 32 bytes"),

@@ -565,6 +565,10 @@ def _rule_violation(call: StubCall, rules: Mapping[tuple[str, str], Any]) -> str
         code = call.args[0]
         if not isinstance(code, str) or not _PLAIN_DTYPE_CODE.fullmatch(code):
             return f"<numpy.dtype of type code {str(code)[:20]!r}, not a plain dtype>"
+        parts = _dtype_code_parts(code)
+        if parts is not None and parts[2] == 0:
+            # The loader refuses items of no size (S0, U0) as well.
+            return f"<numpy.dtype of type code {code!r}, items of no size>"
     if key in _ARRAY_BUILDERS and call.ops:
         return f"<BUILD on a numpy array made by {func.name}>"
     if key in _RECONSTRUCT:
