@@ -46,6 +46,14 @@ def _verdicts(run: subprocess.CompletedProcess[str]) -> dict[str, tuple[int, str
     }
 
 
+def test_static_refuses_as_unsafe_exactly_the_cases_the_full_verify_refuses() -> None:
+    # The runs below check the verdicts; this keeps the declared ones consistent with the
+    # promise that --static exits 3 exactly where the full verify does.
+    assert {n for n, c in CASES.items() if c.full == 3} == {
+        n for n, c in CASES.items() if c.static == 3
+    }
+
+
 @pytest.mark.parametrize("mode", ["full", "static"])
 def test_every_hostile_file_gets_its_verdict(hostile, mode: str) -> None:
     folder, files = hostile
