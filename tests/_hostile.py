@@ -400,6 +400,8 @@ def _two_faced_zip(seen: list[tuple[str, bytes]], loaded: list[tuple[str, bytes]
     and shifts every offset by them; torch's reader takes the offsets as written.
     """
     local_l, central_l = _stored_records(loaded, 0)
+    # Room enough that the shifted offsets of the seen records stay positive.
+    local_l += b"\0" * max(0, len(_stored_records(seen, 0)[0]) - len(local_l))
     start_s = len(local_l) + len(central_l)
     local_s, _ = _stored_records(seen, start_s)
     shift = start_s + len(local_s) - len(local_l)
@@ -429,6 +431,15 @@ def _policy_two_faced(data: bytes, policy: bytes) -> dict[str, bytes]:
     return {"policy.pth": _two_faced_zip(seen, loaded)}
 
 
+def _two_faced_blob() -> bytes:
+    # A tensor blob that zipfile reads as a storage and torch's reader as the payload.
+    import torch
+
+    seen = _zip_members(_torch_save(torch.zeros(1).untyped_storage()))
+    loaded = [(n, _frame(_touch()) if n.endswith("data.pkl") else b) for n, b in seen]
+    return _two_faced_zip(seen, loaded)
+
+
 def _local_name_differs(data: bytes, policy: bytes) -> dict[str, bytes]:
     raw = bytearray(policy)
     at = raw.find(b"data.pkl")  # the first occurrence is the local header's name
@@ -450,6 +461,14 @@ def _plain_json_value(key: str, value: object) -> _Edit:
         return {"data": json.dumps(doc).encode()}
 
     return edit
+
+
+def _policy_kwargs_quantiles(data: bytes, policy: bytes) -> dict[str, bytes]:
+    # The critic's output layer is as wide as the file says.
+    doc = json.loads(data)
+    doc["n_quantiles"] = 1 << 31
+    doc["policy_kwargs"] = {**doc["policy_kwargs"], "n_quantiles": 1 << 31}
+    return {"data": json.dumps(doc).encode()}
 
 
 def _rebuild_parameter_of_int() -> bytes:
@@ -550,8 +569,12 @@ CASES: dict[str, HostileCase] = {
     "duplicate_data": _H(_duplicate_data, 2, 2, "duplicate member"),
     "inner_duplicate": _H(_inner_duplicate, 2, 2, "duplicate member"),
     "policy_two_faced": _H(_policy_two_faced, 2, 2, "before its central directory"),
+    "blob_two_faced": _H(
+        _in_entry(_blob_via(b"B", _two_faced_blob)), 2, 2, "before its central directory"
+    ),
     "local_name_differs": _H(_local_name_differs, 2, 2, "policy.pth"),
     "plain_json_net_arch": _H(_plain_json_net_arch, 2, 0, "budget max_memory"),
+    "policy_kwargs_quantiles": _H(_policy_kwargs_quantiles, 2, 0, "budget max_memory"),
     "plain_json_n_steps": _H(_plain_json_value("n_steps", 1 << 30), 2, 0, "budget max_memory"),
     "rebuild_parameter_of_int": _H(_in_entry(_rebuild_parameter_of_int), 2, 0, "Parameter"),
     "torch_size_called": _H(_in_entry(_torch_size_called), 3, 3, "torch.Size"),

@@ -1318,7 +1318,7 @@ def safe_load(
         check_attribute_paths(archive, scanner.pth_roots, algo_cls)
         # SB3 takes plain JSON values (no ":serialized:") as they are.
         plain = {**archive.data, **decoded}
-        check_network_size(plain.get("policy_kwargs"), budgets)
+        check_network_size(plain.get("policy_kwargs"), budgets, plain)
         check_rollout_size(plain, budgets)
     # A plain JSON key can steer file writes too: a stored ``tensorboard_log`` would make the
     # next learn() create folders wherever the file says. Only the caller may set one.
@@ -1390,17 +1390,26 @@ def check_attribute_paths(
         )  # fmt: skip
 
 
-def check_network_size(policy_kwargs: Any, budgets: Budgets) -> None:
-    """Refuse a ``policy_kwargs`` whose ``net_arch`` asks for more weights than the memory
-    budget allows: SB3 allocates them (and Adam twice more) before anything can be checked.
+# Settings that set the width of the distributional critic's output layer.
+_HEAD_WIDTHS: Final = ("n_quantiles", "n_atoms")
+_SB3_DEFAULT_WIDTH: Final = 64
 
+
+def check_network_size(
+    policy_kwargs: Any, budgets: Budgets, algorithm: Mapping[str, Any] | None = None
+) -> None:
+    """Refuse a ``policy_kwargs`` whose ``net_arch`` and critic heads ask for more weights
+    than the memory budget allows: SB3 allocates them (and Adam twice more) before anything
+    can be checked.
+
+    :param algorithm: the algorithm's own settings (``data``), whose ``n_quantiles`` and
+        ``n_atoms`` size the critic head as well.
     :raises BudgetExceeded: the network would not fit in ``budgets.max_memory``.
     """
-    if not isinstance(policy_kwargs, dict):
-        return
-    arch = policy_kwargs.get("net_arch")
+    kwargs = policy_kwargs if isinstance(policy_kwargs, dict) else {}
+    arch = kwargs.get("net_arch")
     branches = list(arch.values()) if isinstance(arch, dict) else [arch]
-    weights = 0
+    weights, widest = 0, _SB3_DEFAULT_WIDTH
     for branch in branches:
         if not isinstance(branch, (list, tuple)):
             continue
@@ -1408,11 +1417,17 @@ def check_network_size(policy_kwargs: Any, budgets: Budgets) -> None:
         if any(n < 0 for n in sizes):
             raise BudgetExceeded("max_memory", "net_arch holds a negative layer size")
         weights += sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False)) + sum(sizes)
+        widest = max([widest, *sizes])
+    for source in (kwargs, algorithm or {}):
+        for key in _HEAD_WIDTHS:
+            width = source.get(key)
+            if type(width) is int and width > 0:
+                weights += width * (widest + 1)
     # float32 weights, and Adam's two moments beside them.
     if 3 * 4 * weights > budgets.max_memory:
         raise BudgetExceeded(
             "max_memory",
-            f"policy_kwargs net_arch asks for {weights} weights, more than "
+            f"policy_kwargs net_arch and critic heads ask for {weights} weights, more than "
             f"{budgets.max_memory} bytes can hold with the optimizer state",
         )
 
