@@ -25,6 +25,7 @@ import io
 import pathlib
 import warnings
 import zipfile
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -106,6 +107,10 @@ class DistributionalPPO(PPO):
         the distribution against the rollout-time prediction: per quantile, or for the
         categorical critic by clipping the mean and shifting and reprojecting).
     """
+
+    #: Called after each minibatch step of :meth:`train` with the epoch (from 0), so that a
+    #: progress display can follow an update; ``None`` calls nothing. Never saved.
+    update_progress: Callable[[int], None] | None = None
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
         "MlpPolicy": CustomActorCriticPolicy,
@@ -375,6 +380,8 @@ class DistributionalPPO(PPO):
                 # The scaler's statistics must see the raw gradients, before clipping.
                 scale = 1.0 if scaler is None else scaler.compute_scale()
                 self._optimizer_step(scaler, scale)
+                if self.update_progress is not None:
+                    self.update_progress(epoch)
 
             self._n_updates += 1
             if not continue_training:
@@ -451,6 +458,10 @@ class DistributionalPPO(PPO):
             self._variance_gradient_scaler.logger = logger
 
     # -- checkpoints ----------------------------------------------------------------------
+
+    def _excluded_save_params(self) -> list[str]:
+        """SB3's, plus the progress hook: a display of this process, never part of a model."""
+        return [*super()._excluded_save_params(), "update_progress"]
 
     def save(
         self,
