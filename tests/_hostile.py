@@ -440,6 +440,28 @@ def _two_faced_blob() -> bytes:
     return _two_faced_zip(seen, loaded)
 
 
+def _outer_case_collision(data: bytes, policy: bytes) -> dict[str, bytes]:
+    return {"POLICY.pth": _torch_save({"weight": __import__("torch").zeros(1)})}
+
+
+def _tensors_alias(data: bytes, policy: bytes) -> dict[str, bytes]:
+    # SB3 reads tensors.pth as pytorch_variables: its keys are attribute paths too.
+    import torch
+
+    return {"tensors.pth": _torch_save({"policy.__class__.__doc__": torch.zeros(1)})}
+
+
+def _storage_key_outside(data: bytes, policy: bytes) -> dict[str, bytes]:
+    # A persistent id naming a record outside data/: torch looks it up as archive/data/KEY.
+    pickled = zipfile.ZipFile(io.BytesIO(policy))
+    name = next(n for n in pickled.namelist() if n.endswith("/data.pkl"))
+    body = pickled.read(name)
+    key = b"X\x01\x00\x00\x000"
+    assert key in body
+    bad = b"X" + struct.pack("<I", 11) + b"../data.pkl"
+    return {"policy.pth": _rename_inner(policy, lambda n: n, body.replace(key, bad, 1))}
+
+
 def _local_name_differs(data: bytes, policy: bytes) -> dict[str, bytes]:
     raw = bytearray(policy)
     at = raw.find(b"data.pkl")  # the first occurrence is the local header's name
@@ -572,6 +594,9 @@ CASES: dict[str, HostileCase] = {
     "blob_two_faced": _H(
         _in_entry(_blob_via(b"B", _two_faced_blob)), 2, 2, "before its central directory"
     ),
+    "outer_case_collision": _H(_outer_case_collision, 2, 2, "differ only in case"),
+    "tensors_alias": _H(_tensors_alias, 3, 3, "attribute path"),
+    "storage_key_outside": _H(_storage_key_outside, 2, 0, "data.pkl"),
     "local_name_differs": _H(_local_name_differs, 2, 2, "policy.pth"),
     "plain_json_net_arch": _H(_plain_json_net_arch, 2, 0, "budget max_memory"),
     "policy_kwargs_quantiles": _H(_policy_kwargs_quantiles, 2, 0, "budget max_memory"),
