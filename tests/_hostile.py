@@ -435,7 +435,9 @@ def _two_faced_blob() -> bytes:
     # A tensor blob that zipfile reads as a storage and torch's reader as the payload.
     import torch
 
-    seen = _zip_members(_torch_save(torch.zeros(1).untyped_storage()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage: pickled with an allowed storage tag
+        seen = _zip_members(_torch_save(torch.zeros(1).storage()))
     loaded = [(n, _frame(_touch()) if n.endswith("data.pkl") else b) for n, b in seen]
     return _two_faced_zip(seen, loaded)
 
