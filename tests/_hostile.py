@@ -495,6 +495,19 @@ def _policy_kwargs_quantiles(data: bytes, policy: bytes) -> dict[str, bytes]:
     return {"data": json.dumps(doc).encode()}
 
 
+def _json_huge_integer(data: bytes, policy: bytes) -> dict[str, bytes]:
+    # Python's int() refuses more than 4300 digits with a ValueError of its own.
+    doc = data.replace(b'"n_steps": 64', b'"n_steps": ' + b"9" * 5000)
+    assert doc != data
+    return {"data": doc}
+
+
+def _json_deep_nesting(data: bytes, policy: bytes) -> dict[str, bytes]:
+    doc = data.replace(b'"vgs_kwargs": {}', b'"vgs_kwargs": ' + b"[" * 100_000 + b"]" * 100_000)
+    assert doc != data
+    return {"data": doc}
+
+
 def _rebuild_parameter_of_int() -> bytes:
     return _frame(b"ctorch._utils\n_rebuild_parameter\n(K\x01\x89ccollections\nOrderedDict\n)RtR")
 
@@ -602,6 +615,8 @@ CASES: dict[str, HostileCase] = {
     "local_name_differs": _H(_local_name_differs, 2, 2, "policy.pth"),
     "plain_json_net_arch": _H(_plain_json_net_arch, 2, 0, "budget max_memory"),
     "policy_kwargs_quantiles": _H(_policy_kwargs_quantiles, 2, 0, "budget max_memory"),
+    "json_huge_integer": _H(_json_huge_integer, 2, 2, "data"),
+    "json_deep_nesting": _H(_json_deep_nesting, 2, 2, "data"),
     "plain_json_n_steps": _H(_plain_json_value("n_steps", 1 << 30), 2, 0, "budget max_memory"),
     "rebuild_parameter_of_int": _H(_in_entry(_rebuild_parameter_of_int), 2, 0, "Parameter"),
     "torch_size_called": _H(_in_entry(_torch_size_called), 3, 3, "torch.Size"),
