@@ -508,6 +508,14 @@ def _json_deep_nesting(data: bytes, policy: bytes) -> dict[str, bytes]:
     return {"data": doc}
 
 
+def _features_dim(data: bytes, policy: bytes) -> dict[str, bytes]:
+    # An extractor output as wide as the file says (NatureCNN and CombinedExtractor take it).
+    doc = json.loads(data)
+    kwargs = {"features_dim": 1 << 31}
+    doc["policy_kwargs"] = {**doc["policy_kwargs"], "features_extractor_kwargs": kwargs}
+    return {"data": json.dumps(doc).encode()}
+
+
 def _rebuild_parameter_of_int() -> bytes:
     return _frame(b"ctorch._utils\n_rebuild_parameter\n(K\x01\x89ccollections\nOrderedDict\n)RtR")
 
@@ -617,6 +625,7 @@ CASES: dict[str, HostileCase] = {
     "policy_kwargs_quantiles": _H(_policy_kwargs_quantiles, 2, 0, "budget max_memory"),
     "json_huge_integer": _H(_json_huge_integer, 2, 2, "data"),
     "json_deep_nesting": _H(_json_deep_nesting, 2, 2, "data"),
+    "features_dim": _H(_features_dim, 2, 0, "budget max_memory"),
     "plain_json_n_steps": _H(_plain_json_value("n_steps", 1 << 30), 2, 0, "budget max_memory"),
     "rebuild_parameter_of_int": _H(_in_entry(_rebuild_parameter_of_int), 2, 0, "Parameter"),
     "torch_size_called": _H(_in_entry(_torch_size_called), 3, 3, "torch.Size"),

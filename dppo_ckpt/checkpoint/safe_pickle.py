@@ -1392,6 +1392,8 @@ def check_attribute_paths(
 
 # Settings that set the width of the distributional critic's output layer.
 _HEAD_WIDTHS: Final = ("n_quantiles", "n_atoms")
+# Settings of SB3's feature extractors that set the width of their output layer.
+_FEATURE_WIDTHS: Final = ("features_dim", "cnn_output_dim")
 _SB3_DEFAULT_WIDTH: Final = 64
 
 
@@ -1402,21 +1404,32 @@ def check_network_size(
     than the memory budget allows: SB3 allocates them (and Adam twice more) before anything
     can be checked.
 
-    :param algorithm: the algorithm's own settings (``data``), whose ``n_quantiles`` and
-        ``n_atoms`` size the critic head as well.
+    :param algorithm: the algorithm's own settings (``data``): the observation space sizes
+        the first layer, and ``n_quantiles`` and ``n_atoms`` the critic head.
     :raises BudgetExceeded: the network would not fit in ``budgets.max_memory``.
     """
     kwargs = policy_kwargs if isinstance(policy_kwargs, dict) else {}
     arch = kwargs.get("net_arch")
     branches = list(arch.values()) if isinstance(arch, dict) else [arch]
-    weights, widest = 0, _SB3_DEFAULT_WIDTH
+    # The extractor's output feeds the first layer: as wide as the file says, or the
+    # flattened observation; an image extractor's input is at most the observation.
+    observed = _space_elements((algorithm or {}).get("observation_space"))
+    extractor = kwargs.get("features_extractor_kwargs")
+    extractor = extractor if isinstance(extractor, dict) else {}
+    features = [
+        n for n in (extractor.get(k) for k in _FEATURE_WIDTHS) if type(n) is int and n > 0
+    ]
+    weights = sum(n * (observed + 1) for n in features)
+    width_in = max(features) if features else observed
+    widest = max(_SB3_DEFAULT_WIDTH, width_in)
     for branch in branches:
         if not isinstance(branch, (list, tuple)):
             continue
         sizes = [n for n in branch if isinstance(n, int) and not isinstance(n, bool)]
         if any(n < 0 for n in sizes):
             raise BudgetExceeded("max_memory", "net_arch holds a negative layer size")
-        weights += sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False)) + sum(sizes)
+        sizes = [width_in, *sizes]
+        weights += sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
         widest = max([widest, *sizes])
     for source in (kwargs, algorithm or {}):
         for key in _HEAD_WIDTHS:
