@@ -539,6 +539,30 @@ def _check_declared_member_count(fileobj: BinaryIO, limits: Limits, label: str) 
         )
 
 
+def _check_no_prefix(archive: zipfile.ZipFile, fileobj: BinaryIO, label: str) -> None:
+    """Refuse a zip whose central directory is not where its end record says.
+
+    ``zipfile`` takes the difference as bytes prepended to the archive and shifts every
+    offset by it; torch's reader takes the offsets as written. Such a file holds two
+    archives, one for the scan and another for the loader.
+    """
+    end_record = getattr(zipfile, "_EndRecData", None)
+    index = getattr(zipfile, "_ECD_OFFSET", None)
+    if end_record is None or index is None:
+        return
+    try:
+        record = end_record(fileobj)
+    finally:
+        fileobj.seek(0)
+    if record and archive.start_dir != record[index]:
+        archive.close()
+        raise ArchiveError(
+            f"{archive.start_dir - record[index]} bytes before its central directory that "
+            "the end record does not account for (two archives in one file?)",
+            path=label,
+        )
+
+
 def _open_zip(fileobj: BinaryIO, limits: Limits, label: str) -> zipfile.ZipFile:
     """``zipfile.ZipFile(fileobj)`` with its many failure modes turned into one-line reasons."""
     try:
@@ -551,7 +575,9 @@ def _open_zip(fileobj: BinaryIO, limits: Limits, label: str) -> zipfile.ZipFile:
         raise ArchiveError("empty file, not a zip archive", path=label)
     _check_declared_member_count(fileobj, limits, label)
     try:
-        return zipfile.ZipFile(fileobj)
+        archive = zipfile.ZipFile(fileobj)
+        _check_no_prefix(archive, fileobj, label)
+        return archive
     except zipfile.BadZipFile as exc:
         if head == _ZIP_LOCAL_HEADER_MAGIC:
             raise ArchiveError(f"truncated or damaged zip archive ({exc})", path=label) from None
