@@ -37,7 +37,7 @@ from tests._bytes import assert_same_bytes
 from tests._models import make_env, make_model
 
 LEGACY = FIXTURES_DIR / "dppo_legacy.zip"
-CURRENT = FIXTURES_DIR / "dppo_quantile_vgs.zip"
+CURRENT = FIXTURES_DIR / "dppo_layout1.zip"
 FOREIGN = FIXTURES_DIR / "dppo_legacy_foreign_modules.zip"
 SCALER = migrate.SCALER_ENTRY
 CLI = [sys.executable, "-m", "dppo_ckpt.cli", "migrate"]

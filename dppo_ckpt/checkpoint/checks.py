@@ -22,7 +22,7 @@ DPPO001    archive     the zip, ``data`` JSON, entries and pickles can be read (
 DPPO002    archive     ``data``, ``policy.pth`` and ``policy.optimizer.pth`` are present
 DPPO003    lifecycle   SB3 version and ``system_info.txt`` are recorded (and the numerics)
 DPPO004    security    every pickled global is allow-listed, no code pickled by value
-DPPO005    legacy      the scaler entry does not pickle ``_parameters``
+DPPO005    legacy      the scaler entry does not pickle ``_parameters`` (and the layout)
 DPPO006    lifecycle   the file is a DistributionalPPO checkpoint (skipped otherwise)
 DPPO007    archive     the model loads through the allow-list loader (security if refused)
 DPPO008    lifecycle   the scaler tracks exactly the policy's parameter objects
@@ -442,23 +442,50 @@ def check_nothing_unsafe(ctx: _Context) -> CheckResult:
 
 def check_scaler_not_legacy(ctx: _Context) -> CheckResult:
     """DPPO005: the scaler entry holds none of the legacy state keys (``_parameters``, the
-    stale-copy bug), read from the interpreter's model without unpickling."""
+    stale-copy bug), read from the interpreter's model without unpickling. The message says
+    the checkpoint layout: 1 (scaler pickled in ``data``, which ``migrate`` rewrites) or 2
+    (its state dict is the tensor member ``vgs.pth``)."""
+    from dppo_ckpt.checkpoint.contents import SCALER_MEMBER, checkpoint_layout
+
     spec = CHECKS["DPPO005"]
     archive = ctx.archive
     assert archive is not None
+    layout = checkpoint_layout(archive)
     payload = scaler_payload(archive)
     if payload is None:
+        if SCALER_MEMBER in archive:
+            return spec.passed(
+                f"layout {layout}: the scaler state is the tensor member {SCALER_MEMBER}, "
+                "no pickled object",
+                member=SCALER_MEMBER,
+                layout=layout,
+            )
         value = archive.data.get(SCALER_ENTRY, "absent")
+        if layout >= 2 and archive.data.get("variance_gradient_scaling") is True:
+            return spec.failed(
+                f"layout {layout} with the scaler on, but no {SCALER_MEMBER}: its statistics "
+                "are missing and a load would restart its warm-up",
+                member=SCALER_MEMBER,
+                layout=layout,
+            )
         reason = "scaler is off (entry is null)" if value is None else "no scaler entry"
-        return spec.skipped(reason)
+        if archive.data.get("variance_gradient_scaling") is False:
+            reason = "scaler is off"
+        return spec.skipped(f"{reason}; layout {layout}", layout=layout)
     if scaler_is_legacy(payload):
         return spec.failed(
             "the scaler entry holds legacy state (_parameters): a checkpoint of an earlier "
-            "version, whose scaler pickled its parameter objects",
+            f"version, whose scaler pickled its parameter objects (layout {layout})",
             member="data",
             entry=SCALER_ENTRY,
+            layout=layout,
         )
-    return spec.passed("the scaler entry holds no parameter objects", entry=SCALER_ENTRY)
+    return spec.passed(
+        f"layout {layout}: the scaler entry holds no parameter objects; `dppo-ckpt migrate` "
+        f"rewrites it in layout 2 ({SCALER_MEMBER})",
+        entry=SCALER_ENTRY,
+        layout=layout,
+    )
 
 
 def check_is_distributional(ctx: _Context) -> CheckResult:
@@ -539,15 +566,26 @@ def _load(ctx: _Context) -> CheckResult:
 
 
 def _stored_scaler_state(ctx: _Context) -> dict[str, Any] | None:
-    """The scaler state as stored in the file, decoded with the allow-list unpickler."""
+    """The scaler state as stored in the file: layout 1's pickled scaler decoded with the
+    allow-list unpickler, or layout 2's ``vgs.pth`` read with ``torch.load(weights_only=True)``
+    (as SB3 reads it)."""
     import io
 
+    from dppo_ckpt.checkpoint.contents import SCALER_MEMBER
     from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler
 
     assert ctx.archive is not None
     payload = scaler_payload(ctx.archive)
     if payload is None:
-        return None
+        if SCALER_MEMBER not in ctx.archive:
+            return None
+        import torch
+
+        with ctx.archive.spool_member(SCALER_MEMBER) as stream:
+            state = torch.load(stream, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{SCALER_MEMBER} holds a {type(state).__name__}, not a state dict")
+        return state
     scaler = SafeUnpickler(io.BytesIO(payload), entry=SCALER_ENTRY).load()
     return scaler.state_dict()
 
