@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
-import zipfile
 import sys
+import zipfile
 
 import cloudpickle
 import pytest
