@@ -511,7 +511,7 @@ class DistributionalPPO(PPO):
             returns it.
         :param exact_match: every saved object must be given (and nothing else); ``vgs`` is
             required when the scaler is on, except while loading a layout-1 checkpoint, whose
-            scaler state came from ``data``.
+            scaler state came from ``data`` (a ``vgs`` given as well takes precedence).
         :param device: where to load a checkpoint's tensors.
         :raises ValueError: an unknown key, a scaler state for a model whose scaler is off, or
             (with ``exact_match``) a missing object
@@ -524,7 +524,7 @@ class DistributionalPPO(PPO):
         scaler = self._variance_gradient_scaler
         scaler_state = params.pop(SCALER_PARAMETER, None)
         expected = set(_SB3_STATE_DICTS)
-        if scaler is not None and not restored_from_data:
+        if scaler is not None and (scaler_state is not None or not restored_from_data):
             expected.add(SCALER_PARAMETER)
         updated = set()
         for name, state in params.items():
