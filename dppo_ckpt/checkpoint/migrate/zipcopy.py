@@ -21,7 +21,7 @@ from typing import IO, Final
 from dppo_ckpt.checkpoint.migrate.errors import MigrationError
 from dppo_ckpt.checkpoint.results import EXIT_UNUSABLE
 
-__all__ = ["ZipEdit", "write_zip"]
+__all__ = ["ZipEdit", "copy_range", "write_zip"]
 
 _CHUNK: Final = 1 << 20
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature .. extra length: 30 bytes
@@ -52,7 +52,7 @@ class ZipEdit:
     add_after: str | None = None
 
 
-def _copy_range(src: IO[bytes], dst: IO[bytes], offset: int, length: int) -> None:
+def copy_range(src: IO[bytes], dst: IO[bytes], offset: int, length: int) -> None:
     """Copy ``length`` bytes at ``offset`` of ``src`` to the current position of ``dst``.
 
     In the kernel when it can (``copy_file_range``, as ``cp`` does), so that the bytes never
@@ -158,7 +158,7 @@ def write_zip(src_path: Path, dst: IO[bytes], edit: ZipEdit) -> None:
 
         anchor = edit.add_after if edit.add_after in names else None
         if by_offset and by_offset[0].header_offset > 0:
-            _copy_range(src, dst, 0, by_offset[0].header_offset)
+            copy_range(src, dst, 0, by_offset[0].header_offset)
         for info, end in zip(by_offset, ends, strict=True):
             src.seek(info.header_offset)
             header = src.read(_LOCAL_HEADER.size)
@@ -177,7 +177,7 @@ def write_zip(src_path: Path, dst: IO[bytes], edit: ZipEdit) -> None:
                 continue
             new_offsets[info.filename] = dst.tell()
             if info.filename not in edit.replace:
-                _copy_range(src, dst, info.header_offset, end - info.header_offset)
+                copy_range(src, dst, info.header_offset, end - info.header_offset)
             else:
                 name_and_extra = src.read(name_len + extra_len)
                 payload = edit.replace[info.filename]
