@@ -517,6 +517,69 @@ class ZipMembers:
         with self.open_member(name) as stream:
             return stream.read()
 
+    def check_member(self, name: str) -> None:
+        """Read ``name`` to its end with bounded buffers, keeping nothing, so that a damaged
+        or truncated member is found (CRC mismatch, bad compressed data, lying sizes).
+
+        A stored member is read straight from the file into one reused buffer, its CRC
+        computed as it goes; anything else goes through the bounded inflating reader.
+
+        :raises ArchiveError: the member is damaged, or breaks a limit.
+        """
+        if name in self._checked:
+            return
+        start = self._stored_start(name)
+        if start is None:
+            with self.open_member(name) as stream:
+                while stream.read(_CHUNK):
+                    pass
+            return
+        info = self._infos[name]
+        if info.file_size > self.limits.max_member_bytes:
+            raise ArchiveError(
+                f"member {name!r}: {info.file_size} bytes, more than the limit of "
+                f"{self.limits.max_member_bytes}",
+                path=self.label,
+                member=name,
+            )
+        self.tally.add(self.label, name, info.file_size)
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        crc, done = 0, 0
+        self._fileobj.seek(start)
+        while done < info.file_size:
+            n = self._fileobj.readinto(view[: min(_CHUNK, info.file_size - done)])  # type: ignore[attr-defined]
+            if not n:
+                raise ArchiveError(
+                    f"member {name!r}: unexpected end of data: the file is truncated",
+                    path=self.label,
+                    member=name,
+                )
+            crc = zlib.crc32(view[:n], crc)
+            done += n
+        if crc != info.CRC:
+            raise ArchiveError(
+                f"member {name!r}: CRC mismatch: the file is corrupt", path=self.label, member=name
+            )
+        self._checked.add(name)
+
+    def _stored_start(self, name: str) -> int | None:
+        """Where a stored, unencrypted member's bytes begin in the file (``None`` for any
+        other member)."""
+        info = self._infos.get(name)
+        if info is None:
+            raise ArchiveError(f"no member {name!r}", path=self.label, member=name)
+        if self._fileobj is None:
+            raise ArchiveError("archive is closed", path=self.label)
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            return None
+        self._fileobj.seek(info.header_offset)
+        header = self._fileobj.read(30)
+        if len(header) != 30 or header[:4] != _ZIP_LOCAL_HEADER_MAGIC:
+            raise ArchiveError(f"member {name!r}: bad local header", path=self.label, member=name)
+        name_len, extra_len = struct.unpack_from("<HH", header, 26)
+        return info.header_offset + 30 + name_len + extra_len
+
     def stored_window(self, name: str) -> BinaryIO | None:
         """A seekable view of a stored member's bytes inside the zip, or ``None`` when the
         member is compressed or encrypted (it must then be inflated to be read).
@@ -527,27 +590,12 @@ class ZipMembers:
         :raises ArchiveError: a CRC mismatch, or a local header that disagrees with the
             directory.
         """
-        info = self._infos.get(name)
-        if info is None:
-            raise ArchiveError(f"no member {name!r}", path=self.label, member=name)
-        if self._fileobj is None:
-            raise ArchiveError("archive is closed", path=self.label)
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        start = self._stored_start(name)
+        if start is None:
             return None
-        if name not in self._checked:
-            with self.open_member(name) as stream:
-                while stream.read(_CHUNK):
-                    pass
-        self._fileobj.seek(info.header_offset)
-        header = self._fileobj.read(30)
-        if len(header) != 30 or header[:4] != _ZIP_LOCAL_HEADER_MAGIC:
-            raise ArchiveError(
-                f"member {name!r}: bad local header", path=self.label, member=name
-            )
-        name_len, extra_len = struct.unpack_from("<HH", header, 26)
-        start = info.header_offset + 30 + name_len + extra_len
-        self.tally.add(self.label, name, info.file_size)
-        return io.BufferedReader(_Window(self._fileobj, start, info.file_size), _CHUNK)  # type: ignore[return-value]
+        self.check_member(name)
+        size = self._infos[name].file_size
+        return io.BufferedReader(_Window(self._fileobj, start, size), _CHUNK)  # type: ignore[return-value,arg-type]
 
     def spool_member(self, name: str) -> IO[bytes]:
         """Copy ``name`` into a seekable temporary file (memory up to 64 MiB, disk beyond)."""
@@ -698,6 +746,12 @@ class CheckpointArchive(ZipMembers):
                 )
             self._data = parsed
         return self._data
+
+    def drop_caches(self) -> None:
+        """Let go of the parsed ``data`` and the decoded entries (parsed again on demand):
+        for a layout-1 file with a large policy they hold the scaler's statistics twice."""
+        self._data = None
+        self._entries = None
 
     def serialized_entries(self) -> dict[str, bytes]:
         """Base64-decoded ``:serialized:`` payloads of ``data``, by attribute name.

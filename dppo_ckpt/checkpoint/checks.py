@@ -305,9 +305,7 @@ def _timed(spec: CheckSpec, fn: Callable[[], CheckResult]) -> CheckResult:
 
 def _drain(archive: Any, name: str) -> None:
     """Read a member to its end in bounded chunks (surfaces CRC errors and truncation)."""
-    with archive.open_member(name) as stream:
-        while stream.read(1 << 20):
-            pass
+    archive.check_member(name)
 
 
 def check_archive_sound(ctx: _Context) -> CheckResult:

@@ -94,7 +94,7 @@ def remove_entry(text: str, key: str, data: dict[str, Any]) -> bytes:
     """The ``data`` text without the top-level entry ``key``; every other character stays.
 
     Checked the way SB3 reads it: the result parses to ``data`` without ``key``, key for key
-    (compared as ``json.dumps`` writes them).
+    (compared as ``json.dumps`` writes them); ``data`` may lack ``key`` already.
 
     :raises ValueError: no such entry, or an edit that would change anything else.
     """
@@ -104,9 +104,10 @@ def remove_entry(text: str, key: str, data: dict[str, Any]) -> bytes:
     new_text = text[: span[0]] + text[span[1] :]
     expected = {name: value for name, value in data.items() if name != key}
     changed = changed_keys(expected, json.loads(new_text))
+    del new_text
     if changed:
         raise ValueError(f"the edit would change {changed}")
-    return new_text.encode("utf-8")
+    return (text[: span[0]] + text[span[1] :]).encode("utf-8")
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

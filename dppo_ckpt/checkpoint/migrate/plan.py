@@ -137,21 +137,28 @@ def plan_migration(archive: CheckpointArchive) -> MigrationPlan:
         return MigrationPlan(True, facts={"reason": "no scaler entry"}, foreign=foreign)
     entry = data[SCALER_ENTRY]
     facts: dict[str, Any] = {"layout_before": layout, "layout_after": LAYOUT_VERSION}
-    added: list[tuple[str, bytes]] = []
+    added: list[tuple[str, bytes | memoryview]] = []
     if entry is not None:
         encoded = entry.get(SERIALIZED_KEY) if isinstance(entry, dict) else None
         if not isinstance(encoded, str):
             raise MigrationError(f"entry {SCALER_ENTRY!r} holds no pickle", EXIT_UNUSABLE)
-        # Valid base64: the scan above decoded every entry already.
-        member = scaler_member(base64.b64decode(encoded))
+        # Decoded by the scan already (and valid base64).
+        payload = archive.serialized_entries()[SCALER_ENTRY]
+        member = scaler_member(payload)
         facts.update(member.facts)
         added.append((SCALER_MEMBER, member.pth))
-        del member
+        del member, payload, encoded
     else:
         facts["reason"] = "the scaler is off"
+    # What `data` must still say without the entry; then the archive's parsed copy (whose
+    # scaler string is the bulk of the file) and decoded payloads are let go before the
+    # text is read for the edit.
+    expected = {key: value for key, value in data.items() if key != SCALER_ENTRY}
+    del data, entry
+    archive.drop_caches()
     text = archive.read_member(DATA_MEMBER).decode("utf-8")
     try:
-        new_data = remove_entry(text, SCALER_ENTRY, data)
+        new_data = remove_entry(text, SCALER_ENTRY, expected)
     except ValueError as exc:
         raise MigrationError(f"cannot edit 'data': {exc}", EXIT_UNUSABLE) from None
     del text

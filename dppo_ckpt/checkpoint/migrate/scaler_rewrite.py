@@ -194,7 +194,7 @@ def _statistics(values: Any, name: str, storages: list[_Storage]) -> Any:
     return rebuilt
 
 
-def _torch_archive(prefix: str, pickled: bytes, storages: Iterable[_Storage]) -> bytes:
+def _torch_archive(prefix: str, pickled: bytes, storages: Iterable[_Storage]) -> memoryview:
     """A torch zip archive as ``torch.load`` reads it: ``data.pkl``, the byte order, one
     record per storage and the format version, stored uncompressed at a fixed date."""
     buffer = io.BytesIO()
@@ -211,19 +211,19 @@ def _torch_archive(prefix: str, pickled: bytes, storages: Iterable[_Storage]) ->
         for index, storage in enumerate(storages):
             put(f"data/{index}", storage.raw)
         put("version", _TORCH_ARCHIVE_VERSION)
-    return buffer.getvalue()
+    return buffer.getbuffer()  # no copy: statistics of a large policy run to gigabytes
 
 
 @dataclass
 class ScalerMember:
     """What a layout-1 scaler pickle becomes.
 
-    :param pth: the bytes of ``vgs.pth``.
+    :param pth: the bytes of ``vgs.pth`` (a view of the buffer they were written to).
     :param facts: the scaler class, the legacy keys left behind, how many parameter copies
         ``_parameters`` held, the state format before and after, sizes.
     """
 
-    pth: bytes
+    pth: memoryview
     facts: dict[str, Any]
 
 

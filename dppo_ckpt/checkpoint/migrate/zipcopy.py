@@ -48,7 +48,7 @@ class ZipEdit:
 
     replace: dict[str, bytes] = field(default_factory=dict)
     drop: set[str] = field(default_factory=set)
-    add: list[tuple[str, bytes]] = field(default_factory=list)
+    add: list[tuple[str, bytes | memoryview]] = field(default_factory=list)
     add_after: str | None = None
 
 
@@ -111,14 +111,16 @@ def _compress(data: bytes, compress_type: int) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-def _local_header(name: bytes, payload: bytes, time_date: tuple[int, int]) -> bytes:
+def _local_header(name: bytes, payload: bytes | memoryview, time_date: tuple[int, int]) -> bytes:
     return _LOCAL_HEADER.pack(
         _LOCAL_SIG, _VERSION, 0, zipfile.ZIP_STORED, *time_date, zlib.crc32(payload),
         len(payload), len(payload), len(name), 0,
     ) + name  # fmt: skip
 
 
-def _central_record(name: bytes, payload: bytes, time_date: tuple[int, int], offset: int) -> bytes:
+def _central_record(
+    name: bytes, payload: bytes | memoryview, time_date: tuple[int, int], offset: int
+) -> bytes:
     return _CENTRAL_HEADER.pack(
         _CENTRAL_SIG, _VERSION, _VERSION, 0, zipfile.ZIP_STORED, *time_date,
         zlib.crc32(payload), len(payload), len(payload), len(name), 0, 0, 0, 0,
@@ -146,7 +148,7 @@ def write_zip(src_path: Path, dst: IO[bytes], edit: ZipEdit) -> None:
         ends = [info.header_offset for info in by_offset[1:]] + [start_dir]
         new_offsets: dict[str, int] = {}
         new_sizes: dict[str, tuple[int, int, int]] = {}
-        added_at: list[tuple[bytes, bytes, tuple[int, int], int]] = []
+        added_at: list[tuple[bytes, bytes | memoryview, tuple[int, int], int]] = []
         time_date: tuple[int, int] = (0, 0x21)  # 1980-01-01 unless a member says otherwise
 
         def write_added() -> None:
