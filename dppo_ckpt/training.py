@@ -92,10 +92,12 @@ EXIT_INTERRUPTED = 130
 MANIFEST_NAME = "run.json"
 MANIFEST_FORMAT_VERSION = 1
 
-DEFAULT_ENV_ID = envs.DEFAULT_ENV_ID
-DEFAULT_TIMESTEPS = 100_000
-DEFAULT_CHECKPOINT_EVERY = 10_000
-DEFAULT_EVAL_EPISODES = 5
+from dppo_ckpt.run_plan import (  # noqa: E402
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_ENV_ID,
+    DEFAULT_EVAL_EPISODES,
+    DEFAULT_TIMESTEPS,
+)
 
 # Settings that make the default run learn: RL Zoo's tuned PPO hyperparameters for
 # Pendulum-v1 (SB3's generic defaults barely learn it in 100k steps). They are the base

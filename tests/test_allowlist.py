@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from dppo_ckpt.checkpoint.allowlist import AllowListError, user_allow_list
 from dppo_ckpt.checkpoint.checks import run_checks
+from dppo_ckpt.checkpoint.report import render_table, to_json, to_junit
 from tests._models import make_model
 from tests.zoo_schedules import SimpleLinearSchedule
 
@@ -104,6 +107,17 @@ def test_cycle_loads_a_zoo_checkpoint_with_allow_and_refuses_it_without(
     report = run_cycles(zoo_checkpoint, cycles=1, steps=64, allow=user_allow_list([ZOO]))
     assert report.path == str(zoo_checkpoint)
     assert "refused" not in " ".join(r.message for r in report.results)
+    # Every format names the extra entries the start was loaded with.
+    assert report.notes == (f"extra allow entries {ZOO} from --allow",)
+    assert all(r.details["extra_allow"] == [ZOO] for r in report.results)
+    buffer = io.StringIO()
+    render_table([report], Console(file=buffer, width=80, color_system=None))
+    assert f"extra allow entries {ZOO}" in " ".join(buffer.getvalue().split())
+    assert f'name="note" value="extra allow entries {ZOO} from --allow"' in to_junit(
+        [report], "cycle"
+    )
+    document = json.loads(to_json([report], "0", "cycle"))
+    assert document["files"][0]["results"][0]["details"]["extra_allow"] == [ZOO]
 
 
 @pytest.mark.parametrize(

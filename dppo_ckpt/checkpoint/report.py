@@ -2,7 +2,9 @@
 
 Rendering only: these functions never run a check and never decide an outcome beyond the
 exit-code rule of :mod:`dppo_ckpt.checkpoint.results`. Every renderer takes the list of
-:class:`~dppo_ckpt.checkpoint.results.FileReport` that a command produced.
+:class:`~dppo_ckpt.checkpoint.results.FileReport` that a command produced. This is the one
+module that renders what ``verify``, ``cycle``, ``inspect`` and ``migrate`` print, so that the
+command line only parses options and maps outcomes to exit codes.
 
 Messages can quote names taken from an untrusted file (zip members, pickled globals), so the
 human-facing outputs (table, JUnit) show control and other non-printable characters as
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from enum import Enum
@@ -39,10 +42,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JSON_SCHEMA_VERSION",
+    "REPORT_FORMATS",
     "SARIF_CATEGORIES",
     "TOOL_NAME",
+    "inspection_to_json",
     "json_schema",
     "migration_to_json",
+    "print_reports",
+    "render",
     "render_inspection",
     "render_migration",
     "render_table",
@@ -50,6 +57,8 @@ __all__ = [
     "to_json",
     "to_junit",
     "to_sarif",
+    "unusable_lines",
+    "written_line",
 ]
 
 TOOL_NAME = "dppo-ckpt"
@@ -105,6 +114,65 @@ def summary_line(reports: Sequence[FileReport]) -> str:
     return line
 
 
+def written_line(reports: Sequence[FileReport], output: str | PurePath) -> str:
+    """What a command says on the terminal after writing its report to ``output``."""
+    return f"{summary_line(reports)} (report written to {printable(output)})"
+
+
+def unusable_lines(reports: Sequence[FileReport]) -> list[str]:
+    """``error: REASON``, one line per file that could not be used (its DPPO001 did not
+    pass): the reason on stderr, where scripts look for errors, whatever the format."""
+    lines = []
+    for report in reports:
+        first = report.results[0] if report.results else None
+        if first is not None and first.check_id == "DPPO001" and first.verdict is not Verdict.PASS:
+            lines.append(f"error: {printable(first.message)}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Every format of verify and cycle
+
+#: The formats of the check reports; ``cycle`` offers all but SARIF.
+REPORT_FORMATS: Final = ("table", "json", "junit", "sarif")
+
+
+def render(reports: Sequence[FileReport], fmt: str, *, command: str, tool_version: str) -> str:
+    """The reports of ``command`` (``"verify"``, ``"cycle"``) as text in one of
+    :data:`REPORT_FORMATS`; the table as it is written to a file (120 columns, no colour).
+
+    :raises ValueError: an unknown format
+    """
+    if fmt == "json":
+        return to_json(reports, tool_version, command) + "\n"
+    if fmt == "junit":
+        return to_junit(reports, command)
+    if fmt == "sarif":
+        return to_sarif(reports, tool_version) + "\n"
+    if fmt != "table":
+        raise ValueError(f"unknown report format {fmt!r}; expected one of {REPORT_FORMATS}")
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    render_table(reports, Console(file=buffer, width=120, color_system=None))
+    return buffer.getvalue()
+
+
+def print_reports(
+    reports: Sequence[FileReport], fmt: str, *, command: str, tool_version: str
+) -> None:
+    """Show the reports on standard output: the table through rich (the terminal's width and
+    colours), any other format as :func:`render` gives it."""
+    if fmt == "table":
+        from rich.console import Console
+
+        render_table(reports, Console())
+        return
+    sys.stdout.write(render(reports, fmt, command=command, tool_version=tool_version))
+
+
 # ---------------------------------------------------------------------------------------------
 # Terminal table
 
@@ -124,9 +192,10 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
             # One row says why; the skipped checks add nothing a reader needs here. JSON,
             # JUnit and SARIF keep every check, so CI test cases stay stable.
             results = results[:1]
+        caption = "\n".join([f"exit code {report.exit_code}", *map(printable, report.notes)])
         table = Table(
             title=Text(printable(report.path), style="bold"),
-            caption=f"exit code {report.exit_code}",
+            caption=caption,
             title_justify="left",
             caption_justify="left",
         )
@@ -294,6 +363,8 @@ def to_junit(reports: Sequence[FileReport], suite_name: str) -> str:
         properties = ET.SubElement(suite, "properties")
         ET.SubElement(properties, "property", name="path", value=printable(report.path))
         ET.SubElement(properties, "property", name="exit_code", value=str(report.exit_code))
+        for note in report.notes:
+            ET.SubElement(properties, "property", name="note", value=printable(note))
         for result in report.results:
             case = ET.SubElement(
                 suite,
@@ -450,6 +521,12 @@ def to_sarif(reports: Sequence[FileReport], tool_version: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # inspect
+
+
+def inspection_to_json(info: dict[str, Any]) -> str:
+    """``inspect``'s JSON: what :func:`~dppo_ckpt.checkpoint.contents.inspect_checkpoint`
+    found, as ASCII (every string from the file escaped), anything else as its ``str()``."""
+    return json.dumps(info, indent=2, ensure_ascii=True, default=str) + "\n"
 
 
 def render_inspection(info: dict[str, Any], console: Console) -> None:
