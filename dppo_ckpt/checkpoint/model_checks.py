@@ -272,7 +272,11 @@ def _stored_scaler_state(ctx: CheckContext) -> dict[str, Any] | None:
             return None
         import torch
 
-        with ctx.archive.spool_member(SCALER_MEMBER) as stream:
+        # A stored member (as SB3 writes it) is read in place, not copied first.
+        stream = ctx.archive.stored_window(SCALER_MEMBER) or ctx.archive.spool_member(
+            SCALER_MEMBER
+        )
+        with stream:
             state = torch.load(stream, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"{SCALER_MEMBER} holds a {type(state).__name__}, not a state dict")
