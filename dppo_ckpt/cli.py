@@ -207,6 +207,25 @@ def _verify_all(
     ]
 
 
+def _verify_on_ray(paths: list[str], address: str | None, **options: Any) -> list[FileReport]:
+    """``verify --ray``: the same reports, from Ray tasks; notes and files/s on stderr."""
+    from dppo_ckpt.checkpoint import fleet
+    from dppo_ckpt.checkpoint.report import fleet_summary_line
+
+    try:
+        result = fleet.verify_on_ray(paths, address=address, **options)
+    except fleet.RayUnavailableError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+    for note in result.notes:
+        typer.echo(f"note: {_printable(note)}", err=True)
+    line = fleet_summary_line(
+        len(result.reports), result.seconds, result.nodes, result.cpus, result.startup_s
+    )
+    typer.echo(line, err=True)
+    return result.reports
+
+
 def _emit(reports: list[FileReport], fmt: str, command: str, output: Path | None) -> None:
     """Print the reports, or write them to ``output`` atomically and say so; exit 2 when
     ``output`` cannot be written."""
@@ -267,6 +286,15 @@ def verify(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Take *.zip in subfolders of folders too.")
     ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="Fan the checks out as Ray tasks (needs dppo-ckpt\\[ray])."),
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="With --ray: the Ray cluster to join.", metavar="ADDR",
+                     show_default="a new local cluster"),  # fmt: skip
+    ] = None,
 ) -> None:
     """Check checkpoints (files, or the *.zip in folders): archive, safety, legacy layout,
     parameter links, statistics.
@@ -281,11 +309,20 @@ def verify(
     if not paths:
         typer.echo("error: no checkpoint (*.zip) in the folders given", err=True)
         raise typer.Exit(2)
+    if address is not None and not ray:
+        typer.echo("error: --address needs --ray", err=True)
+        raise typer.Exit(2)
     budgets = _budgets(max_memory, timeout)
-    reports = _verify_all(
-        paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
-        budgets=budgets, allow=_user_allow(allow),
-    )  # fmt: skip
+    if ray:
+        reports = _verify_on_ray(
+            paths, address, static=static, trust=trust, quick=quick, budgets=budgets,
+            allow=_user_allow(allow),
+        )  # fmt: skip
+    else:
+        reports = _verify_all(
+            paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
+            budgets=budgets, allow=_user_allow(allow),
+        )  # fmt: skip
     for line in unusable_lines(reports):
         typer.echo(line, err=True)
     _emit(reports, fmt.value, "verify", output)
@@ -554,6 +591,60 @@ def train_command(
         raise typer.Exit(training.EXIT_INTERRUPTED) from None
     training.render_summary(summary, console)
     raise typer.Exit(training.EXIT_INTERRUPTED if summary.interrupted else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep
+
+
+@app.command("sweep", cls=_Command)
+def sweep_command(
+    config: Annotated[
+        Path,
+        typer.Argument(help="Sweep config (TOML): \\[sweep], \\[train], \\[model], \\[space].",
+                       show_default=False),  # fmt: skip
+    ],
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="The Ray cluster to join.", metavar="ADDR",
+                     show_default="a new local cluster"),  # fmt: skip
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Also write the results as JSON here (atomically)."),
+    ] = None,
+) -> None:
+    """Run many train runs on Ray Tune (needs dppo-ckpt\\[ray]); each trial survives the loss
+    of its worker and resumes exactly from its newest verified checkpoint.
+
+    Exit code: 0 every trial done, 1 a trial failed, 2 the config or Ray could not be used.
+    """
+    from dppo_ckpt.checkpoint import fleet
+
+    if not fleet.ray_available():
+        typer.echo(f"error: sweep needs Ray, which is not installed: {fleet.RAY_EXTRA_HINT}",
+                   err=True)  # fmt: skip
+        raise typer.Exit(2)
+    from rich.console import Console
+
+    from dppo_ckpt import sweep
+    from dppo_ckpt.checkpoint.report import render_sweep, sweep_to_json
+
+    # Wide when written to a file: the results table has a column per drawn value.
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    try:
+        result = sweep.run_sweep(sweep.load_sweep_config(config), console, address=address)
+    except (sweep.SweepError, fleet.RayUnavailableError) as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+    render_sweep(result, console)
+    if output is not None:
+        try:
+            _write_atomic(output, sweep_to_json(result, __version__) + "\n")
+        except OSError as exc:
+            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
+    raise typer.Exit(1 if result.failed else 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -382,36 +382,16 @@ class _Start:
 
 
 def _make_env(start: _Start) -> tuple[VecEnv, str | None]:
-    """The start's environments, with VecNormalize's statistics from beside the checkpoint;
-    and the line saying where those statistics came from."""
+    """The start's environments, with VecNormalize's statistics from beside the checkpoint
+    (the builder ``train`` uses too); and the line saying where those statistics came from."""
+    statistics = envs.statistics_path(start.path) if start.path is not None else None
     try:
-        env = envs.build_vec_env(start.spec, start.seed, allowed=start.allowed, source=start.source)
+        return envs.build_stack(
+            start.spec, start.seed, allowed=start.allowed, source=start.source,
+            statistics=statistics,
+        )  # fmt: skip
     except envs.EnvError as exc:
         raise CycleError(str(exc), exc.exit_code) from None
-    line = _load_statistics(start.path, env) if start.path is not None else None
-    return env, line
-
-
-def _statistics_path(path: Path) -> Path:
-    # The name train gives VecNormalize's statistics beside a checkpoint.
-    return path.with_name(path.name.removesuffix(".zip") + ".vecnorm.npz")
-
-
-def _load_statistics(path: Path, env: VecEnv) -> str | None:
-    """VecNormalize's statistics from beside the checkpoint (numbers only, never a pickle);
-    a line saying where the statistics come from, or ``None`` without VecNormalize."""
-    from stable_baselines3.common.vec_env import VecNormalize
-
-    if envs.find_wrapper(env, VecNormalize) is None:
-        return None
-    stats = _statistics_path(path)
-    try:
-        envs.load_normalization(env, stats.read_bytes())
-    except OSError:
-        return f"VecNormalize statistics start fresh ({stats.name} is missing)"
-    except ValueError as exc:
-        return f"VecNormalize statistics start fresh ({stats.name}: {exc})"
-    return f"VecNormalize statistics from {stats.name}"
 
 
 def _count(number: int, noun: str) -> str:

@@ -25,6 +25,7 @@ import io
 import pathlib
 import warnings
 import zipfile
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -119,6 +120,10 @@ class DistributionalPPO(PPO):
         the distribution against the rollout-time prediction: per quantile, or for the
         categorical critic by clipping the mean and shifting and reprojecting).
     """
+
+    #: Called after each minibatch step of :meth:`train` with the epoch (from 0), so that a
+    #: progress display can follow an update; ``None`` calls nothing. Never saved.
+    update_progress: Callable[[int], None] | None = None
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
         "MlpPolicy": CustomActorCriticPolicy,
@@ -395,6 +400,8 @@ class DistributionalPPO(PPO):
                 # The scaler's statistics must see the raw gradients, before clipping.
                 scale = 1.0 if scaler is None else scaler.compute_scale()
                 self._optimizer_step(scaler, scale)
+                if self.update_progress is not None:
+                    self.update_progress(epoch)
 
             self._n_updates += 1
             if not continue_training:
@@ -473,10 +480,15 @@ class DistributionalPPO(PPO):
     # -- checkpoints ----------------------------------------------------------------------
 
     def _excluded_save_params(self) -> list[str]:
-        """SB3's exclusions, plus the scaler object: its state is a torch-saved parameter
-        (``vgs.pth``, see :meth:`get_parameters`), and ``data`` keeps only its configuration
-        (the ``vgs_*`` attributes)."""
-        return [*super()._excluded_save_params(), SCALER_ENTRY, _RESTORED_FROM_DATA]
+        """SB3's exclusions, plus the progress hook (a display of this process, never part of a
+        model) and the scaler object: its state is a torch-saved parameter (``vgs.pth``, see
+        :meth:`get_parameters`), and ``data`` keeps only its configuration (``vgs_*``)."""
+        return [
+            *super()._excluded_save_params(),
+            "update_progress",
+            SCALER_ENTRY,
+            _RESTORED_FROM_DATA,
+        ]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         """The policy, its optimizer and the scaler's state dict (``vgs``), each saved as its

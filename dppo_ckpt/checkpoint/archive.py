@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import io
 import json
 import os
@@ -621,6 +622,26 @@ class ZipMembers:
                 f"more than the limit of {self.limits.max_file_bytes} bytes", path=self.label
             )
         return raw
+
+    def rewritten(self, replacements: dict[str, bytes]) -> bytes:
+        """This zip with the members named in ``replacements`` holding new contents; every
+        member is read through the bounded reader and written back in the same order, with
+        the same header and compression.
+
+        :raises ArchiveError: a member named in ``replacements`` is absent, or a read fails
+        """
+        missing = sorted(set(replacements) - set(self._infos))
+        if missing:
+            raise ArchiveError(f"no member {missing[0]!r}", path=self.label, member=missing[0])
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as target:
+            for name, info in self._infos.items():
+                data = replacements.get(name)
+                if data is None:
+                    data = self.read_member(name)
+                # A copy: writing fills in the header fields of the new zip.
+                target.writestr(copy.copy(info), data)
+        return out.getvalue()
 
     # -- lifetime ------------------------------------------------------------------------
 

@@ -114,6 +114,21 @@ def summary_line(reports: Sequence[FileReport]) -> str:
     return line
 
 
+def fleet_summary_line(
+    files: int, seconds: float, nodes: int, cpus: int, startup_s: float = 0.0
+) -> str:
+    """The throughput of ``verify --ray``, e.g. ``"200 files in 3.1 s (64.5 files/s) on 1 Ray
+    node, 2 CPUs; Ray start-up 4.2 s"``. Start-up is apart: a cluster pays it once."""
+    rate = files / seconds if seconds > 0 else 0.0
+    line = (
+        f"{files} file{'s' if files != 1 else ''} in {seconds:.2f} s ({rate:.1f} files/s) "
+        f"on {nodes} Ray node{'s' if nodes != 1 else ''}, {cpus} CPUs"
+    )
+    if startup_s > 0:
+        line += f"; Ray start-up {startup_s:.2f} s"
+    return line
+
+
 def written_line(reports: Sequence[FileReport], output: str | PurePath) -> str:
     """What a command says on the terminal after writing its report to ``output``."""
     return f"{summary_line(reports)} (report written to {printable(output)})"
@@ -680,3 +695,78 @@ def migration_to_json(outcomes: Sequence[MigrationOutcome], exit_code: int, vers
         },
         indent=2,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def _metric_text(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if not math.isfinite(value) else f"{value:,.4g}"
+    return "-" if value is None else str(value)
+
+
+def render_sweep(result: Any, console: Console) -> None:
+    """The results table of ``sweep`` (a :class:`~dppo_ckpt.sweep.SweepResult`): a row per
+    trial with its drawn values and figures, the best trial marked, then a totals line."""
+    from rich.table import Table
+    from rich.text import Text
+
+    keys = sorted({key for row in result.rows for key in row.config})
+    table = Table(title=f"sweep results ({result.metric}, {result.mode})", title_justify="left")
+    for column in ["trial", "status", *keys, "return", "eval return", "VGS scale",
+                   "VGS mean factor", "restarts"]:  # fmt: skip
+        # Folded, never cut short: a log file is 80 columns wide and a value must stay whole.
+        table.add_column(column, no_wrap=column == "trial", overflow="fold")
+    for row in result.rows:
+        mark = " *" if row.trial_id == result.best else ""
+        table.add_row(
+            Text(printable(row.trial_id) + mark),
+            Text(row.status, style="bold red" if row.status == "ERROR" else "bold green"),
+            *(Text(printable(_metric_text(row.config.get(key)))) for key in keys),
+            _metric_text(row.metrics.get("return")),
+            _metric_text(row.metrics.get("eval_return")),
+            _metric_text(row.metrics.get("vgs_scale")),
+            _metric_text(row.metrics.get("vgs_mean_factor")),
+            str(row.restarts),
+        )
+    console.print(table)
+    for row in result.rows:
+        if row.error:
+            console.print(Text(f"{printable(row.trial_id)} failed: {printable(row.error)}"),
+                          soft_wrap=True)  # fmt: skip
+    done = len(result.rows) - result.failed
+    line = f"{done} done, {result.failed} failed in {result.wall_time_s:,.1f} s"
+    if result.best is not None:
+        line += f"; best {printable(result.best)} (marked *)"
+    console.print(Text(line), soft_wrap=True)
+
+
+def sweep_to_json(result: Any, tool_version: str) -> str:
+    """The results of ``sweep`` as JSON: ``tool``, ``metric``, ``mode``, ``best``, ``folder``,
+    ``wall_time_s`` and ``trials`` [{trial_id, status, config, metrics, run_dir,
+    last_checkpoint, restarts, error}]; non-finite figures become strings."""
+    document = {
+        "tool": {"name": TOOL_NAME, "version": tool_version},
+        "command": "sweep",
+        "metric": result.metric,
+        "mode": result.mode,
+        "best": result.best,
+        "folder": str(result.folder),
+        "wall_time_s": result.wall_time_s,
+        "trials": [
+            {
+                "trial_id": row.trial_id,
+                "status": row.status,
+                "config": _jsonable(row.config),
+                "metrics": _jsonable(row.metrics),
+                "run_dir": row.run_dir,
+                "last_checkpoint": row.last_checkpoint,
+                "restarts": row.restarts,
+                "error": row.error,
+            }
+            for row in result.rows
+        ],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=True, allow_nan=False)
