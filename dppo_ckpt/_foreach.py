@@ -1,4 +1,11 @@
-"""Adam steps through torch's multi-tensor ("foreach") implementation, same bits, fewer calls.
+"""The optimizer step of DistributionalPPO with fewer Python calls and the very same bits.
+
+Gradient clipping, :func:`clip_grad_norm`: ``torch.nn.utils.clip_grad_norm_``'s own kernels
+(``_foreach_norm``, the norm of the norms, the clamped coefficient, ``_foreach_mul_``) in its
+own order, without its per-call grouping and dispatch layers, when every gradient is a plain
+tensor on one device with one dtype; otherwise torch's function itself.
+
+Adam, :func:`foreach_kernels`: steps through torch's multi-tensor ("foreach") implementation.
 
 SB3 builds Adam without choosing an implementation (``foreach=None``), and torch then takes
 the per-tensor Python loop on CPU: a dozen small torch calls for every parameter tensor of the
@@ -14,11 +21,12 @@ change.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+from torch.utils._foreach_utils import _has_foreach_support
 
-__all__ = ["foreach_kernels"]
+__all__ = ["clip_grad_norm", "foreach_kernels"]
 
 # Exactly these classes: a subclass may override the step, and other optimizers' foreach
 # implementations were not checked to compute in the same order.
@@ -55,3 +63,25 @@ def foreach_kernels(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     finally:
         for group in groups:
             group["foreach"] = None
+
+
+def clip_grad_norm(parameters: Sequence[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)`` (L2 norm), bit for bit.
+
+    Scales the gradients in place by ``min(max_norm / (total_norm + 1e-6), 1)``, where
+    ``total_norm`` is the L2 norm of the per-tensor L2 norms, computed as torch computes it.
+    """
+    grads = [param.grad for param in parameters if param.grad is not None]
+    if not grads:
+        return
+    device, dtype = grads[0].device, grads[0].dtype
+    if not (
+        all(grad.device == device and grad.dtype == dtype for grad in grads)
+        and _has_foreach_support(grads, device)
+    ):
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return
+    with torch.no_grad():
+        total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+        clip_coef = float(max_norm) / (total_norm + 1e-6)
+        torch._foreach_mul_(grads, torch.clamp(clip_coef, max=1.0))

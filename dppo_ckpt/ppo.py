@@ -37,7 +37,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import explained_variance
 
 from dppo_ckpt import numerics
-from dppo_ckpt._foreach import foreach_kernels
+from dppo_ckpt._foreach import clip_grad_norm, foreach_kernels
 from dppo_ckpt.buffers import (
     DistributionalBufferMixin,
     DistributionalDictRolloutBuffer,
@@ -451,7 +451,7 @@ class DistributionalPPO(PPO):
         """
         if parameters is None:
             parameters = list(self.policy.parameters())
-        th.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm)
+        clip_grad_norm(parameters, self.max_grad_norm)
         optimizer = self.policy.optimizer
         with foreach_kernels(optimizer):
             if scaler is None:

@@ -11,9 +11,14 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from dppo_ckpt import DistributionalPPO
-from dppo_ckpt._foreach import foreach_kernels
+from dppo_ckpt._foreach import clip_grad_norm, foreach_kernels
 from dppo_ckpt.buffers import DistributionalRolloutBuffer
-from dppo_ckpt.distributional import categorical_support, two_hot
+from dppo_ckpt.distributional import (
+    categorical_support,
+    quantile_huber_loss,
+    quantile_midpoints,
+    two_hot,
+)
 
 
 def _net() -> torch.nn.Module:
@@ -127,3 +132,47 @@ def test_train_logs_what_the_per_minibatch_reads_gave() -> None:
     assert isinstance(logged["train/approx_kl"], np.float32)  # numpy float32, as SB3 logs it
     assert logged["train/n_updates"] == 2
     assert 0.0 <= logged["train/clip_fraction"] <= 1.0
+
+
+def test_clip_grad_norm_gives_torchs_bits() -> None:
+    generator = torch.Generator().manual_seed(2)
+    for max_norm, spread in ((0.5, 1.0), (100.0, 1.0), (0.5, 0.0)):
+        ours, theirs = _net(), _net()
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=generator) * spread
+            b.grad = a.grad.clone()
+        list(ours.parameters())[1].grad = None  # a parameter without gradient is skipped
+        list(theirs.parameters())[1].grad = None
+        clip_grad_norm(list(ours.parameters()), max_norm)
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+
+
+def _quantile_huber_as_written(pred, targets, taus, kappa):
+    """The loss of the docstring, every operation spelled out (the former implementation)."""
+    target = (targets.unsqueeze(-1) if targets.dim() == 1 else targets).to(pred.dtype)
+    u = target.unsqueeze(1) - pred.unsqueeze(2)
+    abs_u = u.abs()
+    huber = torch.where(abs_u <= kappa, 0.5 * u.pow(2), kappa * (abs_u - 0.5 * kappa))
+    weight = (taus.view(1, -1, 1) - (u.detach() < 0).to(u.dtype)).abs()
+    return (weight * huber / kappa).sum(dim=1).mean(dim=1).mean()
+
+
+@pytest.mark.parametrize("kappa", [1.0, 0.5, 1.3])
+@pytest.mark.parametrize(("batch", "n", "m"), [(64, 32, 1), (7, 5, 3), (1, 1, 1)])
+def test_quantile_huber_loss_and_gradient_are_those_of_the_formula(kappa, batch, n, m) -> None:
+    generator = torch.Generator().manual_seed(batch * n + m)
+    pred = torch.randn(batch, n, generator=generator) * 3
+    targets = torch.randn(batch, m, generator=generator) * 3
+    targets[:, 0] = pred[:, 0] + kappa  # on the kink of the Huber function
+    if m == 1:
+        targets = targets[:, 0]
+    taus = quantile_midpoints(n)
+    ours, reference = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    loss = quantile_huber_loss(ours, targets, taus, kappa=kappa)
+    expected = _quantile_huber_as_written(reference, targets, taus, kappa)
+    loss.backward()
+    expected.backward()
+    assert torch.equal(loss, expected)
+    assert torch.equal(ours.grad, reference.grad)
