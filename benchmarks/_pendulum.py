@@ -32,9 +32,14 @@ def make_env(seed: int) -> DummyVecEnv:
 
 
 def make_algorithm(name: str, seed: int) -> PPO:
-    """``"ppo"`` (SB3) or ``"dppo"`` (quantile critic, scaler on), same settings and seed."""
+    """``"ppo"`` (SB3), ``"dppo"`` (quantile critic, scaler on) or ``"dppo-categorical"``
+    (categorical critic, scaler on), same settings and seed."""
     if name == "ppo":
         return PPO("MlpPolicy", make_env(seed), seed=seed, **ZOO_PENDULUM)
     if name == "dppo":
         return DistributionalPPO("MlpPolicy", make_env(seed), seed=seed, **ZOO_PENDULUM)
+    if name == "dppo-categorical":
+        return DistributionalPPO(
+            "MlpPolicy", make_env(seed), seed=seed, critic="categorical", **ZOO_PENDULUM
+        )
     raise ValueError(f"unknown algorithm {name!r}")

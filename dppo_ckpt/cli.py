@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from inspect import cleandoc
@@ -395,10 +396,10 @@ def _vec_env_option(default: str) -> Any:
     )  # fmt: skip
 
 
-def _normalize_option(default: str) -> Any:
+def _normalize_option(default: str, options: str) -> Any:
     return typer.Option(
         "--normalize/--no-normalize",
-        help="VecNormalize the observations and rewards (options: the config's \\[normalize]).",
+        help=f"VecNormalize the observations and rewards (options: {options}).",
         show_default=default,
     )
 
@@ -436,7 +437,9 @@ def train_command(
     ] = None,
     env_kwargs: Annotated[str | None, _ENV_KWARGS_OPTION] = None,
     vec_env: Annotated[str | None, _vec_env_option("dummy")] = None,
-    normalize: Annotated[bool | None, _normalize_option("no-normalize")] = None,
+    normalize: Annotated[
+        bool | None, _normalize_option("no-normalize", "the config's \\[normalize]")
+    ] = None,
     frame_stack: Annotated[int | None, _frame_stack_option("0")] = None,
     atari: Annotated[bool | None, _atari_option("no-atari")] = None,
     timesteps: Annotated[
@@ -760,7 +763,10 @@ def cycle_command(
         typer.Option("--n-envs", help="Parallel environments.", show_default="MODEL's, else 1"),
     ] = None,
     vec_env: Annotated[str | None, _vec_env_option("MODEL's, else dummy")] = None,
-    normalize: Annotated[bool | None, _normalize_option("MODEL's, else no-normalize")] = None,
+    normalize: Annotated[
+        bool | None,
+        _normalize_option("MODEL's, else no-normalize", "MODEL's, else VecNormalize's defaults"),
+    ] = None,
     frame_stack: Annotated[int | None, _frame_stack_option("MODEL's, else 0")] = None,
     atari: Annotated[bool | None, _atari_option("MODEL's, else no-atari")] = None,
     cycles: Annotated[int, typer.Option("--cycles", help="Train-save-load cycles (K).")] = 3,
@@ -859,8 +865,47 @@ def export_command(
     typer.echo(f"exported {model} to {folder} (policy.safetensors, policy.json)")
 
 
+def _static_verify_paths(argv: list[str]) -> list[str] | None:
+    """The files of ``verify --static FILE...`` when ``argv`` is exactly that, else None.
+
+    This is how the pre-commit hook calls us, on every commit. Typer builds a pydantic
+    validator for each non-boolean parameter it parses, and importing pydantic and building
+    those costs more than the static checks themselves; so this one shape of the command line
+    goes straight to `verify`. Any other token (an option, ``--help``, ``--``, a name that
+    starts with ``-``) leaves the whole command line to Typer.
+    """
+    if not argv or argv[0] != "verify" or "--static" not in argv[1:]:
+        return None
+    paths = [arg for arg in argv[1:] if arg != "--static"]
+    if not paths or any(arg.startswith("-") for arg in paths):
+        return None
+    return paths
+
+
+def _run_static_verify(paths: list[str]) -> None:
+    """Run `verify --static` on ``paths`` and exit as Typer's standalone mode would."""
+    import errno
+
+    try:
+        verify([Path(path) for path in paths], static=True)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise
+        # A reader that went away (`| head`): stop quietly, as Typer does.
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+        sys.exit(1)
+    sys.exit(0)
+
+
 def main() -> None:
     """Entry point of the `dppo-ckpt` console script."""
+    paths = _static_verify_paths(sys.argv[1:])
+    if paths is not None:
+        _run_static_verify(paths)
     app()
 
 

@@ -34,9 +34,7 @@ This module imports neither torch nor numpy at import time.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import platform
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -187,6 +185,9 @@ def configure_torch() -> None:
 
 
 def _version(distribution: str) -> str | None:
+    # Imported here: importlib.metadata is a large share of the static checker's start-up.
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -207,6 +208,8 @@ def _cpu_description() -> str:
                     flags = set(value.split())
                     break
     except OSError:
+        import platform
+
         return platform.processor() or "unknown"
     widest = next(
         (name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), "baseline"
@@ -227,6 +230,8 @@ def _numpy_simd() -> str:
 
 def fingerprint() -> dict[str, Any]:
     """What this process's training results depend on, as a flat JSON-ready dict."""
+    import platform
+
     import torch
 
     configure_torch()  # what this process trains with, even before the algorithm is imported

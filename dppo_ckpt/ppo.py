@@ -33,17 +33,25 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.save_util import open_path
+from stable_baselines3.common.save_util import load_from_zip_file, open_path, recursive_getattr
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import explained_variance
 
 from dppo_ckpt import numerics
+from dppo_ckpt._foreach import clip_grad_norm, foreach_kernels
 from dppo_ckpt.buffers import (
     DistributionalBufferMixin,
     DistributionalDictRolloutBuffer,
     DistributionalRolloutBuffer,
 )
-from dppo_ckpt.checkpoint.metadata import METADATA_MEMBER, encode_metadata
+from dppo_ckpt.checkpoint.metadata import (
+    MAX_METADATA_BYTES,
+    METADATA_MEMBER,
+    LayoutError,
+    MetadataError,
+    encode_metadata,
+    parse_metadata,
+)
 from dppo_ckpt.distributional import (
     categorical_cross_entropy,
     clip_quantiles,
@@ -60,6 +68,7 @@ from dppo_ckpt.policy import (
 )
 from dppo_ckpt.rng import capture_rng_state, restore_rng_state
 from dppo_ckpt.vgs import VarianceGradientScaler
+from dppo_ckpt.vgs_format import CONFIG_KEYS, SCALER_ENTRY, SCALER_PARAMETER
 
 numerics.configure_torch()
 
@@ -67,8 +76,23 @@ SelfDistributionalPPO = TypeVar("SelfDistributionalPPO", bound="DistributionalPP
 
 MIGRATE_HINT = "run `dppo-ckpt migrate OLD.zip NEW.zip` to rewrite it"
 
+# SB3's torch-saved state dicts of an on-policy algorithm; the scaler's is added to them.
+_SB3_STATE_DICTS = ("policy", "policy.optimizer")
+# Set while a load restores a layout-1 scaler (pickled in `data`): its file has no `vgs.pth`.
+_RESTORED_FROM_DATA = "_vgs_restored_from_data"
+
 # DistributionalPPO keywords that configure the scaler, and its config key for each.
 _SCALER_KEYWORDS = {"vgs_beta": "beta", "vgs_alpha": "alpha", "vgs_warmup_steps": "warmup_steps"}
+
+
+def _floats(values: list[th.Tensor]) -> list[float]:
+    """0-dim tensors as Python floats, in one transfer (what ``.item()`` on each gives)."""
+    return th.stack(values).tolist() if values else []
+
+
+def _float32s(values: list[th.Tensor]) -> np.ndarray:
+    """0-dim tensors as one numpy array of their dtype (what SB3 logs the KL estimate from)."""
+    return th.stack(values).cpu().numpy() if values else np.array([], dtype=np.float32)
 
 
 class LegacyCheckpointWarning(UserWarning):
@@ -219,6 +243,11 @@ class DistributionalPPO(PPO):
             return
         parameters = list(self.policy.parameters())
         if saved is None:
+            # Layout 2 loads build the scaler from `data`'s settings before set_parameters()
+            # restores its state, so a bad setting must read as one here too.
+            unknown = sorted(set(self.vgs_kwargs) - set(CONFIG_KEYS))
+            if unknown:
+                raise ValueError(f"vgs_kwargs: unknown scaler setting(s) {unknown}")
             scaler = VarianceGradientScaler(
                 parameters,
                 beta=self.vgs_beta,
@@ -239,6 +268,8 @@ class DistributionalPPO(PPO):
                     LegacyCheckpointWarning,
                     stacklevel=4,
                 )
+            # A layout-1 file: the statistics came with the pickle, and no `vgs.pth` follows.
+            self.__dict__[_RESTORED_FROM_DATA] = True
             state = saved.state_dict()
             scaler = VarianceGradientScaler(parameters, **state["config"])
             scaler.load_state_dict(state)
@@ -311,7 +342,15 @@ class DistributionalPPO(PPO):
     # -- training -------------------------------------------------------------------------
 
     def train(self) -> None:
-        """Update policy and distributional critic on the collected rollout."""
+        """Update policy and distributional critic on the collected rollout.
+
+        SB3's PPO update and its logged values, with less overhead per minibatch: the logged
+        losses stay tensors until the end (one host transfer each per call, not one per
+        minibatch; only ``target_kl`` needs the KL estimate at once), the probability ratio's
+        logarithm is computed once, the critic's targets are computed once per rollout (see
+        :mod:`dppo_ckpt.buffers`) and Adam takes its multi-tensor path
+        (:mod:`dppo_ckpt._foreach`). None of this changes a result.
+        """
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
@@ -325,10 +364,16 @@ class DistributionalPPO(PPO):
             self.policy.update_return_statistics(self.rollout_buffer.returns)
         if clip_range_vf is not None:
             self.rollout_buffer.compute_value_distributions(self.policy.predict_value_distribution)
+        self.rollout_buffer.compute_value_targets(self._value_targets)
         taus = quantile_midpoints(self.n_quantiles, device=self.device)
+        parameters = list(self.policy.parameters())
 
-        entropy_losses, pg_losses, value_losses, clip_fractions, cvars = [], [], [], [], []
-        approx_kl_divs: list[float] = []
+        entropy_losses: list[th.Tensor] = []
+        pg_losses: list[th.Tensor] = []
+        value_losses: list[th.Tensor] = []
+        clip_fractions: list[th.Tensor] = []
+        cvars: list[th.Tensor] = []
+        approx_kl_divs: list[th.Tensor] = []
         continue_training = True
         for epoch in range(self.n_epochs):
             approx_kl_divs = []
@@ -344,42 +389,47 @@ class DistributionalPPO(PPO):
                 if self.normalize_advantage and len(advantages) > 1:
                     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
-                ratio = th.exp(log_prob - rollout_data.old_log_prob)
+                log_ratio = log_prob - rollout_data.old_log_prob
+                ratio = th.exp(log_ratio)
                 policy_loss_1 = advantages * ratio
                 policy_loss_2 = advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
                 policy_loss = -th.min(policy_loss_1, policy_loss_2).mean()
-                pg_losses.append(policy_loss.item())
-                clip_fractions.append(th.mean((th.abs(ratio - 1) > clip_range).float()).item())
 
-                targets = self.policy.normalize(rollout_data.returns)
                 value_loss = self._value_loss(
-                    value_out, targets, taus, rollout_data.old_value_distributions, clip_range_vf
+                    value_out,
+                    rollout_data.value_targets,
+                    taus,
+                    rollout_data.old_value_distributions,
+                    clip_range_vf,
                 )
-                value_losses.append(value_loss.item())
-                if self.cvar_alpha is not None:
-                    with th.no_grad():
-                        cvar = self.policy.distribution_cvar(value_out, self.cvar_alpha)
-                        cvars.append(self.policy.denormalize(cvar).mean().item())
-
                 entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
-                entropy_losses.append(entropy_loss.item())
                 loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
 
                 with th.no_grad():
-                    log_ratio = log_prob - rollout_data.old_log_prob
-                    approx_kl_div = th.mean((th.exp(log_ratio) - 1) - log_ratio).cpu().numpy()
+                    pg_losses.append(policy_loss.detach())
+                    clip_fractions.append(th.mean((th.abs(ratio - 1) > clip_range).float()))
+                    value_losses.append(value_loss.detach())
+                    entropy_losses.append(entropy_loss.detach())
+                    if self.cvar_alpha is not None:
+                        cvar = self.policy.distribution_cvar(value_out, self.cvar_alpha)
+                        cvars.append(self.policy.denormalize(cvar).mean())
+                    approx_kl_div = th.mean((ratio - 1) - log_ratio)
                     approx_kl_divs.append(approx_kl_div)
-                if self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl:
-                    continue_training = False
-                    if self.verbose >= 1:
-                        print(f"Early stopping at step {epoch}: approx_kl {approx_kl_div:.2f}")
-                    break
+                if self.target_kl is not None:
+                    kl = approx_kl_div.cpu().numpy()
+                    if kl > 1.5 * self.target_kl:
+                        continue_training = False
+                        if self.verbose >= 1:
+                            print(f"Early stopping at step {epoch}: approx_kl {kl:.2f}")
+                        break
 
-                self.policy.optimizer.zero_grad()
+                # Setting .grad to None is what optimizer.zero_grad() does, less its overhead.
+                for param in parameters:
+                    param.grad = None
                 loss.backward()
                 # The scaler's statistics must see the raw gradients, before clipping.
                 scale = 1.0 if scaler is None else scaler.compute_scale()
-                self._optimizer_step(scaler, scale)
+                self._optimizer_step(scaler, scale, parameters)
                 if self.update_progress is not None:
                     self.update_progress(epoch)
 
@@ -390,15 +440,15 @@ class DistributionalPPO(PPO):
         explained_var = explained_variance(
             self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
         )
-        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
-        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
-        self.logger.record("train/value_loss", np.mean(value_losses))
-        self.logger.record("train/approx_kl", np.mean(approx_kl_divs))
-        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
+        self.logger.record("train/entropy_loss", np.mean(_floats(entropy_losses)))
+        self.logger.record("train/policy_gradient_loss", np.mean(_floats(pg_losses)))
+        self.logger.record("train/value_loss", np.mean(_floats(value_losses)))
+        self.logger.record("train/approx_kl", np.mean(_float32s(approx_kl_divs)))
+        self.logger.record("train/clip_fraction", np.mean(_floats(clip_fractions)))
         self.logger.record("train/loss", loss.item())
         self.logger.record("train/explained_variance", explained_var)
         if cvars:
-            self.logger.record("train/cvar", np.mean(cvars))
+            self.logger.record("train/cvar", np.mean(_floats(cvars)))
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
@@ -406,17 +456,35 @@ class DistributionalPPO(PPO):
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
 
-    def _optimizer_step(self, scaler: VarianceGradientScaler | None, scale: float) -> None:
+    def _value_targets(self, returns: th.Tensor) -> th.Tensor:
+        """The critic's targets for scalar TD(lambda) ``returns``: head units, and for the
+        categorical critic their two-hot encoding on the support."""
+        targets = self.policy.normalize(returns)
+        if self.critic == "quantile":
+            return targets
+        return two_hot(targets, self.policy.support)
+
+    def _optimizer_step(
+        self,
+        scaler: VarianceGradientScaler | None,
+        scale: float,
+        parameters: list[th.nn.Parameter] | None = None,
+    ) -> None:
         """Clip the gradients, then step the optimizer with its learning rate times ``scale``.
 
         The one update path of :meth:`train`; the checks that prove the factor reaches the
-        step (``DPPO011``) drive this very method.
+        step (``DPPO011``) drive this very method. ``parameters`` is
+        ``list(policy.parameters())`` when the caller already has it.
         """
-        th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-        if scaler is None:
-            self.policy.optimizer.step()
-        else:
-            scaler.step(self.policy.optimizer, scale)
+        if parameters is None:
+            parameters = list(self.policy.parameters())
+        clip_grad_norm(parameters, self.max_grad_norm)
+        optimizer = self.policy.optimizer
+        with foreach_kernels(optimizer):
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer, scale)
 
     def _value_loss(
         self,
@@ -426,14 +494,15 @@ class DistributionalPPO(PPO):
         old_value_out: th.Tensor | None,
         clip_range_vf: float | None,
     ) -> th.Tensor:
-        """Distributional critic loss against scalar TD(lambda) targets (in head units)."""
+        """Distributional critic loss against :meth:`_value_targets`: TD(lambda) returns in
+        head units (quantile critic) or their two-hot encoding (categorical critic)."""
         if self.critic == "quantile":
             if clip_range_vf is not None and old_value_out is not None:
                 value_out = clip_quantiles(value_out, old_value_out, clip_range_vf)
             return quantile_huber_loss(value_out, targets, taus, kappa=self.huber_kappa)
 
         support = self.policy.support
-        target_probs = two_hot(targets, support)
+        target_probs = targets
         if clip_range_vf is None or old_value_out is None:
             return categorical_cross_entropy(value_out, target_probs)
         probs = th.softmax(value_out, dim=-1)
@@ -460,8 +529,93 @@ class DistributionalPPO(PPO):
     # -- checkpoints ----------------------------------------------------------------------
 
     def _excluded_save_params(self) -> list[str]:
-        """SB3's, plus the progress hook: a display of this process, never part of a model."""
-        return [*super()._excluded_save_params(), "update_progress"]
+        """SB3's exclusions, plus the progress hook (a display of this process, never part of a
+        model) and the scaler object: its state is a torch-saved parameter (``vgs.pth``, see
+        :meth:`get_parameters`), and ``data`` keeps only its configuration (``vgs_*``)."""
+        return [
+            *super()._excluded_save_params(),
+            "update_progress",
+            SCALER_ENTRY,
+            _RESTORED_FROM_DATA,
+        ]
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        """The policy, its optimizer and the scaler's state dict (``vgs``), each saved as its
+        own ``.pth`` member that SB3 loads with ``torch.load(weights_only=True)``.
+
+        The list does not depend on the instance (the checkpoint checks ask the class), so
+        ``vgs`` is declared even when the scaler is off; :meth:`get_parameters` then leaves it
+        out.
+        """
+        return [*_SB3_STATE_DICTS, SCALER_PARAMETER], []
+
+    def get_parameters(self) -> dict[str, dict[str, Any]]:
+        """SB3's parameters (policy and optimizer state dicts), plus the scaler's
+        ``state_dict()`` under ``vgs`` when the scaler is on: statistics, counters and
+        configuration, so that ``set_parameters`` on another model continues its scaling
+        where this one stands instead of restarting the warm-up."""
+        params = {name: recursive_getattr(self, name).state_dict() for name in _SB3_STATE_DICTS}
+        scaler = self._variance_gradient_scaler
+        if scaler is not None:
+            params[SCALER_PARAMETER] = scaler.state_dict()
+        return params
+
+    def set_parameters(
+        self,
+        load_path_or_dict: str | dict[str, Any],
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        """Load parameters as SB3 does, the scaler's state (``vgs``) included.
+
+        :param load_path_or_dict: a checkpoint path or a dict as :meth:`get_parameters`
+            returns it.
+        :param exact_match: every saved object must be given (and nothing else); ``vgs`` is
+            required when the scaler is on, except while loading a layout-1 checkpoint, whose
+            scaler state came from ``data`` (a ``vgs`` given as well takes precedence).
+        :param device: where to load a checkpoint's tensors.
+        :raises ValueError: an unknown key, a scaler state for a model whose scaler is off, or
+            (with ``exact_match``) a missing object
+        """
+        if isinstance(load_path_or_dict, dict):
+            params = dict(load_path_or_dict)
+        else:
+            _, params, _ = load_from_zip_file(load_path_or_dict, device=device, load_data=False)
+        restored_from_data = bool(self.__dict__.pop(_RESTORED_FROM_DATA, False))
+        scaler = self._variance_gradient_scaler
+        scaler_state = params.pop(SCALER_PARAMETER, None)
+        expected = set(_SB3_STATE_DICTS)
+        if scaler is not None and (scaler_state is not None or not restored_from_data):
+            expected.add(SCALER_PARAMETER)
+        updated = set()
+        for name, state in params.items():
+            try:
+                attr = recursive_getattr(self, name)
+            except Exception as exc:
+                raise ValueError(f"Key {name} is an invalid object name.") from exc
+            if name not in _SB3_STATE_DICTS:
+                raise ValueError(f"Key {name} is not a parameter of {type(self).__name__}")
+            if isinstance(attr, th.optim.Optimizer):
+                # As in SB3: optimizers take no `strict` and load their state as given.
+                attr.load_state_dict(state)
+            else:
+                attr.load_state_dict(state, strict=exact_match)
+            updated.add(name)
+        if scaler_state is not None:
+            if scaler is None:
+                if exact_match:
+                    raise ValueError(
+                        f"the parameters hold a scaler state ({SCALER_PARAMETER!r}), but this "
+                        "model's scaler is off (variance_gradient_scaling=False)"
+                    )
+            else:
+                scaler.load_state_dict(scaler_state)
+                updated.add(SCALER_PARAMETER)
+        if exact_match and updated != expected:
+            raise ValueError(
+                "Names of parameters do not match agents' parameters: "
+                f"expected {expected}, got {updated}"
+            )
 
     def save(
         self,
@@ -470,7 +624,8 @@ class DistributionalPPO(PPO):
         include: Any = None,
     ) -> None:
         """Save like SB3, plus the state of every random generator (for exact resume) and
-        the numerics fingerprint of this process (``dppo_ckpt.json``, plain JSON)."""
+        the numerics fingerprint of this process and the checkpoint layout
+        (``dppo_ckpt.json``, plain JSON). The scaler's state is the parameter ``vgs.pth``."""
         self._rng_state = capture_rng_state(self.action_space)
         buffer = io.BytesIO()
         try:
@@ -504,6 +659,7 @@ class DistributionalPPO(PPO):
         # SB3's load re-seeds the environment (pending seeds for its next reset()); a resumed
         # run must not replay the episodes its original seed produced.
         pending_seeds = list(getattr(env, "_seeds", []) or [])
+        _refuse_unknown_layout(path)
         model = super().load(
             path,
             env=env,
@@ -522,3 +678,34 @@ class DistributionalPPO(PPO):
             restore_rng_state(rng_state, model.action_space)
         model._check_parameter_links()
         return model
+
+
+def _refuse_unknown_layout(path: str | pathlib.Path | Any) -> None:
+    """Raise :class:`~dppo_ckpt.checkpoint.metadata.LayoutError` (one line, naming the release
+    it needs) for a checkpoint whose layout this package does not know.
+
+    Only the layout is judged here: a file without the member, or with one this package
+    cannot parse for another reason, is left to SB3's loader as before.
+    """
+    file = open_path(path, "r", verbose=0, suffix="zip")
+    try:
+        position = file.tell()
+        try:
+            with zipfile.ZipFile(file) as archive:
+                info = archive.getinfo(METADATA_MEMBER)
+                if info.file_size > MAX_METADATA_BYTES:
+                    return
+                raw = archive.read(info)
+        except (KeyError, zipfile.BadZipFile, OSError):
+            return
+        finally:
+            file.seek(position)
+        try:
+            parse_metadata(raw)
+        except LayoutError:
+            raise
+        except MetadataError:
+            return
+    finally:
+        if isinstance(path, (str, pathlib.Path)):
+            file.close()

@@ -107,8 +107,11 @@ class TrainingCallback(BaseCallback):
 
     def detach(self) -> None:
         """Take the recording ``reset_noise`` and the progress hook off the model again."""
-        self.model.policy.__dict__.pop("reset_noise", None)
-        self.model.__dict__.pop("update_progress", None)
+        model = self.__dict__.get("model")  # unset when learn() failed before starting
+        if model is None:
+            return
+        model.policy.__dict__.pop("reset_noise", None)
+        model.__dict__.pop("update_progress", None)
 
     def _on_rollout_start(self) -> None:
         model = self.model
@@ -118,9 +121,7 @@ class TrainingCallback(BaseCallback):
             self.save(rng)
         if self.interrupt.requested:
             self.halt = True
-            self.progress.stopping(self.last_saved)
-        else:
-            self._refresh(force=True)
+        self._refresh(force=True)
 
     def _on_rollout_end(self) -> None:
         model = self.model
@@ -139,15 +140,16 @@ class TrainingCallback(BaseCallback):
         if not force and now - self._last_refresh < _REFRESH_S:
             return
         self._last_refresh = now
-        if self.halt:
-            # After a first Ctrl-C the run takes one more step that the final checkpoint
-            # rightly lacks; the line shows where the run stopped.
-            self.progress.stopping(self.last_saved)
-            return
         model = self.model
         elapsed = max(time.time_ns() - model.start_time, 1) / 1e9
         fps = (model.num_timesteps - model._num_timesteps_at_start) / elapsed
-        self.progress.rollout(model.num_timesteps, fps, mean_return(model), scale_text(model))
+        stats = (fps, mean_return(model), scale_text(model))
+        if self.halt:
+            # After a first Ctrl-C the run takes one more step that the final checkpoint
+            # rightly lacks; the line shows where the run stopped.
+            self.progress.stopping(self.last_saved, *stats)
+        else:
+            self.progress.rollout(model.num_timesteps, *stats)
 
     def _on_step(self) -> bool:
         self._refresh()

@@ -43,6 +43,23 @@ _UPDATE_REFRESH_S = 0.1
 _WATCH_S = 0.05
 
 
+# The columns around the text: the phase (8) and the time remaining (8, up to 99 hours), the
+# bar, and the spaces between the four columns.
+_FIXED_WIDTH = 8 + _BAR_WIDTH + 8 + 3
+
+
+def _fit(parts: list[str], width: int) -> str:
+    """``parts`` on one line of at most ``width`` characters: two spaces apart, else one, else
+    the last parts left out (the first, the steps, always stays)."""
+    for separator in ("  ", " "):
+        text = separator.join(parts)
+        if len(text) <= width:
+            return text
+    while len(parts) > 1 and len(" ".join(parts)) > width:
+        parts = parts[:-1]
+    return " ".join(parts)
+
+
 class _Counter(Protocol):
     count: int
 
@@ -135,7 +152,10 @@ class RunProgress:
         self._epoch = self._batch = 0
         self._last_draw = 0.0
         self._progress = _progress(console)
-        self._task: TaskID | None = None
+        # Added now, drawn from __enter__ on: the line can be rendered before it goes live.
+        self._task: TaskID = self._progress.add_task(
+            ROLLOUT, total=total, completed=completed, phase=ROLLOUT, detail=self._detail()
+        )
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._acknowledged = 0
@@ -143,10 +163,6 @@ class RunProgress:
 
     def __enter__(self) -> RunProgress:
         self._progress.__enter__()
-        self._task = self._progress.add_task(
-            ROLLOUT, total=self._total, completed=self._completed, phase=ROLLOUT,
-            detail=self._detail(),
-        )  # fmt: skip
         self._watcher = threading.Thread(target=self._watch, name="ctrl-c-watcher", daemon=True)
         self._watcher.start()
         return self
@@ -165,9 +181,7 @@ class RunProgress:
         """The rollout phase at step ``completed``, with the statistics so far."""
         if self.phase == UPDATE:
             self.phase = ROLLOUT
-        self._completed = completed
-        self._stats = {"fps": f"{fps:,.0f}", "ret": _return_text(mean_return), "scale": scale}
-        self._draw()
+        self._show(completed, fps, mean_return, scale)
 
     def begin_update(self, completed: int, epochs: int, batches: int) -> None:
         """The update phase begins: ``epochs`` passes of ``batches`` minibatches each."""
@@ -192,10 +206,16 @@ class RunProgress:
             self._last_draw = now
             self._draw()
 
-    def stopping(self, completed: int) -> None:
-        """The run stops where it saved its last checkpoint."""
+    def stopping(
+        self, completed: int, fps: float, mean_return: float | None, scale: str
+    ) -> None:
+        """The run stops at step ``completed``, where it saved its last checkpoint."""
         self.phase = STOPPING
+        self._show(completed, fps, mean_return, scale)
+
+    def _show(self, completed: int, fps: float, mean_return: float | None, scale: str) -> None:
         self._completed = completed
+        self._stats = {"fps": f"{fps:,.0f}", "ret": _return_text(mean_return), "scale": scale}
         self._draw()
 
     # -- drawing ---------------------------------------------------------------------------
@@ -203,16 +223,17 @@ class RunProgress:
     def _detail(self) -> str:
         steps = f"{self._completed:,}/{self._total:,}"
         if self.phase == UPDATE:
-            return (
-                f"{steps}  epoch {self._epoch}/{self._epochs}  "
-                f"minibatch {self._batch}/{self._batches}"
-            )
-        stats = self._stats
-        return f"{steps}  {stats['fps']} fps  ret {stats['ret']}  vgs {stats['scale']}"
+            parts = [
+                steps,
+                f"epoch {self._epoch}/{self._epochs}",
+                f"minibatch {self._batch}/{self._batches}",
+            ]
+        else:
+            stats = self._stats
+            parts = [steps, f"{stats['fps']} fps", f"ret {stats['ret']}", f"vgs {stats['scale']}"]
+        return _fit(parts, self.console.width - _FIXED_WIDTH)
 
     def _draw(self) -> None:
-        if self._task is None:
-            return
         self._progress.update(
             self._task, completed=self._completed, phase=self.phase, detail=self._detail()
         )

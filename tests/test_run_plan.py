@@ -21,6 +21,7 @@ from dppo_ckpt.run_plan import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+_FIXTURE = ROOT / "fixtures" / "dppo_categorical_vgs.zip"
 
 
 def _no_key() -> tuple[bytes | None, str | None]:
@@ -36,7 +37,12 @@ plan = plan_run(
     TrainOptions(out=folder / "run", timesteps=100, config=folder / "c.toml", normalize=True),
     load_key=lambda: (b"k" * 32, None),
 )
+resumed = plan_run(
+    TrainOptions(resume=Path(sys.argv[2]), env_id="Pendulum-v1", out=folder / "resumed"),
+    load_key=lambda: (b"k" * 32, None),
+)
 print(json.dumps({
+    "resumed": [resumed.point.timesteps, resumed.spec.env_id, resumed.manifest["resumed_from"]],
     "loaded": sorted(m for m in ("torch", "stable_baselines3", "gymnasium") if m in sys.modules),
     "spec": plan.spec.to_json(),
     "settings": plan.settings,
@@ -47,10 +53,10 @@ print(json.dumps({
 """
 
 
-def test_planning_a_run_imports_no_torch(tmp_path):
+def test_planning_a_run_or_a_resume_imports_no_torch(tmp_path):
     (tmp_path / "c.toml").write_text('n_steps = 64\n[normalize]\nclip_obs = 5.0\n')
     result = subprocess.run(
-        [sys.executable, "-c", _PLAN_IN_A_FRESH_PROCESS, str(tmp_path)],
+        [sys.executable, "-c", _PLAN_IN_A_FRESH_PROCESS, str(tmp_path), str(_FIXTURE)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])},
     )  # fmt: skip
@@ -64,6 +70,9 @@ def test_planning_a_run_imports_no_torch(tmp_path):
     assert seen["settings"]["gamma"] == TUNED_SETTINGS["Pendulum-v1"]["gamma"]
     assert seen["config"] == {"n_steps": 64}  # left for the runner to check against the model
     assert seen["timesteps"] == 100
+    # A resume reads its checkpoint through the archive reader: still no torch.
+    assert seen["resumed"][1:] == ["Pendulum-v1", str(_FIXTURE)]
+    assert seen["resumed"][0] > 0
 
 
 def test_a_plan_holds_what_the_options_decide(tmp_path):

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from dppo_ckpt.train_progress import (
     ROLLOUT,
+    STOPPING,
     UPDATE,
     RunProgress,
     acknowledgement,
@@ -70,6 +71,9 @@ def test_the_update_phase_counts_epochs_and_minibatches():
         progress.rollout(4097, fps=1234.4, mean_return=-812.26, scale="0.912")
         assert progress.phase == ROLLOUT
         assert progress._detail() == "4,097/4,096  1,234 fps  ret -812  vgs 0.912"
+        progress.stopping(4096, fps=1200.0, mean_return=None, scale="0.850")
+        assert progress.phase == STOPPING
+        assert progress._detail() == "4,096/4,096  1,200 fps  ret -  vgs 0.850"
 
 
 def test_a_ctrl_c_is_acknowledged_once_by_the_watcher():
@@ -84,3 +88,33 @@ def test_a_ctrl_c_is_acknowledged_once_by_the_watcher():
     text = " ".join(out.getvalue().split())
     assert text.count("Interrupt received") == 1
     assert "stopping at the end of this update" in text
+
+
+@pytest.mark.parametrize("width", [80, 60])
+@pytest.mark.parametrize(
+    ("total", "fps", "mean_return"),
+    [(100_352, 1234.0, -812.3), (1_000_000, 12345.0, -1234.5), (10_000_000, 123456.0, -12345.6)],
+)
+def test_the_line_fits_the_terminal_without_cutting_a_column(width, total, fps, mean_return):
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=True, color_system=None)
+    progress = RunProgress(console, total, 0, _Count(), "1.000")
+    progress.rollout(total - 128, fps, mean_return, "0.912")
+    lines = [_rendered(progress, console, out)]
+    progress.begin_update(total - 128, epochs=10, batches=256)
+    for _ in range(256):
+        progress.minibatch(9)
+    progress._draw()
+    lines.append(_rendered(progress, console, out))
+    for line in lines:
+        assert len(line) <= width and "…" not in line, line
+        assert f"{total - 128:,}/{total:,}" in line, line
+    if width == 80 and total <= 1_000_000:  # room for everything
+        assert "vgs 0.912" in lines[0] and "minibatch 256/256" in lines[1]
+
+
+def _rendered(progress: RunProgress, console: Console, out: io.StringIO) -> str:
+    out.truncate(0)
+    out.seek(0)
+    console.print(progress._progress.get_renderable())
+    return out.getvalue().splitlines()[0]

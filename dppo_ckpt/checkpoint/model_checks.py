@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import copy
 import io
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dppo_ckpt.checkpoint.contents import SCALER_ENTRY, scaler_payload
@@ -258,8 +256,10 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
 
 
 def _stored_scaler_state(ctx: CheckContext) -> dict[str, Any] | None:
-    """The scaler state as the checkpoint stores it: decoded from the file's scaler entry with
-    the allow-list unpickler, or, for a model checked in memory, the one given."""
+    """The scaler state as the checkpoint stores it: layout 1's scaler entry decoded with the
+    allow-list unpickler, layout 2's ``vgs.pth`` read with ``torch.load(weights_only=True)`` (as
+    SB3 reads it), or, for a model checked in memory, the one given."""
+    from dppo_ckpt.checkpoint.contents import SCALER_MEMBER
     from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler
 
     if ctx.archive is None:
@@ -268,7 +268,19 @@ def _stored_scaler_state(ctx: CheckContext) -> dict[str, Any] | None:
         return None
     payload = scaler_payload(ctx.archive)
     if payload is None:
-        return None
+        if SCALER_MEMBER not in ctx.archive:
+            return None
+        import torch
+
+        # A stored member (as SB3 writes it) is read in place, not copied first.
+        stream = ctx.archive.stored_window(SCALER_MEMBER) or ctx.archive.spool_member(
+            SCALER_MEMBER
+        )
+        with stream:
+            state = torch.load(stream, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{SCALER_MEMBER} holds a {type(state).__name__}, not a state dict")
+        return state
     scaler = SafeUnpickler(io.BytesIO(payload), entry=SCALER_ENTRY).load()
     return scaler.state_dict()
 
@@ -600,24 +612,23 @@ def model_state(model: Any) -> dict[str, Any]:
     "and the versions it was written with.",
 )
 def check_round_trip(ctx: CheckContext) -> CheckResult:
-    """DPPO012: save to a temporary file, load it back with the allow-list loader, and
-    compare policy parameters and buffers, optimizer state and scaler state bit for bit.
+    """DPPO012: save the loaded model, load it back, and compare policy parameters and
+    buffers, optimizer state and scaler state bit for bit.
 
-    The reload goes through the same path the model was loaded with: trusted with
-    ``--trust`` (a model with a closure schedule saves that closure again, which the
-    allow-list refuses), and with the same allow-list (built-in plus the user's).
+    The model in hand was loaded once already, through the allow-list (or with ``--trust``),
+    so the bytes it saves pickle only what was accepted then: they are reloaded directly,
+    from memory, without a second scan or a temporary file.
     """
-    from dppo_ckpt.checkpoint.safe_pickle import safe_load
-
     spec = VERIFY["DPPO012"]
-    model, env, trust, allow = ctx.model, ctx.env, ctx.trust, ctx.allow
+    model, env = ctx.model, ctx.env
     before = model_state(model)
-    with tempfile.TemporaryDirectory(prefix="dppo-ckpt-roundtrip-") as folder:
-        path = Path(folder) / "roundtrip.zip"
-        model.save(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reloaded = safe_load(path, env=env, device="cpu", trust=trust, allow=allow)
+    buffer = io.BytesIO()
+    model.save(buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = type(model).load(buffer, env=env, device="cpu", tensorboard_log=None)
+    del buffer
     difference = _first_difference(before, model_state(reloaded))
     if difference is not None:
         return spec.failed(f"the state after save -> load differs at {difference}")

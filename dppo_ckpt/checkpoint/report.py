@@ -568,6 +568,10 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
         row(overview, f"{key} version", value if value is not None else "not recorded")
     row(overview, "algorithm", info["algorithm"] or "unknown")
     row(overview, "policy class", info["policy_class"] or "unknown")
+    layout = info.get("layout", 1)
+    scaler_on = info["vgs"] is not None
+    to_2 = " (scaler pickled in data: `dppo-ckpt migrate` rewrites it in layout 2)"
+    row(overview, "checkpoint layout", f"{layout}{to_2 if layout == 1 and scaler_on else ''}")
     row(overview, "legacy scaler entry", "yes: run `dppo-ckpt migrate`" if info["legacy"] else "no")
     row(overview, "all globals allow-listed", "yes" if info["safe"] else "NO")
     console.print(overview)

@@ -70,6 +70,7 @@ from dppo_ckpt.checkpoint.stub_pickle import (
     iter_stubs,
     stub_model,
 )
+from dppo_ckpt.vgs_format import SCALER_PARAMETER
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
@@ -1327,9 +1328,9 @@ def safe_load(
 
 
 _PYTORCH_VARIABLES: Final = "pytorch_variables.pth"
-#: What ``_get_torch_save_params`` declares for SB3's on-policy algorithms (PPO and
-#: DistributionalPPO): the static scan's rule; the loader asks the algorithm class itself.
-_ON_POLICY_TORCH_PARAMS: Final = (("policy", "policy.optimizer"), ())
+#: What ``_get_torch_save_params`` declares for the on-policy algorithms (PPO; DistributionalPPO
+#: adds its scaler, ``vgs``): the static scan's rule; the loader asks the algorithm class.
+_ON_POLICY_TORCH_PARAMS: Final = (("policy", "policy.optimizer", SCALER_PARAMETER), ())
 
 
 def undeclared_attribute_paths(

@@ -56,9 +56,7 @@ UNSAFE_REMEDY: Final = (
 
 def _drain(archive: Any, name: str) -> None:
     """Read a member to its end in bounded chunks (surfaces CRC errors and truncation)."""
-    with archive.open_member(name) as stream:
-        while stream.read(1 << 20):
-            pass
+    archive.check_member(name)
 
 
 @VERIFY.check(
@@ -241,23 +239,50 @@ def check_nothing_unsafe(ctx: CheckContext) -> CheckResult:
 )
 def check_scaler_not_legacy(ctx: CheckContext) -> CheckResult:
     """DPPO005: the scaler entry holds none of the legacy state keys (``_parameters``, the
-    stale-copy bug), read from the interpreter's model without unpickling."""
+    stale-copy bug), read from the interpreter's model without unpickling. The message says
+    the checkpoint layout: 1 (scaler pickled in ``data``, which ``migrate`` rewrites) or 2
+    (its state dict is the tensor member ``vgs.pth``)."""
+    from dppo_ckpt.checkpoint.contents import SCALER_MEMBER, checkpoint_layout
+
     spec = VERIFY["DPPO005"]
     archive = ctx.archive
     assert archive is not None
+    layout = checkpoint_layout(archive)
     payload = scaler_payload(archive)
     if payload is None:
+        if SCALER_MEMBER in archive:
+            return spec.passed(
+                f"layout {layout}: the scaler state is the tensor member {SCALER_MEMBER}, "
+                "no pickled object",
+                member=SCALER_MEMBER,
+                layout=layout,
+            )
         value = archive.data.get(SCALER_ENTRY, "absent")
+        if layout >= 2 and archive.data.get("variance_gradient_scaling") is True:
+            return spec.failed(
+                f"layout {layout} with the scaler on, but no {SCALER_MEMBER}: its statistics "
+                "are missing and a load would restart its warm-up",
+                member=SCALER_MEMBER,
+                layout=layout,
+            )
         reason = "scaler is off (entry is null)" if value is None else "no scaler entry"
-        return spec.skipped(reason)
+        if archive.data.get("variance_gradient_scaling") is False:
+            reason = "scaler is off"
+        return spec.skipped(f"{reason}; layout {layout}", layout=layout)
     if scaler_is_legacy(payload):
         return spec.failed(
             "the scaler entry holds legacy state (_parameters): a checkpoint of an earlier "
-            "version, whose scaler pickled its parameter objects",
+            f"version, whose scaler pickled its parameter objects (layout {layout})",
             member="data",
             entry=SCALER_ENTRY,
+            layout=layout,
         )
-    return spec.passed("the scaler entry holds no parameter objects", entry=SCALER_ENTRY)
+    return spec.passed(
+        f"layout {layout}: the scaler entry holds no parameter objects; `dppo-ckpt migrate` "
+        f"rewrites it in layout 2 ({SCALER_MEMBER})",
+        entry=SCALER_ENTRY,
+        layout=layout,
+    )
 
 
 @VERIFY.check(
