@@ -1441,7 +1441,7 @@ def check_network_size(
     if 3 * 4 * weights > budgets.max_memory:
         raise BudgetExceeded(
             "max_memory",
-            f"policy_kwargs net_arch and critic heads ask for {weights} weights, more than "
+            f"policy_kwargs ask for a network of {weights} weights, more than "
             f"{budgets.max_memory} bytes can hold with the optimizer state",
         )
 
