@@ -5,21 +5,76 @@ from __future__ import annotations
 import os
 import sys
 from enum import Enum
+from inspect import cleandoc
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from dppo_ckpt import __version__
+from dppo_ckpt import run_plan as defaults
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from dppo_ckpt.checkpoint.allowlist import UserAllowList
     from dppo_ckpt.checkpoint.budgets import Budgets
     from dppo_ckpt.checkpoint.results import FileReport
 
+
+class _Option(TyperOption):
+    """An option whose default given as text shows as ``[default: TEXT]``, like any other
+    default (Typer would write ``[default: (TEXT)]``)."""
+
+    def _get_default_string(
+        self, *, ctx: Any, show_default_is_str: bool, default_value: Any
+    ) -> str:
+        if show_default_is_str:
+            return str(self.show_default)
+        return super()._get_default_string(
+            ctx=ctx, show_default_is_str=show_default_is_str, default_value=default_value
+        )
+
+
+def _help_params(params: list[Any]) -> list[Any]:
+    """``params`` as ``--help`` shows them: flags without a type (``<bool>`` says nothing a
+    flag does not) and every default in one style."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        if type(param) is TyperOption:
+            param.__class__ = _Option
+    return params
+
+
+def _unwrapped(text: str | None) -> str | None:
+    """A docstring's paragraphs each on one line: the help renderer keeps single line breaks,
+    which then split lines in the middle at any terminal width."""
+    if text is None:
+        return None
+    paragraphs = cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+class _Command(TyperCommand):
+    """A command whose ``--help`` shows flags, defaults and paragraphs cleanly."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["help"] = _unwrapped(kwargs.get("help"))
+        super().__init__(*args, **kwargs)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _help_params(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    """The command group, with flags shown as in :class:`_Command`."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _help_params(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=_Group,
     name="dppo-ckpt",
     help="Train distributional PPO agents with a Variance Gradient Scaler, and verify, "
     "migrate and regression-test their checkpoints.",
@@ -96,6 +151,15 @@ def _budgets(max_memory: str, timeout: float) -> Budgets:
     return Budgets(max_memory=size, timeout=timeout)
 
 
+_ALLOW_OPTION = typer.Option(
+    "--allow",
+    # rich would read "[tool.dppo-ckpt]" as markup and drop it.
+    help="Also allow this exact module.Name (repeatable; adds to \\[tool.dppo-ckpt] allow).",
+    metavar="MODULE.NAME",
+    show_default=False,
+)
+
+
 def _user_allow(flags: list[str] | None) -> UserAllowList:
     """The run's extra allow entries (``--allow`` and the nearest pyproject), or exit 2."""
     from dppo_ckpt.checkpoint.allowlist import AllowListError, user_allow_list
@@ -144,25 +208,43 @@ def _verify_all(
     ]
 
 
-def _render(reports: list[FileReport], fmt: VerifyFormat, console: Console | None) -> str:
+def _verify_on_ray(paths: list[str], address: str | None, **options: Any) -> list[FileReport]:
+    """``verify --ray``: the same reports, from Ray tasks; notes and files/s on stderr."""
+    from dppo_ckpt.checkpoint import fleet
+    from dppo_ckpt.checkpoint.report import fleet_summary_line
+
+    try:
+        result = fleet.verify_on_ray(paths, address=address, **options)
+    except fleet.RayUnavailableError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+    for note in result.notes:
+        typer.echo(f"note: {_printable(note)}", err=True)
+    line = fleet_summary_line(
+        len(result.reports), result.seconds, result.nodes, result.cpus, result.startup_s
+    )
+    typer.echo(line, err=True)
+    return result.reports
+
+
+def _emit(reports: list[FileReport], fmt: str, command: str, output: Path | None) -> None:
+    """Print the reports, or write them to ``output`` atomically and say so; exit 2 when
+    ``output`` cannot be written."""
     from dppo_ckpt.checkpoint import report
 
-    if fmt is VerifyFormat.json:
-        return report.to_json(reports, __version__, "verify") + "\n"
-    if fmt is VerifyFormat.junit:
-        return report.to_junit(reports, "verify")
-    if fmt is VerifyFormat.sarif:
-        return report.to_sarif(reports, __version__) + "\n"
-    import io
-
-    from rich.console import Console
-
-    buffer = io.StringIO()
-    report.render_table(reports, Console(file=buffer, width=120, color_system=None))
-    return buffer.getvalue()
+    if output is None:
+        report.print_reports(reports, fmt, command=command, tool_version=__version__)
+        return
+    text = report.render(reports, fmt, command=command, tool_version=__version__)
+    try:
+        _write_atomic(output, text)
+    except OSError as exc:
+        typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(report.written_line(reports, output))
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
     models: Annotated[
         list[Path], typer.Argument(help="Checkpoint zip(s) to verify.", show_default=False)
@@ -201,17 +283,19 @@ def verify(
     timeout: Annotated[
         float, typer.Option("--timeout", min=1.0, help="Wall-time budget per file, in seconds.")
     ] = 120.0,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            help="Also allow this exact module.Name (repeatable; adds to [tool.dppo-ckpt] allow).",
-            show_default=False,
-        ),
-    ] = None,
+    allow: Annotated[list[str] | None, _ALLOW_OPTION] = None,
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Take *.zip in subfolders of folders too.")
     ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="Fan the checks out as Ray tasks (needs dppo-ckpt\\[ray])."),
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="With --ray: the Ray cluster to join.", metavar="ADDR",
+                     show_default="a new local cluster"),  # fmt: skip
+    ] = None,
 ) -> None:
     """Check checkpoints (files, or the *.zip in folders): archive, safety, legacy layout,
     parameter links, statistics.
@@ -219,41 +303,31 @@ def verify(
     Exit code: 0 all good, 1 a check failed, 2 a file could not be used, 3 refused as unsafe.
     """
     from dppo_ckpt.checkpoint.inputs import checkpoint_files
+    from dppo_ckpt.checkpoint.report import unusable_lines
     from dppo_ckpt.checkpoint.results import overall_exit_code
 
     paths = [str(path) for path in checkpoint_files(models, recursive=recursive)]
     if not paths:
         typer.echo("error: no checkpoint (*.zip) in the folders given", err=True)
         raise typer.Exit(2)
+    if address is not None and not ray:
+        typer.echo("error: --address needs --ray", err=True)
+        raise typer.Exit(2)
     budgets = _budgets(max_memory, timeout)
-    reports = _verify_all(
-        paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
-        budgets=budgets, allow=_user_allow(allow),
-    )  # fmt: skip
-    code = overall_exit_code(reports)
-    for rep in reports:
-        # The reason a file could not be used, on one line where scripts look for errors.
-        first = rep.results[0] if rep.results else None
-        if first is not None and first.check_id == "DPPO001" and first.verdict.value != "pass":
-            typer.echo(f"error: {_printable(first.message)}", err=True)
-    if output is not None:
-        try:
-            _write_atomic(output, _render(reports, fmt, None))
-        except OSError as exc:
-            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
-            raise typer.Exit(2) from None
-        from dppo_ckpt.checkpoint.report import summary_line
-
-        typer.echo(f"{summary_line(reports)} (report written to {output})")
-    elif fmt is VerifyFormat.table:
-        from rich.console import Console
-
-        from dppo_ckpt.checkpoint.report import render_table
-
-        render_table(reports, Console())
+    if ray:
+        reports = _verify_on_ray(
+            paths, address, static=static, trust=trust, quick=quick, budgets=budgets,
+            allow=_user_allow(allow),
+        )  # fmt: skip
     else:
-        sys.stdout.write(_render(reports, fmt, None))
-    raise typer.Exit(code)
+        reports = _verify_all(
+            paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
+            budgets=budgets, allow=_user_allow(allow),
+        )  # fmt: skip
+    for line in unusable_lines(reports):
+        typer.echo(line, err=True)
+    _emit(reports, fmt.value, "verify", output)
+    raise typer.Exit(overall_exit_code(reports))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +340,7 @@ def _printable(value: Any) -> str:
     return printable(value)
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     model: Annotated[Path, typer.Argument(help="Checkpoint zip to describe.", show_default=False)],
     fmt: Annotated[
@@ -279,10 +353,9 @@ def inspect(
     configuration and counters, legacy status and every pickled global with its verdict.
     Exit code 2 when the file is not a usable checkpoint.
     """
-    import json
-
     from dppo_ckpt.checkpoint.archive import CheckpointError
     from dppo_ckpt.checkpoint.contents import inspect_checkpoint
+    from dppo_ckpt.checkpoint.report import inspection_to_json, render_inspection
 
     try:
         info = inspect_checkpoint(model)
@@ -290,11 +363,9 @@ def inspect(
         typer.echo(f"error: {_printable(exc)}", err=True)
         raise typer.Exit(2) from None
     if fmt is InspectFormat.json:
-        sys.stdout.write(json.dumps(info, indent=2, ensure_ascii=True, default=str) + "\n")
+        sys.stdout.write(inspection_to_json(info))
         return
     from rich.console import Console
-
-    from dppo_ckpt.checkpoint.report import render_inspection
 
     render_inspection(info, Console())
 
@@ -314,23 +385,38 @@ _ENV_HELP = "Gymnasium environment id; module:EnvId imports module first (as gym
 _ENV_KWARGS_OPTION = typer.Option(
     "--env-kwargs", help="JSON object of keywords for gymnasium.make.", metavar="JSON"
 )
-_VEC_ENV_OPTION = typer.Option(
-    "--vec-env", help="dummy (one process) or subproc (a process per environment).",
-    metavar="KIND",
-)  # fmt: skip
-_NORMALIZE_OPTION = typer.Option(
-    "--normalize/--no-normalize",
-    help="VecNormalize the observations and rewards (options: the config's [normalize]).",
-    show_default=False,
-)
-_FRAME_STACK_OPTION = typer.Option(
-    "--frame-stack", help="Stack this many frames (VecFrameStack).", metavar="N"
-)
-_ATARI_OPTION = typer.Option(
-    "--atari/--no-atari",
-    help="Wrap in SB3's AtariWrapper (needs the atari extra: ale-py).",
-    show_default=False,
-)
+
+
+# The options of the environment stack, shared by train and cycle. Their defaults are given
+# as text: an option not given means "the recorded stack's, else this".
+def _vec_env_option(default: str) -> Any:
+    return typer.Option(
+        "--vec-env", help="dummy (one process) or subproc (a process per environment).",
+        metavar="KIND", show_default=default,
+    )  # fmt: skip
+
+
+def _normalize_option(default: str, options: str) -> Any:
+    return typer.Option(
+        "--normalize/--no-normalize",
+        help=f"VecNormalize the observations and rewards (options: {options}).",
+        show_default=default,
+    )
+
+
+def _frame_stack_option(default: str) -> Any:
+    return typer.Option(
+        "--frame-stack", help="Stack this many frames (VecFrameStack; 0: none).", metavar="N",
+        show_default=default,
+    )  # fmt: skip
+
+
+def _atari_option(default: str) -> Any:
+    return typer.Option(
+        "--atari/--no-atari",
+        help="Wrap in SB3's AtariWrapper (needs the atari extra: ale-py).",
+        show_default=default,
+    )
 
 
 def _env_kwargs(text: str | None) -> dict[str, Any] | None:
@@ -343,42 +429,63 @@ def _env_kwargs(text: str | None) -> dict[str, Any] | None:
         raise typer.Exit(2) from None
 
 
-@app.command("train")
+@app.command("train", cls=_Command)
 def train_command(
     env: Annotated[
-        str | None, typer.Option("--env", help=_ENV_HELP + " (default Pendulum-v1)")
+        str | None,
+        typer.Option("--env", help=_ENV_HELP, show_default=defaults.DEFAULT_ENV_ID),
     ] = None,
     env_kwargs: Annotated[str | None, _ENV_KWARGS_OPTION] = None,
-    vec_env: Annotated[str | None, _VEC_ENV_OPTION] = None,
-    normalize: Annotated[bool | None, _NORMALIZE_OPTION] = None,
-    frame_stack: Annotated[int | None, _FRAME_STACK_OPTION] = None,
-    atari: Annotated[bool | None, _ATARI_OPTION] = None,
+    vec_env: Annotated[str | None, _vec_env_option("dummy")] = None,
+    normalize: Annotated[
+        bool | None, _normalize_option("no-normalize", "the config's \\[normalize]")
+    ] = None,
+    frame_stack: Annotated[int | None, _frame_stack_option("0")] = None,
+    atari: Annotated[bool | None, _atari_option("no-atari")] = None,
     timesteps: Annotated[
         int | None,
         typer.Option(
             "--timesteps",
-            help="Total environment steps of the run; a resumed run trains the rest. "
-            "(default 100000)",
+            help="Total environment steps of the run, rounded up to whole rollouts; a resumed "
+            "run trains the rest.",
+            show_default=str(defaults.DEFAULT_TIMESTEPS),
         ),
     ] = None,
     n_envs: Annotated[
         int | None,
-        typer.Option("--n-envs", help="Parallel environments. (default 4 for Pendulum-v1, else 1)"),
+        typer.Option(
+            "--n-envs", help="Parallel environments.", show_default="4 for Pendulum-v1, else 1"
+        ),
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed. (default 0)")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Random seed.", show_default="0")
+    ] = None,
     critic: Annotated[
         str | None,
-        typer.Option("--critic", help="quantile or categorical. (default quantile)"),
+        typer.Option(
+            "--critic", help="quantile or categorical.", show_default=defaults.DEFAULT_CRITIC
+        ),
     ] = None,
     vgs: Annotated[
         bool | None,
-        typer.Option("--vgs/--no-vgs", help="Variance Gradient Scaler on or off. (default on)"),
+        typer.Option("--vgs/--no-vgs", help="Variance Gradient Scaler on or off.",
+                     show_default="vgs"),  # fmt: skip
     ] = None,
     vgs_alpha: Annotated[
-        float | None, typer.Option("--vgs-alpha", help="Strength of the gradient scaling.")
+        float | None,
+        typer.Option(
+            "--vgs-alpha",
+            help="Strength of the gradient scaling.",
+            show_default=str(defaults.DEFAULT_VGS_ALPHA),
+        ),
     ] = None,
     vgs_warmup_steps: Annotated[
-        int | None, typer.Option("--vgs-warmup-steps", help="Optimizer steps before scaling.")
+        int | None,
+        typer.Option(
+            "--vgs-warmup-steps",
+            help="Optimizer steps before scaling.",
+            show_default=str(defaults.DEFAULT_VGS_WARMUP_STEPS),
+        ),
     ] = None,
     config: Annotated[
         Path | None,
@@ -386,14 +493,17 @@ def train_command(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Run folder. (default runs/run-DATE-TIME)", metavar="DIR"),
+        typer.Option(
+            "--out", help="Run folder.", metavar="DIR", show_default="runs/run-DATE-TIME"
+        ),
     ] = None,
     checkpoint_every: Annotated[
         int | None,
         typer.Option(
             "--checkpoint-every",
-            help="Checkpoint every STEPS steps (at the next rollout boundary). (default 10000)",
+            help="Checkpoint every STEPS steps (at the next rollout boundary).",
             metavar="STEPS",
+            show_default=str(defaults.DEFAULT_CHECKPOINT_EVERY),
         ),
     ] = None,
     resume: Annotated[
@@ -428,21 +538,15 @@ def train_command(
             "environment snapshot whose manifest is not signed with your key (may run code!).",
         ),
     ] = False,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            help="Also allow this exact module.Name (repeatable; adds to [tool.dppo-ckpt] allow).",
-            show_default=False,
-        ),
-    ] = None,
+    allow: Annotated[list[str] | None, _ALLOW_OPTION] = None,
 ) -> None:
     """Train a DistributionalPPO agent with the scaler, into a run folder of checkpoints.
 
     Checkpoints are written atomically, beside an environment snapshot, and verified.
 
     --resume continues bit for bit; the checkpoint loads through the allow-list loader, and
-    the environment snapshot only from a run folder signed with your key.
+    the environment snapshot only from a run folder signed with your key. With --resume, the
+    environment stack, --timesteps, --checkpoint-every and --seed default to the run's record.
 
     Ctrl-C writes a final, verified checkpoint and exits with 130.
 
@@ -493,6 +597,60 @@ def train_command(
 
 
 # ---------------------------------------------------------------------------------------------
+# sweep
+
+
+@app.command("sweep", cls=_Command)
+def sweep_command(
+    config: Annotated[
+        Path,
+        typer.Argument(help="Sweep config (TOML): \\[sweep], \\[train], \\[model], \\[space].",
+                       show_default=False),  # fmt: skip
+    ],
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="The Ray cluster to join.", metavar="ADDR",
+                     show_default="a new local cluster"),  # fmt: skip
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Also write the results as JSON here (atomically)."),
+    ] = None,
+) -> None:
+    """Run many train runs on Ray Tune (needs dppo-ckpt\\[ray]); each trial survives the loss
+    of its worker and resumes exactly from its newest verified checkpoint.
+
+    Exit code: 0 every trial done, 1 a trial failed, 2 the config or Ray could not be used.
+    """
+    from dppo_ckpt.checkpoint import fleet
+
+    if not fleet.ray_available():
+        typer.echo(f"error: sweep needs Ray, which is not installed: {fleet.RAY_EXTRA_HINT}",
+                   err=True)  # fmt: skip
+        raise typer.Exit(2)
+    from rich.console import Console
+
+    from dppo_ckpt import sweep
+    from dppo_ckpt.checkpoint.report import render_sweep, sweep_to_json
+
+    # Wide when written to a file: the results table has a column per drawn value.
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    try:
+        result = sweep.run_sweep(sweep.load_sweep_config(config), console, address=address)
+    except (sweep.SweepError, fleet.RayUnavailableError) as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+    render_sweep(result, console)
+    if output is not None:
+        try:
+            _write_atomic(output, sweep_to_json(result, __version__) + "\n")
+        except OSError as exc:
+            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
+    raise typer.Exit(1 if result.failed else 0)
+
+
+# ---------------------------------------------------------------------------------------------
 # migrate
 
 
@@ -503,7 +661,7 @@ class MigrateFormat(str, Enum):
     json = "json"
 
 
-@app.command("migrate")
+@app.command("migrate", cls=_Command)
 def migrate_command(
     paths: Annotated[
         list[Path],
@@ -585,7 +743,7 @@ class CycleFormat(str, Enum):
     junit = "junit"
 
 
-@app.command("cycle")
+@app.command("cycle", cls=_Command)
 def cycle_command(
     model: Annotated[
         Path | None,
@@ -596,18 +754,21 @@ def cycle_command(
     env: Annotated[
         str | None,
         typer.Option(
-            "--env", help=_ENV_HELP + " (default: the one MODEL records, else Pendulum-v1)"
+            "--env", help=_ENV_HELP, show_default=f"MODEL's, else {defaults.DEFAULT_ENV_ID}"
         ),
     ] = None,
     env_kwargs: Annotated[str | None, _ENV_KWARGS_OPTION] = None,
     n_envs: Annotated[
         int | None,
-        typer.Option("--n-envs", help="Parallel environments. (default: MODEL's, else 1)"),
+        typer.Option("--n-envs", help="Parallel environments.", show_default="MODEL's, else 1"),
     ] = None,
-    vec_env: Annotated[str | None, _VEC_ENV_OPTION] = None,
-    normalize: Annotated[bool | None, _NORMALIZE_OPTION] = None,
-    frame_stack: Annotated[int | None, _FRAME_STACK_OPTION] = None,
-    atari: Annotated[bool | None, _ATARI_OPTION] = None,
+    vec_env: Annotated[str | None, _vec_env_option("MODEL's, else dummy")] = None,
+    normalize: Annotated[
+        bool | None,
+        _normalize_option("MODEL's, else no-normalize", "MODEL's, else VecNormalize's defaults"),
+    ] = None,
+    frame_stack: Annotated[int | None, _frame_stack_option("MODEL's, else 0")] = None,
+    atari: Annotated[bool | None, _atari_option("MODEL's, else no-atari")] = None,
     cycles: Annotated[int, typer.Option("--cycles", help="Train-save-load cycles (K).")] = 3,
     steps: Annotated[int, typer.Option("--steps", help="Environment steps per cycle (N).")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the model and environments.")] = 0,
@@ -624,14 +785,7 @@ def cycle_command(
             "--trust", help="Load MODEL even with globals off the allow-list (may run code!)."
         ),
     ] = False,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            help="Also allow this exact module.Name (repeatable; adds to [tool.dppo-ckpt] allow).",
-            show_default=False,
-        ),
-    ] = None,
+    allow: Annotated[list[str] | None, _ALLOW_OPTION] = None,
     portable: Annotated[bool, _PORTABLE_OPTION] = True,
 ) -> None:
     """Save-load-train cycles with regression checks: the CI gate.
@@ -649,7 +803,6 @@ def cycle_command(
     """
     from dppo_ckpt import cycles as cycles_module
     from dppo_ckpt import envs
-    from dppo_ckpt.checkpoint import report
     from dppo_ckpt.checkpoint.results import overall_exit_code
 
     env_options = envs.EnvOptions(
@@ -677,36 +830,11 @@ def cycle_command(
         typer.echo(f"error: {_printable(exc)}", err=True)
         raise typer.Exit(exc.exit_code) from None
     reports = [result]
-    code = overall_exit_code(reports)
-    if fmt is CycleFormat.json:
-        text = report.to_json(reports, __version__, "cycle") + "\n"
-    elif fmt is CycleFormat.junit:
-        text = report.to_junit(reports, "cycle")
-    else:
-        import io
-
-        from rich.console import Console
-
-        buffer = io.StringIO()
-        report.render_table(reports, Console(file=buffer, width=120, color_system=None))
-        text = buffer.getvalue()
-    if output is not None:
-        try:
-            _write_atomic(output, text)
-        except OSError as exc:
-            typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
-            raise typer.Exit(2) from None
-        typer.echo(f"{report.summary_line(reports)} (report written to {output})")
-    elif fmt is CycleFormat.table:
-        from rich.console import Console
-
-        report.render_table(reports, Console())
-    else:
-        sys.stdout.write(text)
-    raise typer.Exit(code)
+    _emit(reports, fmt.value, "cycle", output)
+    raise typer.Exit(overall_exit_code(reports))
 
 
-@app.command("export")
+@app.command("export", cls=_Command)
 def export_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint zip to export.", show_default=False)],
     out: Annotated[

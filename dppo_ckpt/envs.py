@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -42,6 +43,7 @@ import os
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ __all__ = [
     "EnvOptions",
     "EnvSpec",
     "SnapshotError",
+    "build_stack",
     "build_vec_env",
     "check_normalize_options",
     "close_quietly",
@@ -68,6 +71,7 @@ __all__ = [
     "restore_snapshot",
     "save_normalization",
     "snapshot_environments",
+    "statistics_path",
 ]
 
 DEFAULT_ENV_ID = "Pendulum-v1"
@@ -502,6 +506,51 @@ def build_vec_env(
         close_quietly(venv)
         raise EnvError(f"cannot wrap environment {spec.env_id!r}: {_one_line(exc)}") from None
     return venv
+
+
+def statistics_path(checkpoint: Path) -> Path:
+    """Where ``train`` writes VecNormalize's statistics beside ``checkpoint``."""
+    return checkpoint.with_name(checkpoint.name.removesuffix(".zip") + ".vecnorm.npz")
+
+
+def build_stack(
+    spec: EnvSpec,
+    seed: int | None,
+    *,
+    allowed: bool,
+    source: str = "the record",
+    statistics: Path | None = None,
+    sha256: str | None = None,
+) -> tuple[VecEnv, str | None]:
+    """The one environment builder of ``train`` and ``cycle``: the stack of ``spec``
+    (:func:`build_vec_env`), with VecNormalize's statistics read from ``statistics``.
+
+    The statistics file holds numbers only (read without pickle), so it needs no
+    authentication; a missing or unusable file leaves them fresh, and the line says so.
+
+    :param statistics: the ``.vecnorm.npz`` beside the checkpoint the stack resumes, if any
+    :param sha256: the digest the run manifest lists for that file, if it lists one
+    :return: the stack, and the line saying where VecNormalize's statistics came from
+        (``None`` without VecNormalize or without a file to read them from)
+    :raises EnvError: the environment cannot be built
+    """
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    venv = build_vec_env(spec, seed, allowed=allowed, source=source)
+    if statistics is None or find_wrapper(venv, VecNormalize) is None:
+        return venv, None
+    name = statistics.name
+    try:
+        data = statistics.read_bytes()
+    except OSError:
+        return venv, f"VecNormalize statistics start fresh ({name} is missing)"
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        return venv, f"VecNormalize statistics start fresh ({name} changed since written)"
+    try:
+        load_normalization(venv, data)
+    except ValueError as exc:
+        return venv, f"VecNormalize statistics start fresh ({name}: {exc})"
+    return venv, f"VecNormalize statistics from {name}"
 
 
 def close_quietly(venv: VecEnv | None) -> None:

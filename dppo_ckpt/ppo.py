@@ -25,6 +25,7 @@ import io
 import pathlib
 import warnings
 import zipfile
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.save_util import open_path
+from stable_baselines3.common.save_util import load_from_zip_file, open_path, recursive_getattr
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import explained_variance
 
@@ -43,7 +44,14 @@ from dppo_ckpt.buffers import (
     DistributionalDictRolloutBuffer,
     DistributionalRolloutBuffer,
 )
-from dppo_ckpt.checkpoint.metadata import METADATA_MEMBER, encode_metadata
+from dppo_ckpt.checkpoint.metadata import (
+    MAX_METADATA_BYTES,
+    METADATA_MEMBER,
+    LayoutError,
+    MetadataError,
+    encode_metadata,
+    parse_metadata,
+)
 from dppo_ckpt.distributional import (
     categorical_cross_entropy,
     clip_quantiles,
@@ -60,12 +68,18 @@ from dppo_ckpt.policy import (
 )
 from dppo_ckpt.rng import capture_rng_state, restore_rng_state
 from dppo_ckpt.vgs import VarianceGradientScaler
+from dppo_ckpt.vgs_format import CONFIG_KEYS, SCALER_ENTRY, SCALER_PARAMETER
 
 numerics.configure_torch()
 
 SelfDistributionalPPO = TypeVar("SelfDistributionalPPO", bound="DistributionalPPO")
 
 MIGRATE_HINT = "run `dppo-ckpt migrate OLD.zip NEW.zip` to rewrite it"
+
+# SB3's torch-saved state dicts of an on-policy algorithm; the scaler's is added to them.
+_SB3_STATE_DICTS = ("policy", "policy.optimizer")
+# Set while a load restores a layout-1 scaler (pickled in `data`): its file has no `vgs.pth`.
+_RESTORED_FROM_DATA = "_vgs_restored_from_data"
 
 # DistributionalPPO keywords that configure the scaler, and its config key for each.
 _SCALER_KEYWORDS = {"vgs_beta": "beta", "vgs_alpha": "alpha", "vgs_warmup_steps": "warmup_steps"}
@@ -117,6 +131,10 @@ class DistributionalPPO(PPO):
         the distribution against the rollout-time prediction: per quantile, or for the
         categorical critic by clipping the mean and shifting and reprojecting).
     """
+
+    #: Called after each minibatch step of :meth:`train` with the epoch (from 0), so that a
+    #: progress display can follow an update; ``None`` calls nothing. Never saved.
+    update_progress: Callable[[int], None] | None = None
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
         "MlpPolicy": CustomActorCriticPolicy,
@@ -225,6 +243,11 @@ class DistributionalPPO(PPO):
             return
         parameters = list(self.policy.parameters())
         if saved is None:
+            # Layout 2 loads build the scaler from `data`'s settings before set_parameters()
+            # restores its state, so a bad setting must read as one here too.
+            unknown = sorted(set(self.vgs_kwargs) - set(CONFIG_KEYS))
+            if unknown:
+                raise ValueError(f"vgs_kwargs: unknown scaler setting(s) {unknown}")
             scaler = VarianceGradientScaler(
                 parameters,
                 beta=self.vgs_beta,
@@ -245,6 +268,8 @@ class DistributionalPPO(PPO):
                     LegacyCheckpointWarning,
                     stacklevel=4,
                 )
+            # A layout-1 file: the statistics came with the pickle, and no `vgs.pth` follows.
+            self.__dict__[_RESTORED_FROM_DATA] = True
             state = saved.state_dict()
             scaler = VarianceGradientScaler(parameters, **state["config"])
             scaler.load_state_dict(state)
@@ -405,6 +430,8 @@ class DistributionalPPO(PPO):
                 # The scaler's statistics must see the raw gradients, before clipping.
                 scale = 1.0 if scaler is None else scaler.compute_scale()
                 self._optimizer_step(scaler, scale, parameters)
+                if self.update_progress is not None:
+                    self.update_progress(epoch)
 
             self._n_updates += 1
             if not continue_training:
@@ -501,6 +528,95 @@ class DistributionalPPO(PPO):
 
     # -- checkpoints ----------------------------------------------------------------------
 
+    def _excluded_save_params(self) -> list[str]:
+        """SB3's exclusions, plus the progress hook (a display of this process, never part of a
+        model) and the scaler object: its state is a torch-saved parameter (``vgs.pth``, see
+        :meth:`get_parameters`), and ``data`` keeps only its configuration (``vgs_*``)."""
+        return [
+            *super()._excluded_save_params(),
+            "update_progress",
+            SCALER_ENTRY,
+            _RESTORED_FROM_DATA,
+        ]
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        """The policy, its optimizer and the scaler's state dict (``vgs``), each saved as its
+        own ``.pth`` member that SB3 loads with ``torch.load(weights_only=True)``.
+
+        The list does not depend on the instance (the checkpoint checks ask the class), so
+        ``vgs`` is declared even when the scaler is off; :meth:`get_parameters` then leaves it
+        out.
+        """
+        return [*_SB3_STATE_DICTS, SCALER_PARAMETER], []
+
+    def get_parameters(self) -> dict[str, dict[str, Any]]:
+        """SB3's parameters (policy and optimizer state dicts), plus the scaler's
+        ``state_dict()`` under ``vgs`` when the scaler is on: statistics, counters and
+        configuration, so that ``set_parameters`` on another model continues its scaling
+        where this one stands instead of restarting the warm-up."""
+        params = {name: recursive_getattr(self, name).state_dict() for name in _SB3_STATE_DICTS}
+        scaler = self._variance_gradient_scaler
+        if scaler is not None:
+            params[SCALER_PARAMETER] = scaler.state_dict()
+        return params
+
+    def set_parameters(
+        self,
+        load_path_or_dict: str | dict[str, Any],
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        """Load parameters as SB3 does, the scaler's state (``vgs``) included.
+
+        :param load_path_or_dict: a checkpoint path or a dict as :meth:`get_parameters`
+            returns it.
+        :param exact_match: every saved object must be given (and nothing else); ``vgs`` is
+            required when the scaler is on, except while loading a layout-1 checkpoint, whose
+            scaler state came from ``data`` (a ``vgs`` given as well takes precedence).
+        :param device: where to load a checkpoint's tensors.
+        :raises ValueError: an unknown key, a scaler state for a model whose scaler is off, or
+            (with ``exact_match``) a missing object
+        """
+        if isinstance(load_path_or_dict, dict):
+            params = dict(load_path_or_dict)
+        else:
+            _, params, _ = load_from_zip_file(load_path_or_dict, device=device, load_data=False)
+        restored_from_data = bool(self.__dict__.pop(_RESTORED_FROM_DATA, False))
+        scaler = self._variance_gradient_scaler
+        scaler_state = params.pop(SCALER_PARAMETER, None)
+        expected = set(_SB3_STATE_DICTS)
+        if scaler is not None and (scaler_state is not None or not restored_from_data):
+            expected.add(SCALER_PARAMETER)
+        updated = set()
+        for name, state in params.items():
+            try:
+                attr = recursive_getattr(self, name)
+            except Exception as exc:
+                raise ValueError(f"Key {name} is an invalid object name.") from exc
+            if name not in _SB3_STATE_DICTS:
+                raise ValueError(f"Key {name} is not a parameter of {type(self).__name__}")
+            if isinstance(attr, th.optim.Optimizer):
+                # As in SB3: optimizers take no `strict` and load their state as given.
+                attr.load_state_dict(state)
+            else:
+                attr.load_state_dict(state, strict=exact_match)
+            updated.add(name)
+        if scaler_state is not None:
+            if scaler is None:
+                if exact_match:
+                    raise ValueError(
+                        f"the parameters hold a scaler state ({SCALER_PARAMETER!r}), but this "
+                        "model's scaler is off (variance_gradient_scaling=False)"
+                    )
+            else:
+                scaler.load_state_dict(scaler_state)
+                updated.add(SCALER_PARAMETER)
+        if exact_match and updated != expected:
+            raise ValueError(
+                "Names of parameters do not match agents' parameters: "
+                f"expected {expected}, got {updated}"
+            )
+
     def save(
         self,
         path: str | pathlib.Path | Any,
@@ -508,7 +624,8 @@ class DistributionalPPO(PPO):
         include: Any = None,
     ) -> None:
         """Save like SB3, plus the state of every random generator (for exact resume) and
-        the numerics fingerprint of this process (``dppo_ckpt.json``, plain JSON)."""
+        the numerics fingerprint of this process and the checkpoint layout
+        (``dppo_ckpt.json``, plain JSON). The scaler's state is the parameter ``vgs.pth``."""
         self._rng_state = capture_rng_state(self.action_space)
         buffer = io.BytesIO()
         try:
@@ -542,6 +659,7 @@ class DistributionalPPO(PPO):
         # SB3's load re-seeds the environment (pending seeds for its next reset()); a resumed
         # run must not replay the episodes its original seed produced.
         pending_seeds = list(getattr(env, "_seeds", []) or [])
+        _refuse_unknown_layout(path)
         model = super().load(
             path,
             env=env,
@@ -560,3 +678,34 @@ class DistributionalPPO(PPO):
             restore_rng_state(rng_state, model.action_space)
         model._check_parameter_links()
         return model
+
+
+def _refuse_unknown_layout(path: str | pathlib.Path | Any) -> None:
+    """Raise :class:`~dppo_ckpt.checkpoint.metadata.LayoutError` (one line, naming the release
+    it needs) for a checkpoint whose layout this package does not know.
+
+    Only the layout is judged here: a file without the member, or with one this package
+    cannot parse for another reason, is left to SB3's loader as before.
+    """
+    file = open_path(path, "r", verbose=0, suffix="zip")
+    try:
+        position = file.tell()
+        try:
+            with zipfile.ZipFile(file) as archive:
+                info = archive.getinfo(METADATA_MEMBER)
+                if info.file_size > MAX_METADATA_BYTES:
+                    return
+                raw = archive.read(info)
+        except (KeyError, zipfile.BadZipFile, OSError):
+            return
+        finally:
+            file.seek(position)
+        try:
+            parse_metadata(raw)
+        except LayoutError:
+            raise
+        except MetadataError:
+            return
+    finally:
+        if isinstance(path, (str, pathlib.Path)):
+            file.close()

@@ -34,11 +34,15 @@ the user's own key (:mod:`dppo_ckpt.signing`, kept outside every run folder), li
 snapshot beside that very checkpoint, and both files still have the sha256 it recorded.
 Anything else restarts the environments fresh and says why. ``--trust`` lifts both rules.
 
+A run is planned first (:func:`dppo_ckpt.run_plan.plan_run`: every refusal of the options,
+before torch loads), then carried out by :func:`run`.
+
 Ctrl-C (SIGINT) asks the run to stop at the next rollout boundary (the rollout under way is
 completed and trained on); it writes a final checkpoint there, verifies it and exits with 130
 (128 + SIGINT), so that shell scripts see the run did not complete. A second Ctrl-C stops at
 the next environment step instead (the partially collected rollout is dropped); a third one
-aborts at once, leaving the checkpoints already written.
+aborts at once, leaving the checkpoints already written. Each Ctrl-C is acknowledged at once,
+also during an update, with a line saying what it does (:mod:`dppo_ckpt.train_progress`).
 """
 
 from __future__ import annotations
@@ -47,11 +51,9 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import inspect
 import io
 import json
-import math
 import os
 import signal
 import sys
@@ -64,113 +66,62 @@ from typing import TYPE_CHECKING, Any
 
 from dppo_ckpt import envs
 from dppo_ckpt.atomic import TEMP_SUFFIX, write_atomically
+from dppo_ckpt.run_plan import (
+    CHECKPOINT_PREFIX,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_ENV_ID,
+    DEFAULT_EVAL_EPISODES,
+    DEFAULT_TIMESTEPS,
+    ENV_CONFIG_KEYS,
+    MANIFEST_NAME,
+    TUNED_N_ENVS,
+    TUNED_SETTINGS,
+    ResumePoint,
+    RunPlan,
+    TrainingError,
+    TrainOptions,
+    checkpoint_name,
+    plan_run,
+    read_config,
+    tensorboard_name,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.progress import Progress, TaskID
     from stable_baselines3.common.vec_env import VecEnv
 
     from dppo_ckpt.ppo import DistributionalPPO
 
 __all__ = [
+    "DEFAULT_CHECKPOINT_EVERY",
+    "DEFAULT_ENV_ID",
+    "DEFAULT_EVAL_EPISODES",
+    "DEFAULT_TIMESTEPS",
     "EXIT_INTERRUPTED",
     "MANIFEST_NAME",
+    "TUNED_N_ENVS",
+    "TUNED_SETTINGS",
+    "RunPlan",
     "TrainOptions",
     "TrainSummary",
     "TrainingError",
     "checkpoint_name",
+    "check_model_config",
     "load_config",
     "model_keywords",
+    "plan_run",
     "render_summary",
+    "run",
     "train",
 ]
 
 #: Exit code of a run stopped by Ctrl-C: 128 + SIGINT, as shells report it.
 EXIT_INTERRUPTED = 130
 
-#: The manifest of a run folder.
-MANIFEST_NAME = "run.json"
-MANIFEST_FORMAT_VERSION = 1
-
-DEFAULT_ENV_ID = envs.DEFAULT_ENV_ID
-DEFAULT_TIMESTEPS = 100_000
-DEFAULT_CHECKPOINT_EVERY = 10_000
-DEFAULT_EVAL_EPISODES = 5
-
-# Settings that make the default run learn: RL Zoo's tuned PPO hyperparameters for
-# Pendulum-v1 (SB3's generic defaults barely learn it in 100k steps). They are the base
-# under the config file and the command line, and only for that environment.
-TUNED_SETTINGS: dict[str, dict[str, Any]] = {
-    "Pendulum-v1": {
-        "n_steps": 1024,
-        "gae_lambda": 0.95,
-        "gamma": 0.9,
-        "n_epochs": 10,
-        "ent_coef": 0.0,
-        "learning_rate": 1e-3,
-        "clip_range": 0.2,
-        "use_sde": True,
-        "sde_sample_freq": 4,
-    }
-}
-TUNED_N_ENVS: dict[str, int] = {"Pendulum-v1": 4}
-
-_CHECKPOINT_PREFIX = "checkpoint_"
 _SNAPSHOT_SUFFIX = ".envs.pkl"
-_NORMALIZATION_SUFFIX = ".vecnorm.npz"
-# Tables of the config file that describe the environment, not the model.
-_ENV_CONFIG_KEYS = ("env_kwargs", "normalize")
 _FRESH = "environments restart fresh"
-
-# Options of `train` that set model keywords; with --resume the checkpoint fixes them.
-_MODEL_OPTIONS = {
-    "critic": "--critic",
-    "variance_gradient_scaling": "--vgs/--no-vgs",
-    "vgs_alpha": "--vgs-alpha",
-    "vgs_warmup_steps": "--vgs-warmup-steps",
-}
-
-
-class TrainingError(Exception):
-    """A run could not start or had to stop; ``exit_code`` follows the command's rules.
-
-    2: an option, the config file or the resume checkpoint could not be used; 1 (or 3): a
-    checkpoint the run wrote failed its checks.
-    """
-
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass
-class TrainOptions:
-    """What ``dppo-ckpt train`` was asked to do. ``None`` means "not given"."""
-
-    env_id: str | None = None
-    timesteps: int | None = None
-    n_envs: int | None = None
-    env_kwargs: dict[str, Any] | None = None
-    vec_env: str | None = None
-    normalize: bool | None = None
-    frame_stack: int | None = None
-    atari: bool | None = None
-    seed: int | None = None
-    critic: str | None = None
-    vgs: bool | None = None
-    vgs_alpha: float | None = None
-    vgs_warmup_steps: int | None = None
-    config: Path | None = None
-    out: Path | None = None
-    checkpoint_every: int | None = None
-    resume: Path | None = None
-    branch: str | None = None
-    eval_episodes: int = DEFAULT_EVAL_EPISODES
-    tensorboard: bool = False
-    portable: bool = True
-    trust: bool = False
-    user_allow: Any = None  # UserAllowList: extra allow entries for the resume checkpoint
-
+# The name the run-folder tests know the TensorBoard naming rule by.
+_tensorboard_name = tensorboard_name
 
 @dataclass
 class TrainSummary:
@@ -227,31 +178,18 @@ def load_config(path: Path) -> dict[str, Any]:
     :raises TrainingError: (exit 2) the file cannot be read or parsed, or a key is not a
         DistributionalPPO keyword, or a value has the wrong type (the message names the key)
     """
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise TrainingError("--config needs Python 3.11+ or the tomli package") from None
-    try:
-        with open(path, "rb") as handle:
-            config = tomllib.load(handle)
-    except OSError as exc:
-        raise TrainingError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise TrainingError(f"config {path} is not valid TOML: {exc}") from exc
+    config = read_config(path)
+    check_model_config({k: v for k, v in config.items() if k not in ENV_CONFIG_KEYS}, path)
+    return config
+
+
+def check_model_config(config: Mapping[str, Any], path: Path | None) -> None:
+    """Check a config's model keywords against ``DistributionalPPO``'s signature.
+
+    :raises TrainingError: (exit 2) a key is not a keyword, or its value has the wrong type
+    """
     known = model_keywords()
     for key, value in config.items():
-        if key in _ENV_CONFIG_KEYS:
-            if not isinstance(value, dict):
-                raise TrainingError(f"config {path}: {key} must be a table ([{key}])")
-            if key == "normalize":
-                try:
-                    envs.check_normalize_options(value, f"config {path}: normalize")
-                except envs.EnvError as exc:
-                    raise TrainingError(str(exc)) from None
-            continue
         if key not in known:
             raise TrainingError(
                 f"config {path}: unknown key {key!r} (not a DistributionalPPO keyword)"
@@ -259,7 +197,6 @@ def load_config(path: Path) -> dict[str, Any]:
         problem = _type_problem(key, value)
         if problem is not None:
             raise TrainingError(f"config {path}: {key} = {value!r}: {problem}")
-    return config
 
 
 def _type_problem(key: str, value: Any) -> str | None:
@@ -331,114 +268,12 @@ def _toml_types(key: str) -> tuple[type, ...] | None:
     return tuple(plain) or None
 
 
-def checkpoint_name(timesteps: int) -> str:
-    """The file name of the checkpoint at ``timesteps``: sorts by step as text."""
-    return f"{_CHECKPOINT_PREFIX}{timesteps:09d}.zip"
-
-
 def _snapshot_name(checkpoint: str) -> str:
     return checkpoint.removesuffix(".zip") + _SNAPSHOT_SUFFIX
 
 
-def _normalization_name(checkpoint: str) -> str:
-    return checkpoint.removesuffix(".zip") + _NORMALIZATION_SUFFIX
-
-
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise TrainingError(f"{name} must be > 0, got {value}")
-
-
-def _check_options(options: TrainOptions) -> None:
-    _positive("--timesteps", options.timesteps)
-    _positive("--n-envs", options.n_envs)
-    _positive("--checkpoint-every", options.checkpoint_every)
-    if options.eval_episodes < 0:
-        raise TrainingError(f"--eval-episodes must be >= 0, got {options.eval_episodes}")
-    if options.vgs_warmup_steps is not None and options.vgs_warmup_steps < 0:
-        raise TrainingError(f"--vgs-warmup-steps must be >= 0, got {options.vgs_warmup_steps}")
-    if options.vgs_alpha is not None and not (0.0 <= options.vgs_alpha < math.inf):
-        raise TrainingError(f"--vgs-alpha must be finite and >= 0, got {options.vgs_alpha}")
-    if options.critic is not None and options.critic not in ("quantile", "categorical"):
-        raise TrainingError(f"--critic must be 'quantile' or 'categorical', got {options.critic!r}")
-    if options.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if options.branch is not None:
-        if options.resume is None:
-            raise TrainingError("--branch needs --resume: it names where a resumed run continues")
-        if options.out is not None:
-            raise TrainingError("--branch and --out both choose the run folder: give one")
-        name = options.branch
-        if not name or name in (".", "..") or not all(c.isalnum() or c in "._-" for c in name):
-            raise TrainingError(
-                f"--branch {name!r}: use letters, digits, '.', '_' and '-' (a folder name)"
-            )
-    if options.resume is not None:
-        given = {
-            "critic": options.critic,
-            "variance_gradient_scaling": options.vgs,
-            "vgs_alpha": options.vgs_alpha,
-            "vgs_warmup_steps": options.vgs_warmup_steps,
-        }
-        for key, value in given.items():
-            if value is not None:
-                raise TrainingError(
-                    f"{_MODEL_OPTIONS[key]} cannot be combined with --resume: "
-                    "the checkpoint fixes the model settings"
-                )
-        if options.config is not None:
-            raise TrainingError(
-                "--config cannot be combined with --resume: the checkpoint fixes the model settings"
-            )
-
-
-def _model_settings(
-    options: TrainOptions, config: Mapping[str, Any], env_id: str
-) -> dict[str, Any]:
-    """Model keywords: built-in defaults < tuned settings of the environment < config file <
-    explicit command-line options."""
-    settings: dict[str, Any] = {"seed": 0, "device": "cpu", "verbose": 0}
-    settings.update(TUNED_SETTINGS.get(env_id, {}))
-    settings.update({k: v for k, v in config.items() if k not in _ENV_CONFIG_KEYS})
-    explicit = {
-        "seed": options.seed,
-        "critic": options.critic,
-        "variance_gradient_scaling": options.vgs,
-        "vgs_alpha": options.vgs_alpha,
-        "vgs_warmup_steps": options.vgs_warmup_steps,
-    }
-    settings.update({key: value for key, value in explicit.items() if value is not None})
-    return settings
-
-
 # ---------------------------------------------------------------------------------------------
 # Files: atomic writes and the run manifest
-
-
-def _new_manifest(
-    spec: envs.EnvSpec,
-    seed: Any,
-    timesteps: int,
-    every: int,
-    settings: dict[str, Any],
-    resumed_from: str | None,
-) -> dict[str, Any]:
-    """The manifest of a new run folder, before any checkpoint is listed.
-
-    ``env_id`` and ``n_envs`` repeat fields of ``env`` for readers of the first manifests.
-    """
-    return {
-        "format_version": MANIFEST_FORMAT_VERSION,
-        "env_id": spec.env_id,
-        "n_envs": spec.n_envs,
-        "env": spec.to_json(),
-        "seed": seed,
-        "timesteps": timesteps,
-        "checkpoint_every": every,
-        "model_settings": settings,
-        "resumed_from": resumed_from,
-        "checkpoints": [],
-    }
 
 
 def _sha256(data: bytes) -> str:
@@ -455,24 +290,12 @@ def _file_sha256(path: Path) -> str:
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
     """Drop temporary files a killed run left behind (they were never complete)."""
-    for stale in run_dir.glob(f".{_CHECKPOINT_PREFIX}*{TEMP_SUFFIX}"):
+    for stale in run_dir.glob(f".{CHECKPOINT_PREFIX}*{TEMP_SUFFIX}"):
         with contextlib.suppress(OSError):
             stale.unlink()
     with contextlib.suppress(OSError):
         for stale in run_dir.glob(f".{MANIFEST_NAME}.*{TEMP_SUFFIX}"):
             stale.unlink()
-
-
-def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((run_dir / MANIFEST_NAME).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != 1:
-        return None
-    if not isinstance(manifest.get("checkpoints"), list):
-        return None
-    return manifest
 
 
 def _record_in_checkpoint(checkpoint: bytes, env: dict[str, Any], run: dict[str, Any]) -> bytes:
@@ -481,19 +304,13 @@ def _record_in_checkpoint(checkpoint: bytes, env: dict[str, Any], run: dict[str,
     ``DistributionalPPO.save`` writes that member with the numerics only; the zip is rebuilt
     with every other member unchanged, in the same order and with the same compression.
     """
-    import zipfile
+    from dppo_ckpt.checkpoint.archive import open_checkpoint
+    from dppo_ckpt.checkpoint.metadata import METADATA_MEMBER, encode_metadata
 
-    from dppo_ckpt.checkpoint.metadata import METADATA_MEMBER, encode_metadata, parse_metadata
-
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(checkpoint)) as source, zipfile.ZipFile(out, "w") as target:
-        for info in source.infolist():
-            data = source.read(info)
-            if info.filename == METADATA_MEMBER:
-                numerics = parse_metadata(data)["numerics"]
-                data = encode_metadata(numerics, env=env, run=run)
-            target.writestr(info, data)
-    return out.getvalue()
+    with open_checkpoint(checkpoint) as archive:
+        numerics = (archive.metadata or {})["numerics"]
+        member = encode_metadata(numerics, env=env, run=run)
+        return archive.rewritten({METADATA_MEMBER: member})
 
 
 class _RunFolder:
@@ -527,7 +344,8 @@ class _RunFolder:
         """Write the checkpoint of ``model`` (and its environments), then list them.
 
         :param rng_state: random generator states to store instead of the current ones (see
-            :class:`_TrainingCallback`); ``None`` stores the current ones
+            :class:`~dppo_ckpt.train_callback.TrainingCallback`); ``None`` stores the current
+            ones
         """
         from dppo_ckpt.rng import capture_rng_state, restore_rng_state
 
@@ -557,7 +375,7 @@ class _RunFolder:
         normalization_entry = None
         normalization = envs.save_normalization(model.get_env())
         if normalization is not None:
-            normalization_name = _normalization_name(name)
+            normalization_name = envs.statistics_path(Path(name)).name
             write_atomically(self.path / normalization_name, normalization)
             normalization_entry = {"file": normalization_name, "sha256": _sha256(normalization)}
         path = self.path / name
@@ -594,112 +412,8 @@ class _RunFolder:
 # Resuming
 
 
-@dataclass
-class _ResumePoint:
-    checkpoint: Path
-    manifest: dict[str, Any] | None
-    n_envs: int
-    timesteps: int
-    numerics: dict[str, Any] | None
-    #: the environment spec and run targets recorded in the checkpoint's dppo_ckpt.json
-    env: dict[str, Any] | None = None
-    run: dict[str, Any] = field(default_factory=dict)
-
-
-def _checkpoint_steps(folder: Path) -> dict[Path, int]:
-    """The checkpoints ``train`` wrote into ``folder``, with their step from the file name."""
-    found = {}
-    for path in folder.glob(f"{_CHECKPOINT_PREFIX}*.zip"):
-        digits = path.name[len(_CHECKPOINT_PREFIX) : -len(".zip")]
-        if digits.isdigit():
-            found[path] = int(digits)
-    return found
-
-
-def _newest_checkpoint(folder: Path) -> Path | None:
-    steps = _checkpoint_steps(folder)
-    return max(steps, key=lambda p: (steps[p], p.name)) if steps else None
-
-
-def _not_a_file(path: Path, what: str) -> str:
-    """Why ``path`` cannot be a checkpoint: a folder (naming its newest checkpoint) or absent."""
-    if path.is_dir():
-        newest = _newest_checkpoint(path)
-        hint = f": give one of its checkpoints, e.g. {newest}" if newest else ""
-        return f"{what} {path}: is a folder, not a checkpoint{hint}"
-    if path.exists():
-        return f"{what} {path}: not a regular file"
-    return f"{what} {path}: no such file"
-
-
-def _inspect_resume(path: Path) -> _ResumePoint:
-    """Check that ``path`` is a readable checkpoint; read its counters, its numerics
-    fingerprint, its recorded environment and the manifest (nothing is unpickled here)."""
-    from dppo_ckpt.checkpoint.archive import CheckpointError, open_checkpoint
-
-    if not path.is_file():
-        raise TrainingError(_not_a_file(path, "cannot resume from"))
-    try:
-        with open_checkpoint(path) as archive:
-            data = archive.data
-            metadata = archive.metadata
-    except CheckpointError as exc:
-        raise TrainingError(
-            f"cannot resume from {path}: not a readable checkpoint ({exc.reason})"
-        ) from exc
-    n_envs, timesteps = data.get("n_envs"), data.get("num_timesteps")
-    if not isinstance(n_envs, int) or not isinstance(timesteps, int):
-        raise TrainingError(f"cannot resume from {path}: n_envs or num_timesteps missing")
-    metadata = metadata or {}
-    return _ResumePoint(
-        path,
-        _read_manifest(path.parent),
-        n_envs,
-        timesteps,
-        metadata.get("numerics"),
-        metadata.get("env"),
-        dict(metadata.get("run") or {}),
-    )
-
-
-def _manifest_problem(manifest: dict[str, Any], key: bytes | None, key_error: str | None) -> str:
-    """Why ``manifest`` is not authenticated, or ``""`` when its signature verifies."""
-    from dppo_ckpt import signing
-
-    if key is None:
-        return f"cannot be authenticated ({key_error})"
-    return signing.verify(manifest, key) or ""
-
-
-def _recorded_spec(
-    point: _ResumePoint, authenticated: str
-) -> tuple[envs.EnvSpec | None, str, bool]:
-    """The environment spec the run recorded: ``(spec, where, vouched for)``.
-
-    An authenticated manifest speaks first and vouches for its ``module:`` part; otherwise the
-    checkpoint's own record, then an unauthenticated manifest's (neither vouches).
-    """
-    manifest = point.manifest or {}
-    sources: list[tuple[Any, str, bool]] = []
-    if not authenticated:
-        sources.append((manifest.get("env"), f"{MANIFEST_NAME} (signed with your key)", True))
-    sources.append((point.env, point.checkpoint.name, False))
-    if authenticated:
-        sources.append((manifest.get("env"), MANIFEST_NAME, False))
-    for value, where, vouched in sources:
-        if value is not None:
-            try:
-                return envs.EnvSpec.from_json(value, where), where, vouched
-            except envs.EnvError as exc:
-                raise TrainingError(f"cannot resume from {point.checkpoint}: {exc}") from None
-    legacy = manifest.get("env_id")  # manifests of dppo-ckpt 0.2: a registered id only
-    if isinstance(legacy, str) and ":" not in legacy:
-        return envs.EnvSpec(legacy, n_envs=point.n_envs), MANIFEST_NAME, not authenticated
-    return None, "", False
-
-
 def _snapshot_bytes(
-    point: _ResumePoint, spec: envs.EnvSpec, authenticated: str, trust: bool
+    point: ResumePoint, spec: envs.EnvSpec, authenticated: str, trust: bool
 ) -> tuple[bytes | None, str]:
     """The environment snapshot beside the checkpoint, if train wrote it and it may be loaded.
 
@@ -734,7 +448,7 @@ def _snapshot_bytes(
     return data, snapshot_name
 
 
-def _manifest_entry(point: _ResumePoint) -> dict[str, Any] | None:
+def _manifest_entry(point: ResumePoint) -> dict[str, Any] | None:
     manifest = point.manifest or {}
     entry = next(
         (e for e in manifest.get("checkpoints", []) if isinstance(e, dict)
@@ -744,32 +458,18 @@ def _manifest_entry(point: _ResumePoint) -> dict[str, Any] | None:
     return entry
 
 
-def _restore_normalization(point: _ResumePoint, env: VecEnv) -> str | None:
-    """Load VecNormalize's statistics from beside the checkpoint; a line saying what happened.
-
-    The file holds numbers only (read without pickle), so it needs no authentication; when
-    the manifest lists it, its sha256 must still match.
-    """
-    from stable_baselines3.common.vec_env import VecNormalize
-
-    if envs.find_wrapper(env, VecNormalize) is None:
-        return None
-    name = _normalization_name(point.checkpoint.name)
+def _statistics_file(point: ResumePoint) -> tuple[Path, str | None]:
+    """VecNormalize's statistics beside the checkpoint, and the sha256 the manifest lists for
+    them (``None`` when it lists none)."""
+    path = envs.statistics_path(point.checkpoint)
     entry = _manifest_entry(point) or {}
     listed = entry.get("normalization") if isinstance(entry.get("normalization"), dict) else None
-    if listed is not None and isinstance(listed.get("file"), str):
-        name = Path(listed["file"]).name
-    try:
-        data = (point.checkpoint.parent / name).read_bytes()
-    except OSError:
-        return f"VecNormalize statistics start fresh ({name} is missing)"
-    if listed is not None and _sha256(data) != listed.get("sha256"):
-        return f"VecNormalize statistics start fresh ({name} changed since written)"
-    try:
-        envs.load_normalization(env, data)
-    except ValueError as exc:
-        return f"VecNormalize statistics start fresh ({name}: {exc})"
-    return f"VecNormalize statistics from {name}"
+    if listed is None:
+        return path, None
+    if isinstance(listed.get("file"), str):
+        path = point.checkpoint.parent / Path(listed["file"]).name
+    sha = listed.get("sha256")
+    return path, sha if isinstance(sha, str) else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -835,125 +535,13 @@ class _Interrupt:
 
 
 # ---------------------------------------------------------------------------------------------
-# The training loop
-
-
-def _mean_return(model: DistributionalPPO) -> float | None:
-    buffer = model.ep_info_buffer
-    if not buffer:
-        return None
-    return float(sum(info["r"] for info in buffer) / len(buffer))
-
-
-def _scale_text(model: DistributionalPPO) -> str:
-    scaler = model._variance_gradient_scaler
-    return "off" if scaler is None else f"{scaler.scaling_factor:.3f}"
+# The run
 
 
 class _CheckpointRejected(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def _make_callback(
-    run: _RunFolder,
-    every: int,
-    progress: Progress,
-    task: TaskID,
-    interrupt: _Interrupt,
-    on_checkpoint: Callable[[Path, DistributionalPPO], None],
-) -> Any:
-    from stable_baselines3.common.callbacks import BaseCallback
-
-    from dppo_ckpt.rng import capture_rng_state
-
-    class TrainingCallback(BaseCallback):
-        """Saves at rollout boundaries, feeds the progress bar and honours Ctrl-C.
-
-        A rollout boundary is the start of a rollout: the previous update is complete and
-        nothing of the next iteration has happened yet, except that gSDE draws fresh
-        exploration noise just before (``policy.reset_noise``). The generators are therefore
-        recorded right before that draw and stored in the checkpoint instead of the current
-        ones, so that a resumed run draws the same noise again.
-        """
-
-        def __init__(self) -> None:
-            super().__init__(verbose=0)
-            self.last_saved = -1
-            self.halt = False
-            self.notified = 0
-            self._rng_before_noise: dict[str, Any] | None = None
-            self._last_refresh = 0.0
-
-        def _on_training_start(self) -> None:
-            self.last_saved = self.model.num_timesteps
-            policy = self.model.policy
-            reset_noise = policy.reset_noise
-
-            def recording_reset_noise(*args: Any, **kwargs: Any) -> Any:
-                self._rng_before_noise = capture_rng_state(self.model.action_space)
-                return reset_noise(*args, **kwargs)
-
-            # An instance attribute: the policy is saved as a state dict, never pickled.
-            policy.reset_noise = recording_reset_noise
-
-        def _on_training_end(self) -> None:
-            self.model.policy.__dict__.pop("reset_noise", None)
-            self._refresh(force=True)
-
-        def _notify(self) -> None:
-            if interrupt.count > self.notified:
-                self.notified = interrupt.count
-                text = (
-                    "Ctrl-C: stopping after this rollout and its update (again to stop now)"
-                    if interrupt.count == 1
-                    else "Ctrl-C: stopping now"
-                )
-                progress.console.print(text)
-                progress.update(task, description="stopping")
-
-        def _on_rollout_start(self) -> None:
-            self._notify()
-            model = self.model
-            due = model.num_timesteps - self.last_saved >= every
-            if (due or interrupt.requested) and model.num_timesteps != self.last_saved:
-                rng = self._rng_before_noise if model.use_sde else None
-                self.save(rng)
-            if interrupt.requested:
-                self.halt = True
-
-        def save(self, rng_state: dict[str, Any] | None = None) -> Path:
-            path = run.write(self.model, rng_state)
-            self.last_saved = self.model.num_timesteps
-            on_checkpoint(path, self.model)
-            return path
-
-        def _refresh(self, force: bool = False) -> None:
-            now = time.monotonic()
-            if not force and now - self._last_refresh < 0.2:
-                return
-            self._last_refresh = now
-            model = self.model
-            mean_return = _mean_return(model)
-            elapsed = max(time.time_ns() - model.start_time, 1) / 1e9
-            fps = (model.num_timesteps - model._num_timesteps_at_start) / elapsed
-            # After a first Ctrl-C the run takes one more step that the final checkpoint
-            # rightly lacks; the bar shows where the run stopped.
-            progress.update(
-                task,
-                completed=self.last_saved if self.halt else model.num_timesteps,
-                fps=f"{fps:,.0f}",
-                ret="-" if mean_return is None else f"{mean_return:,.1f}",
-                scale=_scale_text(model),
-            )
-
-        def _on_step(self) -> bool:
-            self._notify()
-            self._refresh()
-            return not (self.halt or interrupt.immediate)
-
-    return TrainingCallback()
 
 
 def _load_checkpoint(
@@ -1008,37 +596,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _resolve_run_dir(options: TrainOptions, point: _ResumePoint | None) -> Path:
-    if options.out is not None:
-        return options.out
-    if point is not None and options.branch is not None:
-        return point.checkpoint.parent / "branches" / options.branch
-    if options.resume is not None:
-        return options.resume.parent
-    return Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
-
-
-def _check_run_dir(run_dir: Path, resuming_here: bool) -> bool:
-    """Refuse a folder that holds another run; nothing is created yet.
-
-    A folder whose run never wrote a checkpoint (killed early) holds nothing to continue, so
-    it is reused.
-
-    :return: whether an existing folder is reused
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainingError(f"--out {run_dir} exists and is not a directory")
-    if not run_dir.is_dir() or resuming_here:
-        return False
-    newest = _newest_checkpoint(run_dir)
-    if newest is not None:
-        raise TrainingError(
-            f"{run_dir} already holds a run: continue it with --resume {newest}, "
-            "or choose another --out"
-        )
-    return (run_dir / MANIFEST_NAME).exists()
-
-
 def _create_run_dir(run_dir: Path) -> None:
     """Create the folder and prove it writable, so that no write fails later with a traceback."""
     import tempfile
@@ -1055,221 +612,53 @@ def _create_run_dir(run_dir: Path) -> None:
         raise TrainingError(f"cannot write into {run_dir}: {exc.strerror or exc}") from None
 
 
-def _check_not_behind(point: _ResumePoint, branch: str | None) -> None:
-    """Refuse to resume into a folder from a checkpoint older than its newest: the run would
-    overwrite the later checkpoints, and TensorBoard would see their steps twice."""
-    steps = _checkpoint_steps(point.checkpoint.parent)
-    later = sorted((step, path.name) for path, step in steps.items() if step > point.timesteps)
-    if later and branch is None:
-        raise TrainingError(
-            f"{point.checkpoint} is not the newest checkpoint of {point.checkpoint.parent} "
-            f"({later[-1][1]}); resuming there would overwrite later checkpoints: continue "
-            f"into {point.checkpoint.parent / 'branches' / 'NAME'} with --branch NAME, or "
-            "choose another --out"
-        )
-
-
-def _tensorboard_name(tensorboard_log: str | None, point: _ResumePoint | None) -> str:
-    """The TensorBoard run name: a resumed run gets its own, after the step it resumed from,
-    so that no event directory holds a step twice."""
-    if point is None:
-        return "dppo"
-    base = f"resumed-{point.timesteps:09d}"
-    name, attempt = base, 1
-    while tensorboard_log is not None and any(Path(tensorboard_log).glob(f"{name}_*")):
-        attempt += 1
-        name = f"{base}-{attempt}"
-    return name
-
-
-def _progress(console: Console) -> Progress:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps  {task.fields[fps]} fps"),
-        TextColumn("return {task.fields[ret]}"),
-        TextColumn("vgs {task.fields[scale]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
 def train(options: TrainOptions, console: Console) -> TrainSummary:
     """Train (or resume) a run as ``dppo-ckpt train`` does, printing progress on ``console``.
+
+    The numerics are chosen first (the libraries fix theirs when they load), then the run is
+    planned (:func:`~dppo_ckpt.run_plan.plan_run`) and carried out (:func:`run`).
 
     :raises TrainingError: an option could not be used (exit 2) or a checkpoint failed its
         checks (the exit code of those checks)
     :raises KeyboardInterrupt: on a third Ctrl-C
     """
+    from dppo_ckpt import numerics
+
     try:
-        return _train(options, console)
+        numerics.apply_numerics(numerics.PORTABLE if options.portable else numerics.NATIVE)
+    except numerics.NumericsError as exc:
+        raise TrainingError(str(exc)) from None
+    try:
+        return run(plan_run(options), console)
     except envs.EnvError as exc:
         raise TrainingError(str(exc), exc.exit_code) from None
 
 
-def _env_options(options: TrainOptions, config: Mapping[str, Any]) -> envs.EnvOptions:
-    """The environment options given: the command line over the config's tables."""
-    env_kwargs = options.env_kwargs
-    if env_kwargs is None and "env_kwargs" in config:
-        env_kwargs = dict(config["env_kwargs"])
-    return envs.EnvOptions(
-        env_id=options.env_id,
-        n_envs=options.n_envs,
-        env_kwargs=env_kwargs,
-        vec_env=options.vec_env,
-        normalize=options.normalize,
-        normalize_options=config.get("normalize"),
-        frame_stack=options.frame_stack,
-        atari=options.atari,
-    )
+def run(plan: RunPlan, console: Console) -> TrainSummary:
+    """Carry out ``plan``: build the environments and the model, learn into the run folder,
+    evaluate.
 
-
-def _train(options: TrainOptions, console: Console) -> TrainSummary:
-    from dppo_ckpt import numerics
-
-    try:  # first: the libraries fix their numerics when they load
-        numerics.apply_numerics(numerics.PORTABLE if options.portable else numerics.NATIVE)
-    except numerics.NumericsError as exc:
-        raise TrainingError(str(exc)) from None
-    _check_options(options)
-    point = _inspect_resume(options.resume) if options.resume is not None else None
-    manifest_in = point.manifest if point is not None else None
-    previous = manifest_in or {}
-    recorded_run = point.run if point is not None else {}
-
-    config = load_config(options.config) if options.config is not None else {}
-    given = _env_options(options, config)
-    timesteps = (
-        options.timesteps or previous.get("timesteps") or recorded_run.get("timesteps")
-        or DEFAULT_TIMESTEPS
-    )  # fmt: skip
-    every = (
-        options.checkpoint_every or previous.get("checkpoint_every")
-        or recorded_run.get("checkpoint_every") or DEFAULT_CHECKPOINT_EVERY
-    )  # fmt: skip
-
-    run_dir = _resolve_run_dir(options, point)
-    resuming_here = point is not None and run_dir.resolve() == point.checkpoint.parent.resolve()
-    if point is not None and resuming_here and timesteps > point.timesteps:
-        _check_not_behind(point, options.branch)
-    reused = _check_run_dir(run_dir, resuming_here)
-    tensorboard_log = str(run_dir / "tensorboard") if options.tensorboard else None
-
-    import torch as th
-
-    from dppo_ckpt import signing
-    from dppo_ckpt.ppo import DistributionalPPO
-
-    key_error: str | None = None
+    :raises TrainingError: see :func:`train`
+    :raises KeyboardInterrupt: on a third Ctrl-C
+    """
+    if plan.config:
+        check_model_config(plan.config, plan.options.config)
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    model = _start_model(plan, console)
     try:
-        key: bytes | None = signing.load_key()
-    except signing.SigningKeyError as exc:
-        key, key_error = None, str(exc)
-        console.print(f"note: the run manifest is not signed: {key_error}")
-
-    if point is None:
-        env_id = given.env_id or DEFAULT_ENV_ID
-        spec = envs.resolve_spec(given, None, default_n_envs=TUNED_N_ENVS.get(env_id, 1))
-        settings = _model_settings(options, config, spec.gym_id)
-        seed = settings["seed"]
-        env = envs.build_vec_env(spec, seed, allowed=True, source="--env")
-        if tensorboard_log is not None:
-            settings["tensorboard_log"] = tensorboard_log
-        try:
-            model = DistributionalPPO(envs.policy_for(env.observation_space), env, **settings)
-        except (TypeError, ValueError, AssertionError) as exc:
-            envs.close_quietly(env)
-            raise TrainingError(f"invalid model settings: {exc}".splitlines()[0]) from exc
-        manifest = _new_manifest(spec, seed, timesteps, every, settings, None)
-        console.print(f"training {spec.env_id} for {timesteps:,} steps into {run_dir}")
-        console.print(f"environment: {spec.describe()}")
-    else:
-        settings = dict(previous.get("model_settings") or {})
-        seed = options.seed
-        if seed is None:
-            seed = previous.get("seed", recorded_run.get("seed", 0))
-        authenticated = (
-            _manifest_problem(point.manifest, key, key_error) if point.manifest else "is missing"
-        )
-        recorded, where, vouched = _recorded_spec(point, authenticated)
-        if recorded is None and options.env_id is None:
-            raise TrainingError(
-                f"cannot tell which environment {point.checkpoint} was trained on: it records "
-                f"none and no {MANIFEST_NAME} beside it names one; pass --env ID"
-            )
-        spec = envs.resolve_spec(given, recorded, default_n_envs=point.n_envs, fixed=True)
-        named = options.env_id is not None and options.env_id == spec.env_id
-        allowed = named or vouched or options.trust
-        # Fresh environments are seeded past the original start, so that they do not replay
-        # the episodes the run began with.
-        fresh_seed = (int(seed) + point.timesteps) % 2**32
-        env = envs.build_vec_env(spec, fresh_seed, allowed=allowed, source=where or "the record")
-        restored = False
-        snapshot, why = _snapshot_bytes(point, spec, authenticated, options.trust)
-        if snapshot is not None:
-            # Authenticated: train wrote it for this user (or --trust); the sha256 matches.
-            problem = envs.restore_snapshot(env, snapshot)
-            if problem is None:
-                restored, env_line = True, f"environments restored from {why}"
-            else:
-                envs.close_quietly(env)
-                env = envs.build_vec_env(spec, fresh_seed, allowed=allowed)
-                env_line = f"{_FRESH} (snapshot {why}: {problem})"
-        else:
-            env_line = f"{_FRESH} ({why})"
-        normalization_line = _restore_normalization(point, env)
-        model = _load_checkpoint(
-            point.checkpoint, env, settings, restored, tensorboard_log, options
-        )
-        if not restored:
-            # load() re-seeds the environments with the run's original seed.
-            model.get_env().seed(fresh_seed)
-        # Only an authenticated manifest is carried on: re-signing a forged one would make
-        # its entries (snapshots included) look like ours to the next resume.
-        if resuming_here and manifest_in is not None and not authenticated:
-            manifest = manifest_in
-            manifest["timesteps"] = timesteps
-            manifest["checkpoint_every"] = every
-            manifest["env"] = spec.to_json()
-        else:
-            manifest = _new_manifest(spec, seed, timesteps, every, settings, str(point.checkpoint))
-        console.print(
-            f"resuming {point.checkpoint} at step {model.num_timesteps:,} of {timesteps:,} "
-            f"into {run_dir}; {env_line}"
-        )
-        source = "--env" if named and recorded is None else (where or "the options")
-        console.print(f"environment: {spec.describe()} (from {source})")
-        if normalization_line is not None:
-            console.print(normalization_line)
-        note = numerics.resume_note(point.numerics)
-        if note is not None:
-            console.print(f"note: {note}")
-
-    try:
-        _create_run_dir(run_dir)
+        _create_run_dir(plan.run_dir)
     except TrainingError:
         envs.close_quietly(model.get_env())
         raise
-    _remove_stale_temporaries(run_dir)
-    if reused:
-        console.print(f"note: reusing {run_dir}: its run wrote no checkpoint")
-    run_info = {"timesteps": timesteps, "checkpoint_every": every, "seed": seed}
-    run = _RunFolder(run_dir, manifest, key, spec, run_info)
-    run._save_manifest()
+    _remove_stale_temporaries(plan.run_dir)
+    if plan.reused:
+        console.print(f"note: reusing {plan.run_dir}: its run wrote no checkpoint")
+    folder = _RunFolder(plan.run_dir, plan.manifest, plan.key, plan.spec, plan.run_info)
+    folder._save_manifest()
     run_checks = _load_run_checks()
     summary = TrainSummary(
-        run_dir=run_dir,
+        run_dir=plan.run_dir,
         start_timesteps=model.num_timesteps,
         timesteps=model.num_timesteps,
         wall_time_s=0.0,
@@ -1280,92 +669,210 @@ def _train(options: TrainOptions, console: Console) -> TrainSummary:
     if run_checks is None:
         console.print("note: the checkpoint checks are not available; checkpoints unverified")
 
-    def on_checkpoint(path: Path, current: DistributionalPPO) -> None:
-        summary.checkpoints.append(path)
+    interrupt = _Interrupt()
+    started = time.perf_counter()
+    halted, last_saved = False, model.num_timesteps
+    if model.num_timesteps >= plan.timesteps:
+        console.print(
+            f"nothing to train: the checkpoint is at step {model.num_timesteps:,}, "
+            f"--timesteps is {plan.timesteps:,}"
+        )
+        summary.last_checkpoint = plan.options.resume
+    else:
+        verifier = _CheckpointVerifier(
+            run_checks, summary, console, plan.options.on_checkpoint
+        )
+        halted, last_saved = _learn(plan, model, folder, interrupt, verifier, console)
+        summary.last_checkpoint = summary.checkpoints[-1]
+    summary.wall_time_s = time.perf_counter() - started
+    summary.timesteps = last_saved if halted else model.num_timesteps
+    summary.interrupted = interrupt.requested and summary.timesteps < plan.timesteps
+    scaler = model._variance_gradient_scaler
+    if scaler is not None:
+        summary.vgs_scale, summary.vgs_step = scaler.scaling_factor, scaler.step_count
+        summary.vgs_level, summary.vgs_counts = scaler.level, scaler.factor_counts
+    if folder.snapshot_error is not None:
+        console.print(
+            f"note: the environments cannot be pickled ({folder.snapshot_error}); "
+            f"--resume will say: {_FRESH}"
+        )
+    if plan.options.eval_episodes > 0 and not summary.interrupted:
+        _evaluate(plan, model, summary)
+    model.get_env().close()
+    return summary
+
+
+def _start_model(plan: RunPlan, console: Console) -> DistributionalPPO:
+    """The model the run starts from, on its environments: new, or loaded from the resume
+    checkpoint (with the environment snapshot and VecNormalize's statistics beside it)."""
+    from dppo_ckpt.ppo import DistributionalPPO
+
+    spec, point = plan.spec, plan.point
+    if point is None:
+        env, _ = envs.build_stack(spec, plan.env_seed, allowed=True, source="--env")
+        try:
+            model = DistributionalPPO(envs.policy_for(env.observation_space), env, **plan.settings)
+        except (TypeError, ValueError, AssertionError) as exc:
+            envs.close_quietly(env)
+            raise TrainingError(f"invalid model settings: {exc}".splitlines()[0]) from exc
+        console.print(f"training {spec.env_id} for {plan.timesteps:,} steps into {plan.run_dir}")
+        console.print(f"environment: {spec.describe()}")
+        return model
+
+    from dppo_ckpt import numerics
+
+    statistics, sha256 = _statistics_file(point)
+
+    def build() -> tuple[VecEnv, str | None]:
+        return envs.build_stack(
+            spec, plan.env_seed, allowed=plan.env_allowed, source=plan.env_source,
+            statistics=statistics, sha256=sha256,
+        )  # fmt: skip
+
+    env, normalization_line = build()
+    restored = False
+    snapshot, why = _snapshot_bytes(point, spec, plan.authenticated, plan.options.trust)
+    if snapshot is not None:
+        # Authenticated: train wrote it for this user (or --trust); the sha256 matches.
+        problem = envs.restore_snapshot(env, snapshot)
+        if problem is None:
+            restored, env_line = True, f"environments restored from {why}"
+        else:
+            envs.close_quietly(env)
+            env, normalization_line = build()
+            env_line = f"{_FRESH} (snapshot {why}: {problem})"
+    else:
+        env_line = f"{_FRESH} ({why})"
+    try:
+        model = _load_checkpoint(
+            point.checkpoint, env, plan.settings, restored, plan.tensorboard_log, plan.options
+        )
+    except TrainingError:
+        envs.close_quietly(env)
+        raise
+    if not restored:
+        # load() re-seeds the environments with the run's original seed.
+        model.get_env().seed(plan.env_seed)
+    console.print(
+        f"resuming {point.checkpoint} at step {model.num_timesteps:,} of {plan.timesteps:,} "
+        f"into {plan.run_dir}; {env_line}"
+    )
+    console.print(f"environment: {spec.describe()} (from {plan.spec_from})")
+    if normalization_line is not None:
+        console.print(normalization_line)
+    note = numerics.resume_note(point.numerics)
+    if note is not None:
+        console.print(f"note: {note}")
+    return model
+
+
+class _CheckpointVerifier:
+    """Verifies each checkpoint the run writes and lists it in the summary.
+
+    :param run_checks: :func:`dppo_ckpt.checkpoint.checks.run_checks`, or ``None`` when the
+        checks are not available (the checkpoints are then listed as unverified)
+    """
+
+    def __init__(
+        self,
+        run_checks: Callable[..., Any] | None,
+        summary: TrainSummary,
+        console: Console,
+        on_checkpoint: Callable[[Path, DistributionalPPO], None] | None = None,
+    ) -> None:
+        self.run_checks = run_checks
+        self.summary = summary
+        self.console = console
+        self.on_checkpoint = on_checkpoint
+
+    def __call__(self, path: Path, model: DistributionalPPO) -> None:
+        self.summary.checkpoints.append(path)
         status = "unverified"
-        if run_checks is not None:
-            # Checks load the file, which moves the generators; training must not notice.
+        if self.run_checks is not None:
+            import torch as th
+
             from dppo_ckpt.rng import capture_rng_state, restore_rng_state
 
-            rng = capture_rng_state(current.action_space)
+            # The checks load the file, which moves the generators; training must not notice.
+            rng = capture_rng_state(model.action_space)
             threads = th.get_num_threads()
             try:
-                report = run_checks(path, quick=True)
+                report = self.run_checks(path, quick=True)
             finally:
                 th.set_num_threads(threads)
-                restore_rng_state(rng, current.action_space)
+                restore_rng_state(rng, model.action_space)
             if report.exit_code != 0:
                 raise _CheckpointRejected(
                     f"checkpoint {path} failed its checks: {_first_failure(report)}",
                     report.exit_code,
                 )
             status = "verified"
-        line = f"checkpoint {current.num_timesteps:,} steps: {path} ({status})"
-        console.print(line, highlight=False, soft_wrap=True)
+        line = f"checkpoint {model.num_timesteps:,} steps: {path} ({status})"
+        self.console.print(line, highlight=False, soft_wrap=True)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path, model)
 
-    interrupt = _Interrupt()
-    remaining = max(timesteps - model.num_timesteps, 0)
-    started = time.perf_counter()
-    halted = False
-    if remaining == 0:
-        console.print(
-            f"nothing to train: the checkpoint is at step {model.num_timesteps:,}, "
-            f"--timesteps is {timesteps:,}"
-        )
-        summary.last_checkpoint = options.resume
-    else:
-        try:
-            with interrupt.installed(), _progress(console) as progress:
-                task = progress.add_task(
-                    "training",
-                    total=timesteps,
-                    completed=model.num_timesteps,
-                    fps="-",
-                    ret="-",
-                    scale=_scale_text(model),
-                )
-                callback = _make_callback(run, every, progress, task, interrupt, on_checkpoint)
+
+def _learn(
+    plan: RunPlan,
+    model: DistributionalPPO,
+    folder: _RunFolder,
+    interrupt: _Interrupt,
+    verifier: _CheckpointVerifier,
+    console: Console,
+) -> tuple[bool, int]:
+    """One ``learn()`` call to the plan's total, under the progress line and the Ctrl-C
+    handler; a final checkpoint at its end.
+
+    :return: whether a first Ctrl-C halted the run at a rollout boundary, and the step of
+        the last checkpoint
+    """
+    from dppo_ckpt.train_callback import TrainingCallback, scale_text
+    from dppo_ckpt.train_progress import RunProgress, rounded_total, rounding_note
+
+    start = model.num_timesteps
+    rollout = model.n_steps * model.n_envs
+    total = rounded_total(plan.timesteps, start, rollout)
+    note = rounding_note(plan.timesteps, total, start, model.n_steps, model.n_envs)
+    if note is not None:
+        console.print(note)
+    try:
+        with (
+            interrupt.installed(),
+            RunProgress(console, total, start, interrupt, scale_text(model)) as progress,
+        ):
+            callback = TrainingCallback(folder, plan.every, progress, interrupt, verifier)
+            try:
                 model.learn(
-                    remaining,
+                    plan.timesteps - start,
                     callback=callback,
-                    reset_num_timesteps=point is None,
-                    tb_log_name=_tensorboard_name(tensorboard_log, point),
+                    reset_num_timesteps=plan.point is None,
+                    tb_log_name=plan.tb_log_name,
                 )
-                # A first Ctrl-C already saved at the rollout boundary (the model went on for
-                # one more step before learn() returned, which that checkpoint rightly lacks).
-                halted = callback.halt
-                if not halted and callback.last_saved != model.num_timesteps:
-                    callback.save()
-        except _CheckpointRejected as exc:
-            raise TrainingError(str(exc), exc.exit_code) from None
-        summary.last_checkpoint = summary.checkpoints[-1]
-    summary.wall_time_s = time.perf_counter() - started
-    summary.timesteps = callback.last_saved if halted else model.num_timesteps
-    summary.interrupted = interrupt.requested and summary.timesteps < timesteps
-    scaler = model._variance_gradient_scaler
-    if scaler is not None:
-        summary.vgs_scale, summary.vgs_step = scaler.scaling_factor, scaler.step_count
-        summary.vgs_level, summary.vgs_counts = scaler.level, scaler.factor_counts
-    if run.snapshot_error is not None:
-        console.print(
-            f"note: the environments cannot be pickled ({run.snapshot_error}); "
-            f"--resume will say: {_FRESH}"
+            finally:
+                callback.detach()
+            # A first Ctrl-C already saved at the rollout boundary (the model went on for one
+            # more step before learn() returned, which that checkpoint rightly lacks).
+            if not callback.halt and callback.last_saved != model.num_timesteps:
+                callback.save()
+    except _CheckpointRejected as exc:
+        raise TrainingError(str(exc), exc.exit_code) from None
+    return callback.halt, callback.last_saved
+
+
+def _evaluate(plan: RunPlan, model: DistributionalPPO, summary: TrainSummary) -> None:
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    seed = (int(plan.seed) + 1_000_003) % 2**32
+    eval_env = _evaluation_env(plan.spec, model.get_env(), seed)
+    try:
+        mean, std = evaluate_policy(
+            model, eval_env, n_eval_episodes=plan.options.eval_episodes, deterministic=True
         )
-
-    if options.eval_episodes > 0 and not summary.interrupted:
-        from stable_baselines3.common.evaluation import evaluate_policy
-
-        eval_env = _evaluation_env(spec, model.get_env(), (int(seed) + 1_000_003) % 2**32)
-        try:
-            mean, std = evaluate_policy(
-                model, eval_env, n_eval_episodes=options.eval_episodes, deterministic=True
-            )
-        finally:
-            eval_env.close()
-        summary.eval_return_mean, summary.eval_return_std = float(mean), float(std)
-        summary.eval_episodes = options.eval_episodes
-    model.get_env().close()
-    return summary
+    finally:
+        eval_env.close()
+    summary.eval_return_mean, summary.eval_return_std = float(mean), float(std)
+    summary.eval_episodes = plan.options.eval_episodes
 
 
 def _evaluation_env(spec: envs.EnvSpec, training_env: VecEnv | None, seed: int) -> VecEnv:
@@ -1376,7 +883,7 @@ def _evaluation_env(spec: envs.EnvSpec, training_env: VecEnv | None, seed: int) 
     from stable_baselines3.common.vec_env import VecNormalize
 
     # The module, if any, was imported (or refused) when the training stack was built.
-    env = envs.build_vec_env(
+    env, _ = envs.build_stack(
         dataclasses.replace(spec, n_envs=1, vec_env="dummy"), seed, allowed=True
     )
     normalize = envs.find_wrapper(env, VecNormalize)
@@ -1438,3 +945,4 @@ def render_summary(summary: TrainSummary, console: Console) -> None:
         console.print(
             f"last checkpoint: {summary.last_checkpoint}", highlight=False, soft_wrap=True
         )
+

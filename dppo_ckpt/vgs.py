@@ -39,79 +39,34 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from dppo_ckpt.vgs_format import (
+    CONFIG_KEYS,
+    CONFIG_KEYS_V1,
+    DEFAULT_LEVEL_BETA,
+    FORMAT_1_ONLY,
+    LEGACY_STATE_KEYS,
+    PICKLED_DEFAULTS,
+    STATE_FORMAT_VERSION,
+    STATE_KEYS,
+    STATE_KEYS_V1,
+)
+
 if TYPE_CHECKING:
     from stable_baselines3.common.logger import Logger
 
 __all__ = ["VarianceGradientScaler"]
 
 # Attribute names that hold live objects and are never pickled (see ``__getstate__``).
-_UNPICKLED_ATTRIBUTES = ("_parameters", "_logger", "_legacy_parameters_dropped")
+_UNPICKLED_ATTRIBUTES = LEGACY_STATE_KEYS
 
-_CONFIG_KEYS = (
-    "beta",
-    "alpha",
-    "eps",
-    "warmup_steps",
-    "quantile",
-    "level_beta",
-    "min_scale",
-    "enabled",
-)
-
-_STATE_KEYS = (
-    "format_version",
-    "config",
-    "step_count",
-    "scaling_factor",
-    "noise_ratio",
-    "level",
-    "post_warmup_steps",
-    "at_min_steps",
-    "at_one_steps",
-    "scale_sum",
-    "exp_avg",
-    "exp_avg_sq",
-)
-
-# The keys of a format-1 state dict, and its one configuration key that format 2 replaced.
-_STATE_KEYS_V1 = (
-    "format_version",
-    "config",
-    "step_count",
-    "scaling_factor",
-    "noise_ratio",
-    "exp_avg",
-    "exp_avg_sq",
-)
-_CONFIG_KEYS_V1 = tuple(key if key != "level_beta" else "variance_cap" for key in _CONFIG_KEYS)
-
-_DEFAULT_LEVEL_BETA = 0.99
-
-# Values ``__setstate__`` falls back to when an older pickle lacks an attribute. A pickle
-# without ``_state_version`` is format 1: it had an absolute cap and no running level, so the
-# level starts unset (it is initialised from the next ratio after warm-up) and the counters of
-# the factor's distribution start at zero.
-_STATE_DEFAULTS: dict[str, Any] = {
-    "_state_version": 1,
-    "beta": 0.99,
-    "alpha": 1.0,
-    "eps": 1e-8,
-    "warmup_steps": 100,
-    "quantile": 0.9,
-    "level_beta": _DEFAULT_LEVEL_BETA,
-    "min_scale": 0.1,
-    "enabled": True,
-    "_step_count": 0,
-    "_scaling_factor": 1.0,
-    "_noise_ratio": 0.0,
-    "_level": None,
-    "_post_warmup_steps": 0,
-    "_at_min_steps": 0,
-    "_at_one_steps": 0,
-    "_scale_sum": 0.0,
-    "_exp_avg": None,
-    "_exp_avg_sq": None,
-}
+# The stored shape (keys, orders, defaults) lives in the torch-free ``vgs_format``, which the
+# code-free checkpoint tools share.
+_CONFIG_KEYS = CONFIG_KEYS
+_STATE_KEYS = STATE_KEYS
+_STATE_KEYS_V1 = STATE_KEYS_V1
+_CONFIG_KEYS_V1 = CONFIG_KEYS_V1
+_DEFAULT_LEVEL_BETA = DEFAULT_LEVEL_BETA
+_STATE_DEFAULTS: dict[str, Any] = PICKLED_DEFAULTS
 
 
 def _real(name: str, value: Any) -> float:
@@ -383,7 +338,7 @@ class VarianceGradientScaler:
         the steps since the last dump whose scale was ``min_scale``, or 1)
     """
 
-    STATE_FORMAT_VERSION: ClassVar[int] = 2
+    STATE_FORMAT_VERSION: ClassVar[int] = STATE_FORMAT_VERSION
 
     def __init__(
         self,
@@ -401,7 +356,7 @@ class VarianceGradientScaler:
         config = _validate_config(
             beta, alpha, eps, warmup_steps, quantile, level_beta, min_scale, enabled
         )
-        # The attribute order is the pickled order; dppo_ckpt.checkpoint.migrate writes it too.
+        # The attribute order is the pickled order (vgs_format.PICKLED_ORDER).
         self._state_version: int = self.STATE_FORMAT_VERSION
         self.beta: float = config["beta"]
         self.alpha: float = config["alpha"]
@@ -833,7 +788,8 @@ class VarianceGradientScaler:
         for key in legacy:
             state.pop(key)
         # Format 1 had an absolute cap on R; the running level replaces it.
-        state.pop("variance_cap", None)
+        for key in FORMAT_1_ONLY:
+            state.pop(key, None)
         self.__dict__.update(_STATE_DEFAULTS)
         self.__dict__.update(state)
         self._state_version = self.STATE_FORMAT_VERSION

@@ -11,6 +11,7 @@ EXPECTED: dict[str, tuple[int, frozenset[str]]] = {
     "dppo_quantile_vgs.zip": (0, frozenset()),
     "dppo_categorical_vgs.zip": (0, frozenset()),
     "dppo_vgs_off.zip": (0, frozenset()),
+    "dppo_layout1.zip": (0, frozenset()),
     "dppo_legacy.zip": (1, frozenset({"DPPO005"})),
     "sb3_ppo.zip": (0, frozenset()),
     "hostile_data_entry.zip": (3, frozenset({"DPPO004"})),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from dppo_ckpt.checkpoint.allowlist import AllowListError, user_allow_list
 from dppo_ckpt.checkpoint.checks import run_checks
+from dppo_ckpt.checkpoint.report import render_table, to_json, to_junit
 from tests._models import make_model
 from tests.zoo_schedules import SimpleLinearSchedule
 
@@ -46,7 +49,7 @@ def test_a_zoo_schedule_is_refused_without_allow_and_passes_with_it(
 
 @pytest.mark.parametrize(
     "entry",
-    ["tests.zoo_schedules", "tests.zoo_schedules.Simple", "tests.SimpleLinearSchedule",
+    ["tests.zoo_schedules.Simple", "tests.SimpleLinearSchedule",
      "tests.zoo_schedules.SimpleLinearScheduleX"],
 )  # fmt: skip
 def test_allow_never_admits_a_pair_it_does_not_name(
@@ -59,7 +62,10 @@ def test_allow_never_admits_a_pair_it_does_not_name(
 
 @pytest.mark.parametrize(
     "entry", ["os.system", "builtins.eval", "subprocess.Popen", "importlib.import_module",
-              "pkgutil.resolve_name", "numpy.*", "mymod", "a.b.__reduce__"],
+              "pkgutil.resolve_name", "numpy.*", "mymod", "a.b.__reduce__",
+              # resolving to a module, functions, and a code class re-exported elsewhere
+              "tests.zoo_schedules", "time.sleep", "json.loads", "tests._hostile.Path",
+              "tests._hostile.warnings"],
 )  # fmt: skip
 def test_code_running_or_malformed_entries_are_an_error_of_their_own(entry: str) -> None:
     with pytest.raises(AllowListError):
@@ -104,6 +110,17 @@ def test_cycle_loads_a_zoo_checkpoint_with_allow_and_refuses_it_without(
     report = run_cycles(zoo_checkpoint, cycles=1, steps=64, allow=user_allow_list([ZOO]))
     assert report.path == str(zoo_checkpoint)
     assert "refused" not in " ".join(r.message for r in report.results)
+    # Every format names the extra entries the start was loaded with.
+    assert report.notes == (f"extra allow entries {ZOO} from --allow",)
+    assert all(r.details["extra_allow"] == [ZOO] for r in report.results)
+    buffer = io.StringIO()
+    render_table([report], Console(file=buffer, width=80, color_system=None))
+    assert f"extra allow entries {ZOO}" in " ".join(buffer.getvalue().split())
+    assert f'name="note" value="extra allow entries {ZOO} from --allow"' in to_junit(
+        [report], "cycle"
+    )
+    document = json.loads(to_json([report], "0", "cycle"))
+    assert document["files"][0]["results"][0]["details"]["extra_allow"] == [ZOO]
 
 
 @pytest.mark.parametrize(

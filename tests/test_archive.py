@@ -458,3 +458,25 @@ def test_text_member_must_be_utf8() -> None:
     raw = checkpoint_bytes(extra=[("system_info.txt", b"\xff\xfe")])
     with open_checkpoint(raw) as archive, pytest.raises(ArchiveError, match="UTF-8"):
         archive.text_member("system_info.txt")
+
+
+def test_rewritten_replaces_one_member_and_copies_the_rest_unchanged():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("data", b'{"n_envs": 1}', compress_type=zipfile.ZIP_DEFLATED)
+        archive.writestr("policy.pth", b"\x00" * 1000, compress_type=zipfile.ZIP_STORED)
+        archive.writestr("dppo_ckpt.json", b"{}", compress_type=zipfile.ZIP_DEFLATED)
+    with open_checkpoint(buffer.getvalue()) as archive:
+        rewritten = archive.rewritten({"dppo_ckpt.json": b'{"new": 1}'})
+        with pytest.raises(ArchiveError, match="no member 'absent'"):
+            archive.rewritten({"absent": b""})
+        assert archive.read_member("policy.pth") == b"\x00" * 1000  # still readable after
+    with zipfile.ZipFile(io.BytesIO(rewritten)) as result:
+        infos = result.infolist()
+        assert [i.filename for i in infos] == ["data", "policy.pth", "dppo_ckpt.json"]
+        assert [i.compress_type for i in infos] == [
+            zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
+        ]  # fmt: skip
+        assert result.read("data") == b'{"n_envs": 1}'
+        assert result.read("policy.pth") == b"\x00" * 1000
+        assert result.read("dppo_ckpt.json") == b'{"new": 1}'

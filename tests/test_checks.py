@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dppo_ckpt.checkpoint import checks
+from dppo_ckpt.checkpoint import static_checks
 from dppo_ckpt.checkpoint.checks import CHECKS, model_checks, run_checks
 from dppo_ckpt.checkpoint.results import CATEGORIES, Verdict
 from dppo_ckpt.checkpoint.safe_pickle import safe_load
@@ -151,7 +151,7 @@ def test_exception_inside_a_check_becomes_an_error(monkeypatch: pytest.MonkeyPat
     def boom(text: str) -> dict[str, str]:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(checks, "parse_system_info", boom)
+    monkeypatch.setattr(static_checks, "parse_system_info", boom)
     report = run_checks(fixture("dppo_quantile_vgs.zip"), static=True)
     result = next(r for r in report.results if r.check_id == "DPPO003")
     assert result.verdict is Verdict.ERROR
@@ -475,3 +475,17 @@ def test_verify_trust_passes_a_sound_distributional_checkpoint_with_a_lambda_sch
     assert by_id["DPPO004"].details["refused"], "the finding is listed in the report"
     assert "with code from the file allowed to run (--trust)" in by_id["DPPO007"].message
     assert by_id["DPPO012"].verdict is Verdict.PASS
+
+
+def test_an_undecodable_stored_scaler_is_an_error_of_dppo010_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dppo_ckpt.checkpoint import model_checks as load_checks
+
+    monkeypatch.setattr(load_checks, "scaler_payload", lambda archive: b"\x80\x04not a pickle")
+    report = run_checks(fixture("dppo_quantile_vgs.zip"), quick=True)
+    verdicts = {r.check_id: r for r in report.results}
+    assert verdicts["DPPO010"].verdict is Verdict.ERROR
+    assert verdicts["DPPO010"].message.startswith("cannot decode the stored scaler: ")
+    assert verdicts["DPPO005"].verdict is Verdict.PASS  # the static check reads the real entry
+    assert _failing(report) == {"DPPO010"} and report.exit_code == 1

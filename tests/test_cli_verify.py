@@ -221,8 +221,25 @@ def test_inspect_describes_a_checkpoint(tmp_path: Path) -> None:
     assert 0 <= vgs["at_min_share"] <= 1 and 0 <= vgs["at_one_share"] <= 1
     assert 0 < vgs["scale_mean"] <= 1
     assert info["legacy"] is False and info["safe"] is True
+    # Layout 2: the scaler's state dict is the tensor member vgs.pth, no pickled object.
+    assert info["layout"] == 2 and any(m["name"] == "vgs.pth" for m in info["members"])
+    in_vgs = {g["global"] for g in info["globals"] if g["member"] == "vgs.pth"}
+    assert in_vgs == {
+        "torch._utils._rebuild_tensor_v2", "torch.FloatStorage", "collections.OrderedDict"
+    }
+    assert "dppo_ckpt.vgs.VarianceGradientScaler" not in {g["global"] for g in info["globals"]}
+
+
+def test_inspect_describes_both_layouts_alike(tmp_path: Path) -> None:
+    two = _inspect_json("dppo_quantile_vgs.zip", tmp_path)
+    one = _inspect_json("dppo_layout1.zip", tmp_path)
+    assert one["layout"] == 1 and "vgs.pth" not in [m["name"] for m in one["members"]]
     assert {"dppo_ckpt.vgs.VarianceGradientScaler", "torch.storage._load_from_bytes"} <= {
-        g["global"] for g in info["globals"]
+        g["global"] for g in one["globals"]
+    }
+    # The same seeded run in either layout: the same scaler, described the same way.
+    assert {k: v for k, v in one["vgs"].items() if k != "class"} == {
+        k: v for k, v in two["vgs"].items() if k != "class"
     }
 
 

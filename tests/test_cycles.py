@@ -113,6 +113,16 @@ def test_scaler_that_pickles_its_parameters_fails_cyc007(monkeypatch):
         return state  # keeps _parameters: the original bug
 
     monkeypatch.setattr(VarianceGradientScaler, "__getstate__", leaky_getstate)
+    # Layout 2 never pickles the scaler (its state is vgs.pth), so the leak needs a save that
+    # also puts the scaler object back into `data`, as layout 1 did.
+    from dppo_ckpt.ppo import DistributionalPPO
+
+    excluded = DistributionalPPO._excluded_save_params
+
+    def pickle_the_scaler_too(self):
+        return [name for name in excluded(self) if name != "_variance_gradient_scaler"]
+
+    monkeypatch.setattr(DistributionalPPO, "_excluded_save_params", pickle_the_scaler_too)
     report = run_cycles(cycles=1, steps=128)
     results = _by_id(report)
     assert report.exit_code == 1

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from dppo_ckpt import envs
-from dppo_ckpt.checkpoint.metadata import MetadataError, encode_metadata, parse_metadata
+from dppo_ckpt.checkpoint.metadata import (
+    LAYOUT_REQUIRES,
+    LAYOUT_VERSION,
+    MetadataError,
+    encode_metadata,
+    parse_metadata,
+)
 from dppo_ckpt.envs import EnvError, EnvOptions, EnvSpec
 
 VECTOR = "tests.ux_envs:UxVector-v0"
@@ -139,8 +145,13 @@ def test_statistics_that_do_not_fit_are_refused_whole():
 def test_the_checkpoint_member_records_the_spec_and_stays_unchanged_without_it():
     numerics = {"numerics": "portable", "threads": 1}
     plain = encode_metadata(numerics)
-    assert json.loads(plain) == {"format": 1, "numerics": numerics}
-    assert parse_metadata(plain) == {"format": 1, "numerics": numerics}
+    layout = {"layout": LAYOUT_VERSION, "requires": LAYOUT_REQUIRES}
+    assert json.loads(plain) == {"format": 1, "numerics": numerics, **layout}
+    assert parse_metadata(plain) == {"format": 1, "numerics": numerics, **layout}
+    # A layout-1 member (written before layout 2) has neither key, and reads as layout 1.
+    old = encode_metadata(numerics, layout=None)
+    assert json.loads(old) == {"format": 1, "numerics": numerics}
+    assert parse_metadata(old) == {"format": 1, "layout": 1, "numerics": numerics}
     spec = EnvSpec(VECTOR, env_kwargs={"scale": [1, {"a": 2}]}).to_json()
     raw = encode_metadata(numerics, env=spec, run={"timesteps": 512, "seed": 0})
     parsed = parse_metadata(raw)

@@ -46,6 +46,14 @@ def _verdicts(run: subprocess.CompletedProcess[str]) -> dict[str, tuple[int, str
     }
 
 
+def test_static_refuses_as_unsafe_exactly_the_cases_the_full_verify_refuses() -> None:
+    # The runs below check the verdicts; this keeps the declared ones consistent with the
+    # promise that --static exits 3 exactly where the full verify does.
+    assert {n for n, c in CASES.items() if c.full == 3} == {
+        n for n, c in CASES.items() if c.static == 3
+    }
+
+
 @pytest.mark.parametrize("mode", ["full", "static"])
 def test_every_hostile_file_gets_its_verdict(hostile, mode: str) -> None:
     folder, files = hostile
@@ -74,4 +82,17 @@ def test_a_fifo_is_refused_without_hanging(tmp_path: Path, command: str) -> None
     run = _run(*args, cwd=tmp_path)
     assert run.returncode == 2, run.stdout + run.stderr
     assert "not a regular file" in run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("entry", ["time.sleep", "json.loads", "json.decoder"])
+def test_an_allow_entry_that_is_not_a_class_is_an_error_of_its_own(
+    tmp_path: Path, entry: str
+) -> None:
+    # SB3 calls what it finds as a schedule: an allowed function would run with file values.
+    from tests._hostile import BASE
+
+    run = _run("verify", "--static", "--allow", entry, str(BASE), cwd=tmp_path)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "not a class" in run.stdout + run.stderr
     assert "Traceback" not in run.stdout + run.stderr

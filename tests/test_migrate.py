@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from dppo_ckpt.checkpoint import migrate
 from dppo_ckpt.checkpoint.archive import open_checkpoint
 from dppo_ckpt.checkpoint.checks import run_checks
+from dppo_ckpt.checkpoint.migrate import orchestrate
 from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler, safe_load
 from dppo_ckpt.cli import app
 from fixtures.make_fixtures import (
@@ -38,6 +39,7 @@ from tests._models import make_env, make_model
 
 LEGACY = FIXTURES_DIR / "dppo_legacy.zip"
 CURRENT = FIXTURES_DIR / "dppo_quantile_vgs.zip"
+LAYOUT_1 = FIXTURES_DIR / "dppo_layout1.zip"
 FOREIGN = FIXTURES_DIR / "dppo_legacy_foreign_modules.zip"
 SCALER = migrate.SCALER_ENTRY
 CLI = [sys.executable, "-m", "dppo_ckpt.cli", "migrate"]
@@ -59,6 +61,21 @@ def _listing(folder: Path) -> dict[str, tuple[int, int, str]]:
 def _scaler_pickle(path: Path) -> bytes:
     with open_checkpoint(path) as archive:
         return archive.serialized_entries()[SCALER]
+
+
+def _vgs_state(path: Path) -> dict:
+    """Layout 2's scaler state, read as SB3 reads it (``torch.load(weights_only=True)``)."""
+    import torch
+
+    with zipfile.ZipFile(path) as archive:
+        return torch.load(io.BytesIO(archive.read("vgs.pth")), weights_only=True)
+
+
+def _state_bytes(state: dict) -> dict:
+    return {
+        key: [t.numpy().tobytes() for t in value] if isinstance(value, list) else value
+        for key, value in state.items()
+    }
 
 
 _MARK, _STATE, _OTHER = object(), object(), object()
@@ -158,7 +175,9 @@ def test_migrated_legacy_verifies_and_tracks_live_parameters(migrated, loaded):
     report = run_checks(migrated)
     assert report.exit_code == 0, [(r.check_id, r.message) for r in report.results]
     assert {r.verdict.value for r in report.results} == {"pass"}
-    assert "_parameters" not in _pickled_state_keys(_scaler_pickle(migrated))
+    with open_checkpoint(migrated) as archive:
+        assert SCALER not in archive.data and "vgs.pth" in archive
+        assert archive.metadata["layout"] == 2
     model = loaded
     policy = list(model.policy.parameters())
     tracked = model._variance_gradient_scaler.parameters
@@ -187,12 +206,9 @@ def test_legacy_fixture_holds_a_format_1_state():
 def test_statistics_equal_the_legacy_ones_bit_for_bit(migrated, loaded):
     legacy = SafeUnpickler(io.BytesIO(_scaler_pickle(LEGACY)), entry=SCALER).load()
     assert legacy.legacy_parameters_dropped
-    stored = SafeUnpickler(io.BytesIO(_scaler_pickle(migrated)), entry=SCALER).load()
-    assert not stored.legacy_parameters_dropped
     expected = legacy.state_dict()  # upgraded from format 1 on unpickling
     assert expected["format_version"] == 2 and expected["level"] is None
-    for scaler in (stored, loaded._variance_gradient_scaler):
-        state = scaler.state_dict()
+    for state in (_vgs_state(migrated), loaded._variance_gradient_scaler.state_dict()):
         for key in ("format_version", "config", "step_count", "scaling_factor", "noise_ratio"):
             assert state[key] == expected[key], key
         for key in ("level", "post_warmup_steps", "at_min_steps", "at_one_steps", "scale_sum"):
@@ -216,28 +232,51 @@ def _writer_opcodes(payload: bytes) -> list[tuple[str, object]]:
 def test_migrated_legacy_is_what_the_fixed_code_writes(migrated):
     # The legacy and the current fixture come from the same seeded training run. The legacy
     # one holds a format-1 state; migration upgrades it, so the running level and the
-    # factor's counters start afresh and the scaler's pickle differs from the current
-    # fixture's. Everything else is the fixed code's checkpoint, byte for byte.
+    # factor's counters start afresh and vgs.pth differs from the current fixture's. Every
+    # other member is the fixed code's layout-2 checkpoint, byte for byte, in its order.
     current, result = _raw_members(CURRENT), _raw_members(migrated)
     assert [(n, c) for n, c, _ in current] == [(n, c) for n, c, _ in result]
     for (name, _, a), (_, _, b) in zip(current, result, strict=True):
-        if name != "data":
+        if name != "vgs.pth":
             assert a == b, f"member {name} differs"
-    with zipfile.ZipFile(CURRENT) as zf:
-        current_data = json.loads(zf.read("data"))
-    with zipfile.ZipFile(migrated) as zf:
-        result_data = json.loads(zf.read("data"))
-    for data in (current_data, result_data):
-        data[SCALER][":serialized:"] = ""
-    assert current_data == result_data
-    # The scaler's pickle is the one the current code writes for the upgraded state:
-    # attribute for attribute in the current order, opcode for opcode.
-    payload = _scaler_pickle(migrated)
-    assert _pickled_state_keys(payload) == _pickled_state_keys(_scaler_pickle(CURRENT))
-    import cloudpickle
+    state, reference = _vgs_state(migrated), _vgs_state(CURRENT)
+    assert list(state) == list(reference)
+    assert state["config"] == reference["config"] and state["step_count"] == 8
+    assert (state["level"], state["post_warmup_steps"]) == (None, 0)  # started afresh
 
-    upgraded = SafeUnpickler(io.BytesIO(_scaler_pickle(LEGACY)), entry=SCALER).load()
-    assert _writer_opcodes(payload) == _writer_opcodes(cloudpickle.dumps(upgraded))
+
+def test_layout_1_migrates_to_the_fixed_codes_checkpoint_bit_for_bit(tmp_path):
+    # The same run saved in layout 1 (current state format): the migrated statistics are the
+    # very ones the current code writes, and so is every other member.
+    out = tmp_path / "new.zip"
+    outcome = migrate.migrate_file(LAYOUT_1, out)
+    assert outcome.exit_code == 0 and outcome.status == "migrated", outcome.message
+    assert "rewrote layout 1 as layout 2" in outcome.message
+    current, result = _raw_members(CURRENT), _raw_members(out)
+    assert [(n, c) for n, c, _ in current] == [(n, c) for n, c, _ in result]
+    for (name, _, a), (_, _, b) in zip(current, result, strict=True):
+        if name != "vgs.pth":
+            assert a == b, f"member {name} differs"
+    assert _state_bytes(_vgs_state(out)) == _state_bytes(_vgs_state(CURRENT))
+    from dppo_ckpt import DistributionalPPO
+
+    model = DistributionalPPO.load(out, env=make_env())  # a plain load
+    assert _state_bytes(model._variance_gradient_scaler.state_dict()) == _state_bytes(
+        _vgs_state(CURRENT)
+    )
+
+
+def test_a_layout_1_scaler_that_is_off_loses_its_null_entry(tmp_path):
+    from fixtures.make_fixtures import to_layout_1
+
+    layout_1 = tmp_path / "off.zip"
+    to_layout_1(FIXTURES_DIR / "dppo_vgs_off.zip", layout_1, None)
+    with zipfile.ZipFile(layout_1) as archive:
+        assert json.loads(archive.read("data"))[SCALER] is None
+    out = tmp_path / "new.zip"
+    outcome = migrate.migrate_file(layout_1, out)
+    assert outcome.exit_code == 0 and outcome.status == "migrated", outcome.message
+    assert_same_bytes((FIXTURES_DIR / "dppo_vgs_off.zip").read_bytes(), out.read_bytes(), "off")
 
 
 def test_migration_says_it_upgraded_the_state(tmp_path):
@@ -250,50 +289,60 @@ def test_migration_says_it_upgraded_the_state(tmp_path):
 def test_a_newer_state_format_is_refused_as_unusable():
     from dppo_ckpt.checkpoint.stub_pickle import pickle_protocol, stub_dumps, stub_loads
 
-    payload = _scaler_pickle(CURRENT)
+    payload = _scaler_pickle(LAYOUT_1)
     root = stub_loads(payload)
     root.ops[0][1]["_state_version"] = 3
     newer = stub_dumps(root, pickle_protocol(payload))
     with pytest.raises(migrate.MigrationError, match="format 3 is newer") as info:
-        migrate.rewrite_scaler_pickle(newer)
+        migrate.scaler_member(newer)
     assert info.value.exit_code == 2
-    assert migrate.rewrite_scaler_pickle(payload)[0] is None  # current: nothing to do
+    assert migrate.scaler_member(payload).facts["state_version_before"] == 2
 
 
-def test_migration_order_and_defaults_are_the_scalers():
+def test_the_scaler_and_migration_share_one_description_of_its_state():
     import torch
 
-    from dppo_ckpt.vgs import _STATE_DEFAULTS, VarianceGradientScaler
+    from dppo_ckpt import vgs, vgs_format
+    from dppo_ckpt.checkpoint.migrate import scaler_rewrite
 
-    fresh = VarianceGradientScaler([torch.nn.Parameter(torch.zeros(2))])
-    assert list(migrate._STATE_ORDER) == list(fresh.__getstate__())
-    assert migrate.SCALER_STATE_VERSION == VarianceGradientScaler.STATE_FORMAT_VERSION
-    assert {
-        k: v for k, v in _STATE_DEFAULTS.items() if k != "_state_version"
-    } == migrate._STATE_DEFAULTS
+    fresh = vgs.VarianceGradientScaler([torch.nn.Parameter(torch.zeros(2))])
+    assert list(vgs_format.PICKLED_ORDER) == list(fresh.__getstate__())
+    assert list(vgs_format.STATE_KEYS) == list(fresh.state_dict())
+    assert vgs._STATE_DEFAULTS is vgs_format.PICKLED_DEFAULTS
+    assert scaler_rewrite.STATE_FORMAT_VERSION is vgs_format.STATE_FORMAT_VERSION
+    assert vgs.VarianceGradientScaler.STATE_FORMAT_VERSION == vgs_format.STATE_FORMAT_VERSION
+    # The torch-free module stays torch-free, and migration with it.
+    code = (
+        "import sys, dppo_ckpt.checkpoint.migrate, dppo_ckpt.vgs_format; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def test_every_member_and_data_key_is_kept(migrated):
-    before, after = _raw_members(LEGACY), _raw_members(migrated)
-    assert [(n, c) for n, c, _ in before] == [(n, c) for n, c, _ in after]
-    for (name, _, old), (_, _, new) in zip(before, after, strict=True):
-        if name != "data":
-            assert old == new, f"member {name} changed"
+    before = {n: (c, raw) for n, c, raw in _raw_members(LEGACY)}
+    after = {n: (c, raw) for n, c, raw in _raw_members(migrated)}
+    assert set(after) == set(before) | {"vgs.pth"}
+    for name in before:
+        if name not in ("data", "dppo_ckpt.json"):
+            assert before[name] == after[name], f"member {name} changed"
     with zipfile.ZipFile(LEGACY) as zf:
         old_text = zf.read("data").decode()
+        old_meta = json.loads(zf.read("dppo_ckpt.json"))
     with zipfile.ZipFile(migrated) as zf:
         new_text = zf.read("data").decode()
+        new_meta = json.loads(zf.read("dppo_ckpt.json"))
     old_data, new_data = json.loads(old_text), json.loads(new_text)
-    assert list(old_data) == list(new_data)
-    for key in old_data:
-        if key != SCALER:
-            assert json.dumps(old_data[key], indent=4) == json.dumps(new_data[key], indent=4), key
-    assert list(old_data[SCALER]) == list(new_data[SCALER])
-    changed = [k for k in old_data[SCALER] if old_data[SCALER][k] != new_data[SCALER][k]]
-    assert changed == [":serialized:"]
-    # Textually too: only the base64 string differs.
-    old_b64, new_b64 = old_data[SCALER][":serialized:"], new_data[SCALER][":serialized:"]
-    assert old_text.replace(old_b64, "") == new_text.replace(new_b64, "")
+    assert [key for key in old_data if key != SCALER] == list(new_data)
+    for key in new_data:
+        assert json.dumps(old_data[key], indent=4) == json.dumps(new_data[key], indent=4), key
+    # Textually too: the scaler entry's characters are cut out, nothing else.
+    start = old_text.index(f'"{SCALER}"')
+    end = old_text.index('"', old_text.index('":serialized:"') + 15) + 1
+    assert old_text[:start] == new_text[:start]
+    assert new_text[start:].startswith(old_text[old_text.index('"', old_text.index("}", end)) :])
+    # The plain-JSON member only gains the layout.
+    assert new_meta == {**old_meta, "layout": 2, "requires": new_meta["requires"]}
 
 
 def test_migrating_twice_is_a_no_op(migrated, tmp_path):
@@ -323,18 +372,20 @@ def test_foreign_modules_fixture_migrates_without_those_modules(tmp_path):
     assert outcome.exit_code == 0, outcome.message
     for module, _ in FOREIGN_MODULES:
         assert module not in sys.modules
-    payload = _scaler_pickle(out)
-    keys = _pickled_state_keys(payload)
-    assert "_parameters" not in keys and "_logger" not in keys
-    assert keys[:4] == ["_state_version", "beta", "alpha", "eps"] and "_exp_avg_sq" in keys
-    assert "variance_cap" not in keys and "_level" in keys
-    strings = [arg for op, arg, _ in pickletools.genops(payload) if isinstance(arg, str)]
-    assert strings[:2] == ["variance_gradient_scaler", "VarianceGradientScaler"]
-    assert "_parameters" not in strings
-    # Everything but the scaler's pickle is the input's, byte for byte.
-    for (name, _, old), (_, _, new) in zip(_raw_members(FOREIGN), _raw_members(out), strict=True):
-        if name != "data":
-            assert old == new
+    with open_checkpoint(out) as archive:
+        assert SCALER not in archive.data
+        strings = [
+            arg for _, arg, _ in pickletools.genops(archive.pth_data_pkl("vgs.pth"))
+            if isinstance(arg, str)
+        ]  # fmt: skip
+    # The state dict names no class of the old modules: only what torch's loader accepts.
+    assert not any("variance_gradient_scaler" in text for text in strings)
+    assert "_parameters" not in strings and "variance_cap" not in strings
+    # Everything but data, the layout and the new member is the input's, byte for byte.
+    before = {n: raw for n, _, raw in _raw_members(FOREIGN)}
+    for name, _, raw in _raw_members(out):
+        if name not in ("data", "dppo_ckpt.json", "vgs.pth"):
+            assert before[name] == raw, name
     # With the old modules back, the result loads and the scaler tracks the live parameters.
     from dppo_ckpt import DistributionalPPO
 
@@ -362,16 +413,13 @@ def test_verify_refuses_the_foreign_fixture_that_migrate_accepts(tmp_path):
 def test_foreign_result_keeps_the_same_statistics(tmp_path):
     out = tmp_path / "new.zip"
     assert migrate.migrate_file(FOREIGN, out, static=True).exit_code == 0
-    # Same training run as the legacy fixture: once the module name is spelled the same, the
-    # migrated scaler pickles are identical.
+    # Same training run as the legacy fixture: the module names are gone with the pickle,
+    # and the scaler members are identical, byte for byte.
     legacy_out = tmp_path / "legacy.zip"
     assert migrate.migrate_file(LEGACY, legacy_out, static=True).exit_code == 0
-    from dppo_ckpt.checkpoint.stub_pickle import stub_dumps, stub_loads
-
-    root = stub_loads(_scaler_pickle(out))
-    assert root.func.name == "variance_gradient_scaler.VarianceGradientScaler"
-    root.func.module = "dppo_ckpt.vgs"
-    assert stub_dumps(root, 5) == _scaler_pickle(legacy_out)
+    with zipfile.ZipFile(out) as a, zipfile.ZipFile(legacy_out) as b:
+        assert a.read("vgs.pth") == b.read("vgs.pth")
+    assert _state_bytes(_vgs_state(out)) == _state_bytes(_vgs_state(legacy_out))
 
 
 # -- refusals and errors -----------------------------------------------------------------------
@@ -413,7 +461,7 @@ def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
         assert path.exists() and path.parent == tmp_path  # the temporary file, beside NEW
         raise migrate.MigrationError("the result does not verify: simulated")
 
-    monkeypatch.setattr(migrate, "_verify", refuse)
+    monkeypatch.setattr(orchestrate, "_verify", refuse)
     outcome = migrate.migrate_file(LEGACY, tmp_path / "new.zip")
     assert outcome.exit_code == 1 and outcome.status == "failed"
     assert list(tmp_path.iterdir()) == []
@@ -589,15 +637,15 @@ def test_sigkill_in_place_keeps_input_or_result_and_backup_whole(big_legacy, tmp
     assert (False, False) in seen  # some kills landed before anything was published
 
 
-def test_base64_in_data_is_the_only_text_that_changes_for_a_big_file(big_legacy, tmp_path):
+def test_only_the_scaler_entry_leaves_data_for_a_big_file(big_legacy, tmp_path):
     out = tmp_path / "new.zip"
     assert migrate.migrate_file(big_legacy, out, static=True).exit_code == 0
     with zipfile.ZipFile(big_legacy) as a, zipfile.ZipFile(out) as b:
         old, new = json.loads(a.read("data")), json.loads(b.read("data"))
-    assert {k for k in old if old[k] != new[k]} == {SCALER}
-    old_pickle = base64.b64decode(old[SCALER][":serialized:"])
-    new_pickle = base64.b64decode(new[SCALER][":serialized:"])
-    assert len(new_pickle) < len(old_pickle) * 0.75  # a third of it was parameter copies
+        old_pickle = base64.b64decode(old[SCALER][":serialized:"])
+        member = b.getinfo("vgs.pth").file_size
+    assert set(old) - set(new) == {SCALER} and all(old[k] == new[k] for k in new)
+    assert member < len(old_pickle) * 0.75  # a third of the pickle was parameter copies
 
 
 def test_a_later_run_removes_stale_temporaries_of_its_own_and_says_so(tmp_path: Path) -> None:
@@ -625,7 +673,7 @@ def test_migrate_into_a_read_only_folder_is_unusable_input(
     def refuse(*args: object, dir: str, **kwargs: object) -> None:  # noqa: A002
         raise PermissionError(13, "Permission denied", dir)
 
-    monkeypatch.setattr(migrate.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(orchestrate.tempfile, "mkstemp", refuse)
     outcome = migrate.migrate_file(LEGACY, tmp_path / "new.zip", static=True)
     assert outcome.exit_code == 2
     assert outcome.message == f"cannot write {tmp_path}: Permission denied"

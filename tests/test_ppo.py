@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import pickle
 import tempfile
 import warnings
@@ -14,6 +16,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from dppo_ckpt import CustomActorCriticPolicy, DistributionalPPO, VarianceGradientScaler
 from dppo_ckpt.ppo import StaleOptimizerError
+from dppo_ckpt.vgs_format import STATE_KEYS
 from tests._models import (
     make_env,
     make_model,
@@ -180,7 +183,6 @@ def test_vgs_metrics_reach_the_logger_before_and_after_load(tmp_path):
 
 
 def test_no_setup_flag_or_parameter_references_in_checkpoint(trained):
-    import json
     import zipfile
 
     _, _, path = trained
@@ -188,10 +190,15 @@ def test_no_setup_flag_or_parameter_references_in_checkpoint(trained):
         data = json.loads(archive.read("data"))
     assert not any("setup" in key.lower() for key in data)
     assert "_rng_state" in data and isinstance(data["_rng_state"], dict)
-    scaler_entry = data["_variance_gradient_scaler"][":serialized:"]
-    import base64
-
-    assert b"_parameters" not in base64.b64decode(scaler_entry)
+    # Layout 2: `data` keeps only the scaler's configuration; its state is vgs.pth, a plain
+    # state dict that torch's weights-only loader reads.
+    assert "_variance_gradient_scaler" not in data and "vgs_warmup_steps" in data
+    with zipfile.ZipFile(path) as archive:
+        state = th.load(io.BytesIO(archive.read("vgs.pth")), weights_only=True)
+        metadata = json.loads(archive.read("dppo_ckpt.json"))
+    assert metadata["layout"] == 2 and metadata["requires"].startswith("dppo-ckpt>=")
+    assert list(state) == list(STATE_KEYS)
+    assert state["format_version"] == VarianceGradientScaler.STATE_FORMAT_VERSION
 
 
 def test_rebuilt_policy_relinks_scaler_and_keeps_statistics(trained):

@@ -387,3 +387,54 @@ def test_inspect_reports_the_scalers_level_and_bound_shares() -> None:
     assert vgs["level"] is not None and vgs["level"] > 0
     assert vgs["config"]["min_scale"] <= vgs["scale_mean"] <= 1.0
     assert 0.0 <= vgs["at_min_share"] <= 1.0 and 0.0 <= vgs["at_one_share"] <= 1.0
+
+
+# -- the one entry point of verify's and cycle's output ---------------------------------------
+
+
+def test_render_gives_each_format_of_the_command(reports: list[FileReport]) -> None:
+    from dppo_ckpt.checkpoint.report import render
+
+    def text(fmt: str, command: str = "verify") -> str:
+        return render(reports, fmt, command=command, tool_version="9.9")
+
+    assert text("json") == to_json(reports, "9.9", "verify") + "\n"
+    assert json.loads(text("json", "cycle"))["command"] == "cycle"
+    assert text("junit", "cycle") == to_junit(reports, "cycle")
+    assert text("sarif") == to_sarif(reports, "9.9") + "\n"
+    table = text("table")
+    assert "ckpts/old.v1.zip" in table and summary_line(reports) in table
+    assert "\x1b" not in table and max(map(len, table.splitlines())) <= 120
+    with pytest.raises(ValueError, match="unknown report format 'yaml'"):
+        text("yaml")
+
+
+def test_print_reports_writes_the_rendered_text(
+    reports: list[FileReport], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dppo_ckpt.checkpoint.report import print_reports
+
+    print_reports(reports, "junit", command="cycle", tool_version="9.9")
+    assert capsys.readouterr().out == to_junit(reports, "cycle")
+
+
+def test_unusable_lines_and_written_line_are_escaped() -> None:
+    from dppo_ckpt.checkpoint.report import unusable_lines, written_line
+
+    broken = FileReport.from_results(
+        "x.zip", [_result("DPPO001", Verdict.FAIL, "archive", message="bad \x1b[31mname")]
+    )
+    fine = FileReport.from_results("y.zip", [_result("DPPO001", Verdict.PASS, "archive")])
+    assert unusable_lines([fine, broken, fine]) == ["error: bad \\x1b[31mname"]
+    line = written_line([fine], "out\x1b.json")
+    assert line == f"{summary_line([fine])} (report written to out\\x1b.json)"
+
+
+def test_inspection_json_is_ascii_and_total() -> None:
+    from pathlib import Path
+
+    from dppo_ckpt.checkpoint.report import inspection_to_json
+
+    text = inspection_to_json({"member": "d\u00e4ta\x1b", "path": Path("a/b")})
+    assert text.endswith("\n") and text.isascii()
+    assert json.loads(text) == {"member": "d\u00e4ta\x1b", "path": "a/b"}

@@ -6,6 +6,7 @@ import contextlib
 import io
 import pickle
 import sys
+import zipfile
 
 import cloudpickle
 import pytest
@@ -41,7 +42,7 @@ def test_every_entry_round_trips_byte_for_byte(path):
 
 
 def test_a_fresh_cloudpickle_dump_round_trips():
-    with open_checkpoint(FIXTURES_DIR / "dppo_quantile_vgs.zip") as archive:
+    with open_checkpoint(FIXTURES_DIR / "dppo_layout1.zip") as archive:  # a pickled scaler
         payload = archive.serialized_entries()["_variance_gradient_scaler"]
     scaler = SafeUnpickler(io.BytesIO(payload), entry="_variance_gradient_scaler").load()
     fresh = cloudpickle.dumps(scaler)
@@ -169,3 +170,13 @@ def test_budgets_refuse_before_the_work(payload, budget):
     with pytest.raises(ReadBudgetExceeded) as info:
         stub_model(payload, budget=ReadBudget(max_opcodes=10_000))
     assert info.value.budget == budget
+
+
+def test_persistent_ids_are_written_back_as_torch_reads_them():
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"a": [torch.arange(3.0)], "b": None}, buffer)
+    with zipfile.ZipFile(buffer) as archive:
+        data_pkl = archive.read("archive/data.pkl")
+    assert stub_dumps(stub_loads(data_pkl), 2) == data_pkl

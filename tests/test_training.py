@@ -386,6 +386,25 @@ def test_a_folder_signed_with_another_key_is_not_trusted(run_a, workspace):
     assert "run.json was signed with another key than yours" in result.stdout
 
 
+def test_a_signed_manifest_replayed_beside_another_checkpoint_vouches_for_nothing(
+    run_a, workspace
+):
+    # The user's own signed run.json and snapshot, with a hostile file under the listed name.
+    run_dir, _ = run_a
+    copy = workspace / "replayed"
+    _copy_up_to_256(run_dir, copy)
+    shutil.copy(FIXTURES_DIR / HOSTILE[0], copy / "checkpoint_000000256.zip")
+    result = dppo_ckpt(
+        "train", "--resume", "replayed/checkpoint_000000256.zip", "--eval-episodes", "0",
+        "--out", "replayed_out",
+        cwd=workspace,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "refused as unsafe" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not list(workspace.rglob("MARKER_pwned*"))
+
+
 def test_trust_loads_the_snapshot_of_an_unauthenticated_folder(run_a, workspace):
     run_dir, _ = run_a
     _edited_copy(run_dir, workspace / "trusted")

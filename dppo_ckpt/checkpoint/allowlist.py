@@ -11,8 +11,10 @@ entries, whoever asks.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +79,34 @@ def _parse(entry: Any, where: str) -> tuple[str, str]:
         )
     if name.startswith("__") or name in {"eval", "exec", "getattr", "setattr", "__import__"}:
         raise AllowListError(f"{where}: allow entry {entry!r} names a code-running callable")
+    _refuse_non_class(module, name, entry, where)
     return module, name
+
+
+def _refuse_non_class(module: str, name: str, entry: str, where: str) -> None:
+    """Refuse an entry that resolves to anything but a class of a module that is not code.
+
+    An allowed value reaches SB3 as it is, and SB3 calls schedules and classes it finds in
+    ``data``: an allowed function (``time.sleep``, or ``sys.exit`` re-exported by a module of
+    the user's) would be called with the file's arguments. The user's own module is imported
+    to tell; a name that does not resolve admits nothing, since the loader cannot build it.
+    """
+    try:
+        target = getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001 - any failure to import means nothing to admit
+        return
+    if not isinstance(target, type):
+        kind = "module" if isinstance(target, types.ModuleType) else type(target).__name__
+        raise AllowListError(
+            f"{where}: allow entry {entry!r} is a {kind}, not a class; only classes can be "
+            "allowed"
+        )
+    defined_in = str(getattr(target, "__module__", ""))
+    if defined_in in _CODE_MODULES or defined_in.split(".")[0] in _CODE_MODULES:
+        raise AllowListError(
+            f"{where}: allow entry {entry!r} is {defined_in}.{target.__qualname__}, from a "
+            "module whose objects run or reach code; it cannot be allowed"
+        )
 
 
 def find_pyproject(start: str | os.PathLike[str] | None = None) -> Path | None:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import io
 import json
 import os
 import posixpath
 import re
 import stat
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -246,8 +248,18 @@ class _BoundedReader(io.RawIOBase):
     turned into :class:`ArchiveError` naming the member.
     """
 
-    def __init__(self, raw: IO[bytes], *, limit: int, declared: int, member: str, label: str):
+    def __init__(
+        self,
+        raw: IO[bytes],
+        *,
+        limit: int,
+        declared: int,
+        member: str,
+        label: str,
+        on_complete: Any = None,
+    ):
         super().__init__()
+        self._on_complete = on_complete
         self._raw = raw
         self._limit = limit
         self._declared = declared
@@ -281,6 +293,10 @@ class _BoundedReader(io.RawIOBase):
             raise self._error(
                 f"member is {self._count} bytes long but declares {self._declared} (truncated?)"
             )
+        if n == 0 and self._on_complete is not None:
+            # Read to its end without error: zipfile has checked the CRC.
+            self._on_complete()
+            self._on_complete = None
         view[:n] = chunk
         return n
 
@@ -304,6 +320,48 @@ def _describe_read_error(exc: BaseException) -> str:
     if isinstance(exc, EOFError):
         return "unexpected end of data: the file is truncated"
     return f"cannot read member: {text or type(exc).__name__}"
+
+
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of ``length`` bytes at ``start`` of a shared file.
+
+    A stored (uncompressed) member is a byte range of the zip itself, so a torch archive
+    inside one can be opened in place: only what is read of it is read, and nothing is
+    copied or buffered beyond the reader's own chunks. The file's position is set before
+    every read, as :mod:`zipfile` does for the file it shares.
+    """
+
+    def __init__(self, fileobj: BinaryIO, start: int, length: int) -> None:
+        super().__init__()
+        self._file = fileobj
+        self._start = start
+        self._length = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = max(0, min(len(view), self._length - self._pos))
+        if want == 0:
+            return 0
+        self._file.seek(self._start + self._pos)
+        chunk = self._file.read(want)
+        view[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
 
 
 class ZipMembers:
@@ -335,6 +393,8 @@ class ZipMembers:
         self.tally = tally if tally is not None else _Tally(limits.max_decompressed_bytes)
         self._fileobj = fileobj
         self._owns_file = owns_file
+        # Members read to their end with a good CRC.
+        self._checked: set[str] = set()
         self._zip: zipfile.ZipFile | None = None
         try:
             self._zip = _open_zip(fileobj, limits, label)
@@ -448,14 +508,95 @@ class ZipMembers:
         self.tally.add(self.label, name, info.file_size)
         limit = min(info.file_size, self.limits.max_member_bytes)
         reader = _BoundedReader(
-            raw, limit=limit, declared=info.file_size, member=name, label=self.label
-        )
+            raw, limit=limit, declared=info.file_size, member=name, label=self.label,
+            on_complete=lambda: self._checked.add(name),
+        )  # fmt: skip
         return io.BufferedReader(reader, buffer_size=_CHUNK)
 
     def read_member(self, name: str) -> bytes:
         """Read the whole of ``name`` (bounded by the limits, CRC checked)."""
         with self.open_member(name) as stream:
             return stream.read()
+
+    def check_member(self, name: str) -> None:
+        """Read ``name`` to its end with bounded buffers, keeping nothing, so that a damaged
+        or truncated member is found (CRC mismatch, bad compressed data, lying sizes).
+
+        A stored member is read straight from the file into one reused buffer, its CRC
+        computed as it goes; anything else goes through the bounded inflating reader.
+
+        :raises ArchiveError: the member is damaged, or breaks a limit.
+        """
+        if name in self._checked:
+            return
+        start = self._stored_start(name)
+        if start is None:
+            with self.open_member(name) as stream:
+                while stream.read(_CHUNK):
+                    pass
+            return
+        info = self._infos[name]
+        if info.file_size > self.limits.max_member_bytes:
+            raise ArchiveError(
+                f"member {name!r}: {info.file_size} bytes, more than the limit of "
+                f"{self.limits.max_member_bytes}",
+                path=self.label,
+                member=name,
+            )
+        self.tally.add(self.label, name, info.file_size)
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        crc, done = 0, 0
+        self._fileobj.seek(start)
+        while done < info.file_size:
+            n = self._fileobj.readinto(view[: min(_CHUNK, info.file_size - done)])  # type: ignore[attr-defined]
+            if not n:
+                raise ArchiveError(
+                    f"member {name!r}: unexpected end of data: the file is truncated",
+                    path=self.label,
+                    member=name,
+                )
+            crc = zlib.crc32(view[:n], crc)
+            done += n
+        if crc != info.CRC:
+            raise ArchiveError(
+                f"member {name!r}: CRC mismatch: the file is corrupt", path=self.label, member=name
+            )
+        self._checked.add(name)
+
+    def _stored_start(self, name: str) -> int | None:
+        """Where a stored, unencrypted member's bytes begin in the file (``None`` for any
+        other member)."""
+        info = self._infos.get(name)
+        if info is None:
+            raise ArchiveError(f"no member {name!r}", path=self.label, member=name)
+        if self._fileobj is None:
+            raise ArchiveError("archive is closed", path=self.label)
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            return None
+        self._fileobj.seek(info.header_offset)
+        header = self._fileobj.read(30)
+        if len(header) != 30 or header[:4] != _ZIP_LOCAL_HEADER_MAGIC:
+            raise ArchiveError(f"member {name!r}: bad local header", path=self.label, member=name)
+        name_len, extra_len = struct.unpack_from("<HH", header, 26)
+        return info.header_offset + 30 + name_len + extra_len
+
+    def stored_window(self, name: str) -> BinaryIO | None:
+        """A seekable view of a stored member's bytes inside the zip, or ``None`` when the
+        member is compressed or encrypted (it must then be inflated to be read).
+
+        The member's CRC is checked first by one streamed read (bounded buffers, nothing
+        kept), unless a full read of it already checked it (``verify``'s ``DPPO001``).
+
+        :raises ArchiveError: a CRC mismatch, or a local header that disagrees with the
+            directory.
+        """
+        start = self._stored_start(name)
+        if start is None:
+            return None
+        self.check_member(name)
+        size = self._infos[name].file_size
+        return io.BufferedReader(_Window(self._fileobj, start, size), _CHUNK)  # type: ignore[return-value,arg-type]
 
     def spool_member(self, name: str) -> IO[bytes]:
         """Copy ``name`` into a seekable temporary file (memory up to 64 MiB, disk beyond)."""
@@ -481,6 +622,26 @@ class ZipMembers:
                 f"more than the limit of {self.limits.max_file_bytes} bytes", path=self.label
             )
         return raw
+
+    def rewritten(self, replacements: dict[str, bytes]) -> bytes:
+        """This zip with the members named in ``replacements`` holding new contents; every
+        member is read through the bounded reader and written back in the same order, with
+        the same header and compression.
+
+        :raises ArchiveError: a member named in ``replacements`` is absent, or a read fails
+        """
+        missing = sorted(set(replacements) - set(self._infos))
+        if missing:
+            raise ArchiveError(f"no member {missing[0]!r}", path=self.label, member=missing[0])
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as target:
+            for name, info in self._infos.items():
+                data = replacements.get(name)
+                if data is None:
+                    data = self.read_member(name)
+                # A copy: writing fills in the header fields of the new zip.
+                target.writestr(copy.copy(info), data)
+        return out.getvalue()
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -518,6 +679,30 @@ def _check_declared_member_count(fileobj: BinaryIO, limits: Limits, label: str) 
         )
 
 
+def _check_no_prefix(archive: zipfile.ZipFile, fileobj: BinaryIO, label: str) -> None:
+    """Refuse a zip whose central directory is not where its end record says.
+
+    ``zipfile`` takes the difference as bytes prepended to the archive and shifts every
+    offset by it; torch's reader takes the offsets as written. Such a file holds two
+    archives, one for the scan and another for the loader.
+    """
+    end_record = getattr(zipfile, "_EndRecData", None)
+    index = getattr(zipfile, "_ECD_OFFSET", None)
+    if end_record is None or index is None:
+        return
+    try:
+        record = end_record(fileobj)
+    finally:
+        fileobj.seek(0)
+    if record and archive.start_dir != record[index]:
+        archive.close()
+        raise ArchiveError(
+            f"{archive.start_dir - record[index]} bytes before its central directory that "
+            "the end record does not account for (two archives in one file?)",
+            path=label,
+        )
+
+
 def _open_zip(fileobj: BinaryIO, limits: Limits, label: str) -> zipfile.ZipFile:
     """``zipfile.ZipFile(fileobj)`` with its many failure modes turned into one-line reasons."""
     try:
@@ -530,7 +715,9 @@ def _open_zip(fileobj: BinaryIO, limits: Limits, label: str) -> zipfile.ZipFile:
         raise ArchiveError("empty file, not a zip archive", path=label)
     _check_declared_member_count(fileobj, limits, label)
     try:
-        return zipfile.ZipFile(fileobj)
+        archive = zipfile.ZipFile(fileobj)
+        _check_no_prefix(archive, fileobj, label)
+        return archive
     except zipfile.BadZipFile as exc:
         if head == _ZIP_LOCAL_HEADER_MAGIC:
             raise ArchiveError(f"truncated or damaged zip archive ({exc})", path=label) from None
@@ -606,6 +793,12 @@ class CheckpointArchive(ZipMembers):
                 )
             self._data = parsed
         return self._data
+
+    def drop_caches(self) -> None:
+        """Let go of the parsed ``data`` and the decoded entries (parsed again on demand):
+        for a layout-1 file with a large policy they hold the scaler's statistics twice."""
+        self._data = None
+        self._entries = None
 
     def serialized_entries(self) -> dict[str, bytes]:
         """Base64-decoded ``:serialized:`` payloads of ``data``, by attribute name.
@@ -704,7 +897,9 @@ class CheckpointArchive(ZipMembers):
 
         :raises ArchiveError: the member is not a zip, or the inner zip breaks a rule.
         """
-        spool = self.spool_member(name)
+        # A stored member (SB3 writes them so) is opened in place; a compressed one is
+        # inflated into a spool first.
+        spool = self.stored_window(name) or self.spool_member(name)
         return ZipMembers(
             spool,  # type: ignore[arg-type]
             self.limits,

@@ -21,14 +21,23 @@ from dppo_ckpt.checkpoint.archive import (
     CheckpointArchive,
     open_checkpoint,
 )
+from dppo_ckpt.checkpoint.metadata import layout_of
 from dppo_ckpt.checkpoint.safe_pickle import ScanReport, scan_checkpoint
 from dppo_ckpt.checkpoint.stub_pickle import StubCall, StubGlobal, StubPickleError, stub_model
+from dppo_ckpt.vgs_format import (
+    LEGACY_STATE_KEYS,
+    SCALER_ENTRY,
+    SCALER_MEMBER,
+    state_dict_to_pickled,
+)
 
 __all__ = [
     "DPPO_DATA_KEYS",
     "DPPO_POLICY",
     "LEGACY_STATE_KEYS",
     "SCALER_ENTRY",
+    "SCALER_MEMBER",
+    "checkpoint_layout",
     "identify_algorithm",
     "inspect_checkpoint",
     "legacy_state_keys",
@@ -37,11 +46,11 @@ __all__ = [
     "scaler_is_legacy",
     "scaler_model",
     "scaler_payload",
+    "scaler_state_member",
     "scaler_summary",
+    "state_dict_summary",
 ]
 
-#: The ``data`` entry holding DistributionalPPO's pickled Variance Gradient Scaler.
-SCALER_ENTRY: Final = "_variance_gradient_scaler"
 #: ``data`` keys that only DistributionalPPO writes.
 DPPO_DATA_KEYS: Final = frozenset({SCALER_ENTRY, "_rng_state", "critic"})
 #: The policy class of DistributionalPPO, as a pickle names it.
@@ -53,10 +62,35 @@ _SB3_ACTOR_CRITIC: Final = frozenset(
         "stable_baselines3.common.policies.ActorCriticCnnPolicy",
     }
 )
-#: Scaler state keys that only checkpoints of earlier versions hold: the pickled parameter
-#: objects (stale copies), the logger, and a load-time flag. The scaler drops all three
-#: when it pickles itself, so any of them present means a legacy entry.
-LEGACY_STATE_KEYS: Final = ("_parameters", "_logger", "_legacy_parameters_dropped")
+# SCALER_ENTRY (layout 1's pickled scaler in ``data``), SCALER_MEMBER (layout 2's state dict)
+# and LEGACY_STATE_KEYS (state keys only earlier versions pickled: the parameter objects, the
+# logger and a load-time flag; any of them means a legacy entry) come from vgs_format.
+
+
+def checkpoint_layout(archive: CheckpointArchive) -> int:
+    """The checkpoint layout the file records (1 when it records none): where the scaler's
+    state lies, pickled in ``data`` (1) or as the tensor member ``vgs.pth`` (2).
+
+    :raises ArchiveError: the layout is newer than this package reads, or the member is bad.
+    """
+    return layout_of(archive.metadata)
+
+
+def scaler_state_member(archive: CheckpointArchive) -> dict[str, Any] | None:
+    """Layout 2: the scaler's state dict as ``vgs.pth`` holds it, decoded code-free (tensors
+    are stand-ins); ``None`` when the file has no such member.
+
+    :raises ValueError: the member's pickle is corrupt or not a dict with string keys.
+    """
+    if SCALER_MEMBER not in archive:
+        return None
+    try:
+        root = stub_model(archive.pth_data_pkl(SCALER_MEMBER)).root
+    except StubPickleError as exc:
+        raise ValueError(f"{SCALER_MEMBER}: cannot decode pickle: {exc}") from None
+    if not (isinstance(root, dict) and all(isinstance(key, str) for key in root)):
+        raise ValueError(f"{SCALER_MEMBER} does not hold a state dict")
+    return root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +223,15 @@ def scaler_summary(payload: bytes) -> dict[str, Any]:
     :raises ValueError: the pickle is corrupt or is not a pickled object with a state dict.
     """
     class_name, state = scaler_model(payload)
+    return _summary(class_name, state)
+
+
+def state_dict_summary(state: dict[str, Any]) -> dict[str, Any]:
+    """:func:`scaler_summary` for a layout-2 state dict (:func:`scaler_state_member`)."""
+    return _summary(f"state dict in {SCALER_MEMBER}", state_dict_to_pickled(state))
+
+
+def _summary(class_name: str, state: dict[Any, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "class": class_name,
         # Pickles without a version are format 1, from before the running level.
@@ -289,11 +332,14 @@ def inspect_archive(archive: CheckpointArchive) -> dict[str, Any]:
     policy_class = policy_class_name(scan)
     payload = scaler_payload(archive)
     vgs: dict[str, Any] | None = None
-    if payload is not None:
-        try:
+    try:
+        if payload is not None:
             vgs = scaler_summary(payload)
-        except ValueError as exc:
-            vgs = {"error": str(exc)}
+        else:
+            state = scaler_state_member(archive)
+            vgs = None if state is None else state_dict_summary(state)
+    except ValueError as exc:
+        vgs = {"error": str(exc)}
     return {
         "path": archive.path,
         "members": [
@@ -315,6 +361,7 @@ def inspect_archive(archive: CheckpointArchive) -> dict[str, Any]:
         },
         "system_info": system_info,
         "numerics": metadata["numerics"] if metadata is not None else None,
+        "layout": layout_of(metadata),
         "algorithm": identify_algorithm(data, policy_class),
         "policy_class": policy_class,
         "hyperparameters": _hyperparameters(data),
@@ -341,7 +388,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     :return: a JSON-able dict: ``path``, ``members`` (name, size, compressed size,
         compression), ``versions`` (SB3, torch, Python, ... as recorded), ``system_info``,
-        ``numerics`` (the fingerprint of :mod:`dppo_ckpt.numerics`, or ``None``),
+        ``numerics`` (the fingerprint of :mod:`dppo_ckpt.numerics`, or ``None``), ``layout``
+        (1: the scaler pickled in ``data``; 2: its state dict in ``vgs.pth``),
         ``algorithm`` and ``policy_class`` (from the static scan), ``hyperparameters`` (the
         plain JSON values of ``data``), ``pickled_entries`` (their ``:type:``), ``vgs`` (the
         scaler's configuration and counters, or ``None``), ``legacy``, ``safe`` (every global

@@ -493,7 +493,7 @@ class _Evaluator:
         target = self.value(node.func, depth)
         args = tuple(self.value(arg, depth) for arg in node.args)
         if node.kind in ("NEWOBJ", "NEWOBJ_EX"):
-            if rule is not NEW_EMPTY or args or node.kwargs:
+            if rule is not NEW_EMPTY or args or node.kwargs or not isinstance(target, type):
                 raise MaterialiseRefused(name, f"{name} may not be created with {node.kind} here")
             obj = target.__new__(target)
         elif rule is None or rule is NEW_EMPTY:

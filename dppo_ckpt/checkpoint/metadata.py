@@ -5,12 +5,20 @@ in this one member, never pickled, so that reading it runs nothing and needs no 
 numerics fingerprint of :mod:`dppo_ckpt.numerics` always, and for checkpoints that ``train``
 wrote, the environment spec (:mod:`dppo_ckpt.envs`) and the run's targets::
 
-    {"format": 1, "numerics": {"numerics": "portable", "torch": "2.13.0+cpu", ...},
+    {"format": 1, "layout": 2, "requires": "dppo-ckpt>=0.3",
+     "numerics": {"numerics": "portable", "torch": "2.13.0+cpu", ...},
      "env": {"env_id": "CartPole-v1", "n_envs": 4, ...},
      "run": {"timesteps": 100000, "checkpoint_every": 10000, "seed": 0}}
 
 ``env`` and ``run`` are optional, so a checkpoint saved without them (by
 ``DistributionalPPO.save``) has the same bytes as before they existed.
+
+``layout`` is the checkpoint layout: where this package's state sits in the zip. Layout 1 (no
+``layout`` key, or no member at all) kept the scaler pickled inside ``data``; layout 2 keeps
+it as the torch-saved parameter ``vgs.pth`` and ``data`` holds only configuration. It is not
+the scaler's own state format (:mod:`dppo_ckpt.vgs_format`). ``requires`` names the release
+that reads the layout, so that a reader that does not know it can say which one to install
+(:func:`check_layout`).
 
 A checkpoint without the member (plain SB3, files older than this package's 0.2) is valid;
 :func:`parse_metadata` accepts only the shape written here, within small limits, so a hostile
@@ -24,16 +32,25 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "LAYOUT_REQUIRES",
+    "LAYOUT_VERSION",
+    "LayoutError",
     "METADATA_FORMAT_VERSION",
     "METADATA_MEMBER",
     "MAX_METADATA_BYTES",
     "MetadataError",
+    "check_layout",
     "encode_metadata",
+    "layout_of",
     "parse_metadata",
 ]
 
 METADATA_MEMBER = "dppo_ckpt.json"
 METADATA_FORMAT_VERSION = 1
+#: The checkpoint layout this package writes, and the newest it reads.
+LAYOUT_VERSION = 2
+#: The first release that reads (and writes) :data:`LAYOUT_VERSION`.
+LAYOUT_REQUIRES = "dppo-ckpt>=0.3"
 #: The member is a few hundred bytes; anything far larger was not written by this package.
 MAX_METADATA_BYTES = 64 * 1024
 _MAX_KEYS = 64
@@ -47,18 +64,30 @@ class MetadataError(ValueError):
     """The member does not have the shape this package writes."""
 
 
+class LayoutError(MetadataError):
+    """The checkpoint has a layout newer than this package reads (one line, naming the
+    release it needs)."""
+
+
 def encode_metadata(
     numerics: Mapping[str, Any],
     env: Mapping[str, Any] | None = None,
     run: Mapping[str, Any] | None = None,
+    layout: int | None = LAYOUT_VERSION,
 ) -> bytes:
     """The member's bytes (sorted keys, so equal inputs give equal bytes).
+
+    :param layout: the checkpoint layout to record (with :data:`LAYOUT_REQUIRES` for the
+        current one); ``None`` writes a layout-1 member, which has neither key
 
     :param numerics: the numerics fingerprint (flat)
     :param env: the environment spec as plain JSON; left out when ``None``
     :param run: the run's targets (flat); left out when ``None``
     """
     document: dict[str, Any] = {"format": METADATA_FORMAT_VERSION, "numerics": dict(numerics)}
+    if layout is not None and layout > 1:
+        document["layout"] = layout
+        document["requires"] = LAYOUT_REQUIRES
     if env is not None:
         document["env"] = _bounded_json(dict(env), "env")
     if run is not None:
@@ -141,8 +170,17 @@ def parse_metadata(raw: bytes) -> dict[str, Any]:
         raise MetadataError(
             f"format {version} is newer than this dppo-ckpt reads ({METADATA_FORMAT_VERSION})"
         )
+    layout = document.get("layout", 1)
+    if not isinstance(layout, int) or isinstance(layout, bool) or layout < 1:
+        raise MetadataError("'layout' must be a positive integer")
+    requires = document.get("requires")
+    if requires is not None and not (isinstance(requires, str) and len(requires) <= 64):
+        raise MetadataError("'requires' must be a short string")
+    check_layout(layout, requires)
     numerics = _flat_object(document.get("numerics"), "numerics")
-    parsed: dict[str, Any] = {"format": version, "numerics": numerics}
+    parsed: dict[str, Any] = {"format": version, "layout": layout, "numerics": numerics}
+    if requires is not None:
+        parsed["requires"] = requires
     if document.get("env") is not None:
         env = _bounded_json(document["env"], "env")
         if not isinstance(env, dict):
@@ -151,3 +189,27 @@ def parse_metadata(raw: bytes) -> dict[str, Any]:
     if document.get("run") is not None:
         parsed["run"] = _flat_object(document["run"], "run")
     return parsed
+
+
+def check_layout(layout: int, requires: str | None = None) -> None:
+    """Refuse a checkpoint layout newer than :data:`LAYOUT_VERSION`, in one line that names
+    the release it needs (as the file records it, else by its layout number).
+
+    :raises LayoutError: the layout is unknown here
+    """
+    if layout <= LAYOUT_VERSION:
+        return
+    needed = _printable(requires) if requires else f"a dppo-ckpt that reads layout {layout}"
+    raise LayoutError(
+        f"checkpoint layout {layout} is newer than this dppo-ckpt reads (layouts 1-"
+        f"{LAYOUT_VERSION}); it needs {needed}: upgrade dppo-ckpt"
+    )
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def layout_of(metadata: Mapping[str, Any] | None) -> int:
+    """The checkpoint layout of a parsed member (1 when the file has none)."""
+    return 1 if metadata is None else int(metadata.get("layout", 1))

@@ -1,6 +1,10 @@
-"""The checks that need a loaded model (and torch): identity, statistics, gradient probe,
-round trip. Imported lazily by :mod:`dppo_ckpt.checkpoint.checks`, so that static
-verification never imports torch.
+"""The load checks of ``dppo-ckpt verify`` (``DPPO007``-``DPPO012``): load the model with the
+allow-list loader, then examine it: identity, statistics, gradient probe, round trip.
+
+Each function is declared with its ID, title, category and remedy in
+:data:`~dppo_ckpt.checkpoint.registry.VERIFY`, which gives the run order. The declarations
+must be known to a static run, which never imports torch: so this module imports torch,
+numpy and gymnasium inside the functions that use them, never at the top.
 
 Identity is checked with ``id()``: equal values prove nothing, since the original bug was a
 scaler holding *copies* of the parameters that compared equal and were never updated.
@@ -9,27 +13,34 @@ scaler holding *copies* of the parameters that compared equal and were never upd
 from __future__ import annotations
 
 import copy
-import tempfile
+import io
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from gymnasium import spaces
-
-from dppo_ckpt.checkpoint.checks import CHECKS, _timed
+from dppo_ckpt.checkpoint.contents import SCALER_ENTRY, scaler_payload
+from dppo_ckpt.checkpoint.context import CheckContext
+from dppo_ckpt.checkpoint.registry import VERIFY, CheckSpec, describe, one_line
 from dppo_ckpt.checkpoint.results import CheckResult
+from dppo_ckpt.checkpoint.static_checks import UNSAFE_REMEDY
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from gymnasium import spaces
 
 __all__ = [
+    "PROBE_ABS_TOLERANCE",
+    "PROBE_REL_TOLERANCE",
+    "check_loads_safely",
     "check_optimizer_tracks_policy",
     "check_round_trip",
     "check_scale_reaches_step",
     "check_scaler_statistics",
     "check_scaler_tracks_policy",
-    "model_checks",
+    "model_state",
+    "state_fingerprint",
 ]
 
 _PROBE_BATCH = 8
@@ -46,14 +57,14 @@ def _is_distributional(model: Any) -> bool:
     return isinstance(model, DistributionalPPO)
 
 
-def _not_applicable(check_id: str, model: Any) -> CheckResult | None:
+def _not_applicable(spec: CheckSpec, model: Any) -> CheckResult | None:
     """A skip result when ``model`` has no scaler to check, else ``None``."""
     if not _is_distributional(model):
-        return CHECKS[check_id].skipped(
+        return spec.skipped(
             f"not a DistributionalPPO checkpoint ({type(model).__name__}): no scaler"
         )
     if _scaler(model) is None:
-        return CHECKS[check_id].skipped("the scaler is off (variance_gradient_scaling=False)")
+        return spec.skipped("the scaler is off (variance_gradient_scaling=False)")
     return None
 
 
@@ -62,15 +73,83 @@ def _trainable(model: Any) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+
+
+@VERIFY.check(
+    "DPPO007",
+    title="Model loads safely",
+    category="archive",
+    stage="load",
+    summary="allow-list loader",
+    on_failure="exit 2; exit 3 (security) if refused as unsafe",
+    remedy="Inspect the file with `dppo-ckpt inspect`; restore it from a good copy or save the "
+    "model again.",
+)
+def check_loads_safely(ctx: CheckContext) -> CheckResult:
+    """DPPO007: load with the allow-list loader (``safe_load``); a refusal is exit 3, any
+    other failure makes the file unusable (exit 2)."""
+    from dppo_ckpt.checkpoint.safe_pickle import UnsafePickleError, safe_load
+
+    spec = VERIFY["DPPO007"]
+    assert ctx.archive is not None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ctx.model = safe_load(
+                ctx.archive, env=ctx.env, device="cpu", trust=ctx.trust, budgets=ctx.budgets,
+                allow=ctx.allow,
+            )  # fmt: skip
+    except UnsafePickleError as exc:
+        ctx.load_blocker = "the loader refused the file as unsafe (DPPO007)"
+        return spec.failed(
+            describe(exc),
+            category="security",
+            remedy=UNSAFE_REMEDY,
+            member=exc.member,
+            **({"entry": exc.entry} if exc.entry else {}),
+        )
+    except Exception as exc:
+        ctx.load_blocker = "the model did not load (DPPO007)"
+        return spec.failed(f"the model does not load: {describe(exc)}")
+    ctx.load_warnings = [one_line(w.message) for w in caught]
+    model = ctx.model
+    name = type(model).__name__
+    params = sum(p.numel() for p in model.policy.parameters())
+    how = (
+        "with code from the file allowed to run (--trust)"
+        if ctx.trust and ctx.scan is not None and ctx.scan.refused
+        else "without running code from the file"
+    )
+    return spec.passed(
+        f"{name} loaded {how} ({params} policy parameters)",
+        algorithm=name,
+        parameters=params,
+        warnings=ctx.load_warnings,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Identity
 # ---------------------------------------------------------------------------------------------
 
 
-def check_scaler_tracks_policy(model: Any) -> CheckResult:
+@VERIFY.check(
+    "DPPO008",
+    title="Scaler tracks the policy's parameters",
+    category="lifecycle",
+    stage="model",
+    summary="N/N by `id()`",
+    remedy="Upgrade dppo-ckpt: its DistributionalPPO relinks the scaler on load; call "
+    "scaler.update_parameters(policy.parameters()) after rebuilding a policy.",
+)
+def check_scaler_tracks_policy(ctx: CheckContext) -> CheckResult:
     """DPPO008: the scaler's tracked tensors are exactly the policy's trainable parameter
     objects (by ``id()``), in the same order."""
-    spec = CHECKS["DPPO008"]
-    skip = _not_applicable("DPPO008", model)
+    spec = VERIFY["DPPO008"]
+    model = ctx.model
+    skip = _not_applicable(spec, model)
     if skip is not None:
         return skip
     live = _trainable(model)
@@ -95,10 +174,20 @@ def check_scaler_tracks_policy(model: Any) -> CheckResult:
     return spec.passed(message, shared=shared, policy=len(live))
 
 
-def check_optimizer_tracks_policy(model: Any) -> CheckResult:
+@VERIFY.check(
+    "DPPO009",
+    title="Optimizer tracks the policy's parameters",
+    category="lifecycle",
+    stage="model",
+    summary="N/N by `id()`",
+    remedy="Rebuild the optimizer over policy.parameters() after the policy is (re)built, then "
+    "relink the scaler.",
+)
+def check_optimizer_tracks_policy(ctx: CheckContext) -> CheckResult:
     """DPPO009: the optimizer's parameter groups hold exactly the policy's trainable
     parameter objects (by ``id()``)."""
-    spec = CHECKS["DPPO009"]
+    spec = VERIFY["DPPO009"]
+    model = ctx.model
     live = {id(p) for p in _trainable(model)}
     optimizer = getattr(model.policy, "optimizer", None)
     if optimizer is None:
@@ -123,12 +212,17 @@ def check_optimizer_tracks_policy(model: Any) -> CheckResult:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    import torch
+
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def state_fingerprint(state: Any) -> Any:
     """A bit-exact comparable form of a nested state (tensors as dtype, shape and raw bytes;
     floats by their bits, so that NaN equals itself and -0.0 differs from 0.0)."""
+    import numpy as np
+    import torch
+
     if isinstance(state, torch.Tensor):
         return ("tensor", str(state.dtype), tuple(state.shape), _tensor_bytes(state))
     if isinstance(state, dict):
@@ -161,11 +255,55 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
     return None if a == b else (where or "value")
 
 
-def check_scaler_statistics(model: Any, stored_state: dict[str, Any] | None) -> CheckResult:
+def _stored_scaler_state(ctx: CheckContext) -> dict[str, Any] | None:
+    """The scaler state as the checkpoint stores it: layout 1's scaler entry decoded with the
+    allow-list unpickler, layout 2's ``vgs.pth`` read with ``torch.load(weights_only=True)`` (as
+    SB3 reads it), or, for a model checked in memory, the one given."""
+    from dppo_ckpt.checkpoint.contents import SCALER_MEMBER
+    from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler
+
+    if ctx.archive is None:
+        return ctx.stored_scaler
+    if ctx.algorithm != "DistributionalPPO":
+        return None
+    payload = scaler_payload(ctx.archive)
+    if payload is None:
+        if SCALER_MEMBER not in ctx.archive:
+            return None
+        import torch
+
+        # A stored member (as SB3 writes it) is read in place, not copied first.
+        stream = ctx.archive.stored_window(SCALER_MEMBER) or ctx.archive.spool_member(
+            SCALER_MEMBER
+        )
+        with stream:
+            state = torch.load(stream, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{SCALER_MEMBER} holds a {type(state).__name__}, not a state dict")
+        return state
+    scaler = SafeUnpickler(io.BytesIO(payload), entry=SCALER_ENTRY).load()
+    return scaler.state_dict()
+
+
+@VERIFY.check(
+    "DPPO010",
+    title="Scaler statistics survive the load",
+    category="statistics",
+    stage="model",
+    summary="bit for bit against the stored ones",
+    remedy="Upgrade dppo-ckpt: loading must restore the scaler's saved statistics with "
+    "load_state_dict() instead of starting from zero.",
+)
+def check_scaler_statistics(ctx: CheckContext) -> CheckResult:
     """DPPO010: the loaded scaler's ``state_dict()`` equals the stored one bit for bit
     (configuration, step count, last scale and ratio, both moment buffers)."""
-    spec = CHECKS["DPPO010"]
-    skip = _not_applicable("DPPO010", model)
+    spec = VERIFY["DPPO010"]
+    try:
+        stored_state = _stored_scaler_state(ctx)
+    except Exception as exc:
+        return spec.errored(f"cannot decode the stored scaler: {describe(exc)}")
+    model = ctx.model
+    skip = _not_applicable(spec, model)
     if skip is not None:
         return skip
     if stored_state is None:
@@ -193,6 +331,9 @@ def check_scaler_statistics(model: Any, stored_state: dict[str, Any] | None) -> 
 
 def _sample(space: spaces.Space, rng: np.random.Generator, n: int) -> Any:
     """``n`` points of ``space`` from a local generator (the space's own RNG is untouched)."""
+    import numpy as np
+    from gymnasium import spaces
+
     if isinstance(space, spaces.Box):
         low = np.where(np.isfinite(space.low), space.low, -1.0)
         high = np.where(np.isfinite(space.high), space.high, 1.0)
@@ -214,6 +355,10 @@ def _sample(space: spaces.Space, rng: np.random.Generator, n: int) -> Any:
 def _probe_loss(model: Any) -> torch.Tensor:
     """A loss in the shape of the PPO objective (policy, value and entropy terms) on a
     synthetic batch, reaching every trainable parameter the training loss reaches."""
+    import numpy as np
+    import torch
+    from gymnasium import spaces
+
     policy = model.policy
     rng = np.random.default_rng(_PROBE_SEED)
     obs, _ = policy.obs_to_tensor(_sample(policy.observation_space, rng, _PROBE_BATCH))
@@ -236,6 +381,8 @@ def _restored(model: Any) -> Iterator[None]:
     """Restore, on exit, everything a probe update touches: the parameters (in place, so
     their identity is kept), their gradients, the optimizer's state and hyperparameters, the
     scaler's state and logger, the training mode and the torch RNG."""
+    import torch
+
     scaler = _scaler(model)
     policy = model.policy
     optimizer = policy.optimizer
@@ -266,6 +413,8 @@ def _probe_state(state: dict[str, Any]) -> dict[str, Any]:
     """The scaler's state forced into a regime where the factor cannot be 1: past warm-up,
     enabled, damping on (alpha >= 1), statistics (zero mean, unit second moment, beta > 0)
     that make every per-tensor noise ratio large, and a level far below any such ratio."""
+    import torch
+
     config = dict(state["config"])
     config.update(
         warmup_steps=0,
@@ -307,6 +456,8 @@ def _update_from_origin(
     float32 rounding of ``theta + delta`` (which, at |theta| ~ 1 and a step of ~1e-3, alone
     exceeds the probe's 1e-5 tolerance). Adam's step does not depend on theta.
     """
+    import torch
+
     optimizer = model.policy.optimizer
     optimizer.load_state_dict(copy.deepcopy(optimizer_state))
     with torch.no_grad():
@@ -318,7 +469,17 @@ def _update_from_origin(
     return [p.detach().double().clone() for p in params], scale
 
 
-def check_scale_reaches_step(model: Any) -> CheckResult:
+@VERIFY.check(
+    "DPPO011",
+    title="Scaler factor scales the optimizer's step",
+    category="lifecycle",
+    stage="model",
+    summary="probe; all state restored",
+    remedy="Relink the scaler with scaler.update_parameters(policy.parameters()) so that it "
+    "watches the gradients the optimizer uses, and apply its factor with "
+    "scaler.step(optimizer, scale) (the learning rate), not to .grad.",
+)
+def check_scale_reaches_step(ctx: CheckContext) -> CheckResult:
     """DPPO011: from a forced post-warm-up state, one probe update with the scaler's factor
     ``s`` moves the policy's parameters by ``s`` times the update with factor 1.
 
@@ -334,8 +495,11 @@ def check_scale_reaches_step(model: Any) -> CheckResult:
     parameters, gradients, optimizer state, scaler state (bit for bit) and logger, the
     training mode and the torch RNG.
     """
-    spec = CHECKS["DPPO011"]
-    skip = _not_applicable("DPPO011", model)
+    import torch
+
+    spec = VERIFY["DPPO011"]
+    model = ctx.model
+    skip = _not_applicable(spec, model)
     if skip is not None:
         return skip
     scaler = _scaler(model)
@@ -438,28 +602,33 @@ def model_state(model: Any) -> dict[str, Any]:
     )
 
 
-def check_round_trip(
-    model: Any, env: Any = None, *, trust: bool = False, allow: Any = None
-) -> CheckResult:
-    """DPPO012: save to a temporary file, load it back with the allow-list loader, and
-    compare policy parameters and buffers, optimizer state and scaler state bit for bit.
+@VERIFY.check(
+    "DPPO012",
+    title="Save/load round trip is lossless",
+    category="roundtrip",
+    stage="roundtrip",
+    summary="parameters, optimizer and scaler unchanged",
+    remedy="Saving and loading changes the state: upgrade dppo-ckpt, or report the checkpoint "
+    "and the versions it was written with.",
+)
+def check_round_trip(ctx: CheckContext) -> CheckResult:
+    """DPPO012: save the loaded model, load it back, and compare policy parameters and
+    buffers, optimizer state and scaler state bit for bit.
 
-    :param trust: reload through the same trusted path the model was loaded with (a model
-        with a closure schedule saves that closure again, which the allow-list refuses)
-    :param allow: the allow-list the model was loaded with (built-in plus the user's).
+    The model in hand was loaded once already, through the allow-list (or with ``--trust``),
+    so the bytes it saves pickle only what was accepted then: they are reloaded directly,
+    from memory, without a second scan or a temporary file.
     """
-    from dppo_ckpt.checkpoint.safe_pickle import ALLOWED_GLOBALS, safe_load
-
-    spec = CHECKS["DPPO012"]
+    spec = VERIFY["DPPO012"]
+    model, env = ctx.model, ctx.env
     before = model_state(model)
-    with tempfile.TemporaryDirectory(prefix="dppo-ckpt-roundtrip-") as folder:
-        path = Path(folder) / "roundtrip.zip"
-        model.save(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reloaded = safe_load(
-                path, env=env, device="cpu", trust=trust, allow=allow or ALLOWED_GLOBALS
-            )
+    buffer = io.BytesIO()
+    model.save(buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = type(model).load(buffer, env=env, device="cpu", tensorboard_log=None)
+    del buffer
     difference = _first_difference(before, model_state(reloaded))
     if difference is not None:
         return spec.failed(f"the state after save -> load differs at {difference}")
@@ -470,34 +639,3 @@ def check_round_trip(
         "parameters, optimizer and scaler state identical after save -> load",
         compared=sorted(before),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------------------------
-
-
-def model_checks(
-    model: Any,
-    stored_scaler_state: dict[str, Any] | None = None,
-    *,
-    stored_error: str | None = None,
-) -> list[CheckResult]:
-    """``DPPO008``-``DPPO011`` on a loaded model (see ``checks.model_checks``).
-
-    :param stored_error: why the stored scaler state could not be decoded; ``DPPO010`` then
-        errors with it.
-    """
-
-    def statistics() -> CheckResult:
-        if stored_error is not None:
-            return CHECKS["DPPO010"].errored(f"cannot decode the stored scaler: {stored_error}")
-        return check_scaler_statistics(model, stored_scaler_state)
-
-    plan: list[tuple[str, Callable[[], CheckResult]]] = [
-        ("DPPO008", lambda: check_scaler_tracks_policy(model)),
-        ("DPPO009", lambda: check_optimizer_tracks_policy(model)),
-        ("DPPO010", statistics),
-        ("DPPO011", lambda: check_scale_reaches_step(model)),
-    ]
-    return [_timed(CHECKS[check_id], fn) for check_id, fn in plan]

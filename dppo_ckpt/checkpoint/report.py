@@ -2,7 +2,9 @@
 
 Rendering only: these functions never run a check and never decide an outcome beyond the
 exit-code rule of :mod:`dppo_ckpt.checkpoint.results`. Every renderer takes the list of
-:class:`~dppo_ckpt.checkpoint.results.FileReport` that a command produced.
+:class:`~dppo_ckpt.checkpoint.results.FileReport` that a command produced. This is the one
+module that renders what ``verify``, ``cycle``, ``inspect`` and ``migrate`` print, so that the
+command line only parses options and maps outcomes to exit codes.
 
 Messages can quote names taken from an untrusted file (zip members, pickled globals), so the
 human-facing outputs (table, JUnit) show control and other non-printable characters as
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from enum import Enum
@@ -39,10 +42,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JSON_SCHEMA_VERSION",
+    "REPORT_FORMATS",
     "SARIF_CATEGORIES",
     "TOOL_NAME",
+    "inspection_to_json",
     "json_schema",
     "migration_to_json",
+    "print_reports",
+    "render",
     "render_inspection",
     "render_migration",
     "render_table",
@@ -50,6 +57,8 @@ __all__ = [
     "to_json",
     "to_junit",
     "to_sarif",
+    "unusable_lines",
+    "written_line",
 ]
 
 TOOL_NAME = "dppo-ckpt"
@@ -105,6 +114,80 @@ def summary_line(reports: Sequence[FileReport]) -> str:
     return line
 
 
+def fleet_summary_line(
+    files: int, seconds: float, nodes: int, cpus: int, startup_s: float = 0.0
+) -> str:
+    """The throughput of ``verify --ray``, e.g. ``"200 files in 3.1 s (64.5 files/s) on 1 Ray
+    node, 2 CPUs; Ray start-up 4.2 s"``. Start-up is apart: a cluster pays it once."""
+    rate = files / seconds if seconds > 0 else 0.0
+    line = (
+        f"{files} file{'s' if files != 1 else ''} in {seconds:.2f} s ({rate:.1f} files/s) "
+        f"on {nodes} Ray node{'s' if nodes != 1 else ''}, {cpus} CPUs"
+    )
+    if startup_s > 0:
+        line += f"; Ray start-up {startup_s:.2f} s"
+    return line
+
+
+def written_line(reports: Sequence[FileReport], output: str | PurePath) -> str:
+    """What a command says on the terminal after writing its report to ``output``."""
+    return f"{summary_line(reports)} (report written to {printable(output)})"
+
+
+def unusable_lines(reports: Sequence[FileReport]) -> list[str]:
+    """``error: REASON``, one line per file that could not be used (its DPPO001 did not
+    pass): the reason on stderr, where scripts look for errors, whatever the format."""
+    lines = []
+    for report in reports:
+        first = report.results[0] if report.results else None
+        if first is not None and first.check_id == "DPPO001" and first.verdict is not Verdict.PASS:
+            lines.append(f"error: {printable(first.message)}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Every format of verify and cycle
+
+#: The formats of the check reports; ``cycle`` offers all but SARIF.
+REPORT_FORMATS: Final = ("table", "json", "junit", "sarif")
+
+
+def render(reports: Sequence[FileReport], fmt: str, *, command: str, tool_version: str) -> str:
+    """The reports of ``command`` (``"verify"``, ``"cycle"``) as text in one of
+    :data:`REPORT_FORMATS`; the table as it is written to a file (120 columns, no colour).
+
+    :raises ValueError: an unknown format
+    """
+    if fmt == "json":
+        return to_json(reports, tool_version, command) + "\n"
+    if fmt == "junit":
+        return to_junit(reports, command)
+    if fmt == "sarif":
+        return to_sarif(reports, tool_version) + "\n"
+    if fmt != "table":
+        raise ValueError(f"unknown report format {fmt!r}; expected one of {REPORT_FORMATS}")
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    render_table(reports, Console(file=buffer, width=120, color_system=None))
+    return buffer.getvalue()
+
+
+def print_reports(
+    reports: Sequence[FileReport], fmt: str, *, command: str, tool_version: str
+) -> None:
+    """Show the reports on standard output: the table through rich (the terminal's width and
+    colours), any other format as :func:`render` gives it."""
+    if fmt == "table":
+        from rich.console import Console
+
+        render_table(reports, Console())
+        return
+    sys.stdout.write(render(reports, fmt, command=command, tool_version=tool_version))
+
+
 # ---------------------------------------------------------------------------------------------
 # Terminal table
 
@@ -124,9 +207,10 @@ def render_table(reports: Sequence[FileReport], console: Console) -> None:
             # One row says why; the skipped checks add nothing a reader needs here. JSON,
             # JUnit and SARIF keep every check, so CI test cases stay stable.
             results = results[:1]
+        caption = "\n".join([f"exit code {report.exit_code}", *map(printable, report.notes)])
         table = Table(
             title=Text(printable(report.path), style="bold"),
-            caption=f"exit code {report.exit_code}",
+            caption=caption,
             title_justify="left",
             caption_justify="left",
         )
@@ -294,6 +378,8 @@ def to_junit(reports: Sequence[FileReport], suite_name: str) -> str:
         properties = ET.SubElement(suite, "properties")
         ET.SubElement(properties, "property", name="path", value=printable(report.path))
         ET.SubElement(properties, "property", name="exit_code", value=str(report.exit_code))
+        for note in report.notes:
+            ET.SubElement(properties, "property", name="note", value=printable(note))
         for result in report.results:
             case = ET.SubElement(
                 suite,
@@ -452,6 +538,12 @@ def to_sarif(reports: Sequence[FileReport], tool_version: str) -> str:
 # inspect
 
 
+def inspection_to_json(info: dict[str, Any]) -> str:
+    """``inspect``'s JSON: what :func:`~dppo_ckpt.checkpoint.contents.inspect_checkpoint`
+    found, as ASCII (every string from the file escaped), anything else as its ``str()``."""
+    return json.dumps(info, indent=2, ensure_ascii=True, default=str) + "\n"
+
+
 def render_inspection(info: dict[str, Any], console: Console) -> None:
     """``inspect``'s tables: members, versions, hyperparameters, scaler, numerics, globals."""
     from rich.table import Table
@@ -476,6 +568,10 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
         row(overview, f"{key} version", value if value is not None else "not recorded")
     row(overview, "algorithm", info["algorithm"] or "unknown")
     row(overview, "policy class", info["policy_class"] or "unknown")
+    layout = info.get("layout", 1)
+    scaler_on = info["vgs"] is not None
+    to_2 = " (scaler pickled in data: `dppo-ckpt migrate` rewrites it in layout 2)"
+    row(overview, "checkpoint layout", f"{layout}{to_2 if layout == 1 and scaler_on else ''}")
     row(overview, "legacy scaler entry", "yes: run `dppo-ckpt migrate`" if info["legacy"] else "no")
     row(overview, "all globals allow-listed", "yes" if info["safe"] else "NO")
     console.print(overview)
@@ -599,3 +695,78 @@ def migration_to_json(outcomes: Sequence[MigrationOutcome], exit_code: int, vers
         },
         indent=2,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def _metric_text(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if not math.isfinite(value) else f"{value:,.4g}"
+    return "-" if value is None else str(value)
+
+
+def render_sweep(result: Any, console: Console) -> None:
+    """The results table of ``sweep`` (a :class:`~dppo_ckpt.sweep.SweepResult`): a row per
+    trial with its drawn values and figures, the best trial marked, then a totals line."""
+    from rich.table import Table
+    from rich.text import Text
+
+    keys = sorted({key for row in result.rows for key in row.config})
+    table = Table(title=f"sweep results ({result.metric}, {result.mode})", title_justify="left")
+    for column in ["trial", "status", *keys, "return", "eval return", "VGS scale",
+                   "VGS mean factor", "restarts"]:  # fmt: skip
+        # Folded, never cut short: a log file is 80 columns wide and a value must stay whole.
+        table.add_column(column, no_wrap=column == "trial", overflow="fold")
+    for row in result.rows:
+        mark = " *" if row.trial_id == result.best else ""
+        table.add_row(
+            Text(printable(row.trial_id) + mark),
+            Text(row.status, style="bold red" if row.status == "ERROR" else "bold green"),
+            *(Text(printable(_metric_text(row.config.get(key)))) for key in keys),
+            _metric_text(row.metrics.get("return")),
+            _metric_text(row.metrics.get("eval_return")),
+            _metric_text(row.metrics.get("vgs_scale")),
+            _metric_text(row.metrics.get("vgs_mean_factor")),
+            str(row.restarts),
+        )
+    console.print(table)
+    for row in result.rows:
+        if row.error:
+            console.print(Text(f"{printable(row.trial_id)} failed: {printable(row.error)}"),
+                          soft_wrap=True)  # fmt: skip
+    done = len(result.rows) - result.failed
+    line = f"{done} done, {result.failed} failed in {result.wall_time_s:,.1f} s"
+    if result.best is not None:
+        line += f"; best {printable(result.best)} (marked *)"
+    console.print(Text(line), soft_wrap=True)
+
+
+def sweep_to_json(result: Any, tool_version: str) -> str:
+    """The results of ``sweep`` as JSON: ``tool``, ``metric``, ``mode``, ``best``, ``folder``,
+    ``wall_time_s`` and ``trials`` [{trial_id, status, config, metrics, run_dir,
+    last_checkpoint, restarts, error}]; non-finite figures become strings."""
+    document = {
+        "tool": {"name": TOOL_NAME, "version": tool_version},
+        "command": "sweep",
+        "metric": result.metric,
+        "mode": result.mode,
+        "best": result.best,
+        "folder": str(result.folder),
+        "wall_time_s": result.wall_time_s,
+        "trials": [
+            {
+                "trial_id": row.trial_id,
+                "status": row.status,
+                "config": _jsonable(row.config),
+                "metrics": _jsonable(row.metrics),
+                "run_dir": row.run_dir,
+                "last_checkpoint": row.last_checkpoint,
+                "restarts": row.restarts,
+                "error": row.error,
+            }
+            for row in result.rows
+        ],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=True, allow_nan=False)

@@ -123,11 +123,14 @@ class FileReport:
     :param results: one :class:`CheckResult` per check, in the order they ran
     :param exit_code: 0 ok, 1 a check failed, 2 unusable input, 3 refused as unsafe;
         normally :func:`exit_code_for` of ``results``
+    :param notes: lines about the whole run that a reviewer must see beside the verdicts,
+        for example the extra allow entries the file was loaded with
     """
 
     path: str
     results: list[CheckResult]
     exit_code: int
+    notes: tuple[str, ...] = ()
 
     @classmethod
     def from_results(
@@ -137,10 +140,12 @@ class FileReport:
         *,
         unusable: bool = False,
         unsafe: bool = False,
+        notes: Iterable[str] = (),
     ) -> FileReport:
         """Build a report whose exit code is :func:`exit_code_for` of the results."""
         results = list(results)
-        return cls(path, results, exit_code_for(results, unusable=unusable, unsafe=unsafe))
+        code = exit_code_for(results, unusable=unusable, unsafe=unsafe)
+        return cls(path, results, code, tuple(notes))
 
 
 def exit_code_for(

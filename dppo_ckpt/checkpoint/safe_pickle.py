@@ -65,10 +65,12 @@ from dppo_ckpt.checkpoint.stub_pickle import (
     ReadBudgetExceeded,
     StubCall,
     StubGlobal,
+    StubPersistent,
     StubPickleError,
     iter_stubs,
     stub_model,
 )
+from dppo_ckpt.vgs_format import SCALER_PARAMETER
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
@@ -270,6 +272,7 @@ _NUMPY_ALIASES: Final[Mapping[tuple[str, str], tuple[str, str]]] = MappingProxyT
 # torch.load reads exactly these many pickles at the start of a legacy (non-zip) stream:
 # magic number, protocol version, system info, the object, the list of storage keys.
 _LEGACY_STREAM_PICKLES: Final = 5
+_LEGACY_OBJECT_PICKLE: Final = 3
 _DEFAULT_MAX_DEPTH: Final = 3
 
 
@@ -443,19 +446,82 @@ _REBUILDS: Final = frozenset(
 )
 
 
-def _crafted_dtype(args: Any, state: Any) -> bool:
-    """True unless a dtype BUILD looks like numpy's own pickle of a plain dtype.
+# Type codes that name their kind without a size, as numpy reads them.
+_BARE_DTYPE_CODES: Final = {
+    "b": ("i", 1), "?": ("b", 1), "i": ("i", 4), "f": ("f", 4), "c": ("S", 1),
+    "M": ("M", 8), "m": ("m", 8), "S": ("S", 0), "U": ("U", 0),
+}  # fmt: skip
+_DTYPE_CODE_PARTS: Final = re.compile(r"([<>=|]?)([biufcmMSU?])(\d*)(?:\[([A-Za-z]+)\])?")
+_DTYPE_NAME_PARTS: Final = re.compile(r"(bool)|(u?int|float|complex)(8|16|32|64|128)")
+_NAME_KINDS: Final = {"int": "i", "uint": "u", "float": "f", "complex": "c"}
 
-    Structured (``V``) and object (``O``) dtypes, or a state with subarray, names or fields,
-    are what make ``dtype.__setstate__`` trust file-given offsets and flags; SB3 checkpoints
-    never need them.
+
+def _dtype_code_parts(code: str) -> tuple[str, str, int, str | None] | None:
+    """``(byte order prefix, kind, size, datetime unit)`` of a plain type code, or None.
+
+    ``size`` is the item size in bytes, or the length for ``S`` and ``U``.
+    """
+    named = _DTYPE_NAME_PARTS.fullmatch(code)
+    if named:
+        if named.group(1):
+            return "", "b", 1, None
+        return "", _NAME_KINDS[named.group(2)], int(named.group(3)) // 8, None
+    parts = _DTYPE_CODE_PARTS.fullmatch(code)
+    if not parts:
+        return None
+    order, kind, digits, unit = parts.groups()
+    if unit is not None and kind not in "Mm":
+        return None
+    if not digits:
+        if kind not in _BARE_DTYPE_CODES:
+            return None
+        kind, size = _BARE_DTYPE_CODES[kind]
+        return order, kind, size, unit
+    return order, "b" if kind == "?" else kind, int(digits), unit
+
+
+def _numpy_dtype_state(code: str) -> tuple[Any, ...] | None:
+    """The state numpy itself pickles for ``numpy.dtype(code)``, worked out without numpy
+    (the full loader compares with numpy's own ``__reduce__``), or None if not a plain code."""
+    parts = _dtype_code_parts(code)
+    if parts is None:
+        return None
+    order, kind, size, unit = parts
+    native = "<" if sys.byteorder == "little" else ">"
+    if kind == "S" or (kind != "U" and size == 1):
+        byteorder = "|"
+    else:
+        byteorder = order if order in "<>" and order else native
+    elsize, alignment = {"S": (size, 1), "U": (4 * size, 4)}.get(kind, (-1, -1))
+    state: tuple[Any, ...] = (
+        3, byteorder, None, None, None, elsize, alignment, 8 if kind == "U" else 0
+    )  # fmt: skip
+    if kind in "Mm":
+        unit_bytes = unit.encode() if unit else b"generic"
+        state = (4, *state[1:], (None, (unit_bytes, 1, 1, 1)))
+    return state
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, RawBytes):
+        return value.tobytes()
+    if isinstance(value, tuple):
+        return tuple(_plain_value(item) for item in value)
+    return value
+
+
+def _crafted_dtype(args: Any, state: Any) -> bool:
+    """True unless a dtype BUILD's state is exactly the one numpy pickles for its type code.
+
+    ``dtype.__setstate__`` trusts the state's field offsets, item size and flags (a
+    "holds references" flag on ``u1`` makes numpy decref raw bytes), so the static scan
+    refuses what the loader refuses: anything but numpy's own state for the code.
     """
     kind = args[0] if isinstance(args, tuple) and args else None
-    if not isinstance(kind, str) or kind[:1] in ("O", "V"):
+    if not isinstance(kind, str):
         return True
-    if not isinstance(state, tuple) or len(state) < 5:
-        return True
-    return any(item is not None for item in state[2:5])
+    expected = _numpy_dtype_state(kind)
+    return expected is None or _plain_value(state) != expected
 
 
 _ARRAY_BUILDERS: Final = frozenset(
@@ -500,6 +566,10 @@ def _rule_violation(call: StubCall, rules: Mapping[tuple[str, str], Any]) -> str
         code = call.args[0]
         if not isinstance(code, str) or not _PLAIN_DTYPE_CODE.fullmatch(code):
             return f"<numpy.dtype of type code {str(code)[:20]!r}, not a plain dtype>"
+        parts = _dtype_code_parts(code)
+        if parts is not None and parts[2] == 0:
+            # The loader refuses items of no size (S0, U0) as well.
+            return f"<numpy.dtype of type code {code!r}, items of no size>"
     if key in _ARRAY_BUILDERS and call.ops:
         return f"<BUILD on a numpy array made by {func.name}>"
     if key in _RECONSTRUCT:
@@ -625,6 +695,12 @@ class _Scanner:
         for index, obj in enumerate(iter_stubs(model.root)):
             if index % 65536 == 65535:
                 self.read_budget.spend(0)  # the clock, on very large graphs
+            if checks_rules and isinstance(obj, StubPersistent):
+                # Only torch's own archives resolve persistent ids; the loader refuses them.
+                self.record(
+                    member, entry, "<persistent id in a data entry>",
+                    GlobalVerdict.NOT_ALLOWED, path,
+                )  # fmt: skip
             if not isinstance(obj, StubCall):
                 continue
             func = obj.func
@@ -678,8 +754,12 @@ class _Scanner:
         entry: str | None,
         path: tuple[str, ...],
         depth: int,
-    ) -> None:
-        """Scan what ``torch.load`` would unpickle from ``blob``."""
+    ) -> Any:
+        """Scan what ``torch.load`` would unpickle from ``blob``.
+
+        :return: the model of the object a legacy stream holds (its fourth pickle), the one
+            SB3 uses; None for a zip archive, whose ``data.pkl`` the caller names itself.
+        """
         if is_zip_bytes(bytes(blob[:4])):
             try:
                 with open_torch_archive(
@@ -694,8 +774,8 @@ class _Scanner:
                 ) from None
             for inner_name, data in pickles.items():
                 self.scan(data, member=member, entry=entry, path=(*path, inner_name), depth=depth)
-            return
-        offset = 0
+            return None
+        offset, root = 0, None
         for index in range(_LEGACY_STREAM_PICKLES):
             if offset >= len(blob):
                 raise PickleScanError(
@@ -703,15 +783,20 @@ class _Scanner:
                     member=member,
                     entry=entry,
                     path=path,
+                    findings=self.report().findings,
                 )
-            offset = self.scan(
+            model = self.scan(
                 blob,
                 member=member,
                 entry=entry,
                 path=(*path, f"pickle {index + 1} of {_LEGACY_STREAM_PICKLES}"),
                 start=offset,
                 depth=depth,
-            ).end
+            )
+            offset = model.end
+            if index == _LEGACY_OBJECT_PICKLE:
+                root = model.root
+        return root
 
     def scan_archive(self, archive: CheckpointArchive) -> None:
         """Scan every pickle SB3's loader would unpickle from ``archive``."""
@@ -720,7 +805,8 @@ class _Scanner:
             self.models[key] = self.scan(payload, member=DATA_MEMBER, entry=key)
         for name, inner in archive.iter_pth():
             if inner is None:
-                self.scan_torch_stream(
+                # torch.load reads legacy streams too: their keys are attribute paths as well.
+                self.pth_roots[name] = self.scan_torch_stream(
                     archive.read_member(name), member=name, entry=None, path=(), depth=0
                 )
                 continue
@@ -949,10 +1035,12 @@ class _EntryLoader:
             if name == "_rebuild_tensor_v2":
                 _check_tensor_view(args, member, entry, budget)
             elif not (args and isinstance(args[0], torch.Tensor)):
-                raise UnsafePickleError(
-                    member, entry, f"torch._utils.{name}", GlobalVerdict.NOT_ALLOWED,
-                    detail="a Parameter must wrap a tensor",
-                )  # fmt: skip
+                # Damage, not code: the static scan cannot tell what the argument builds.
+                raise PickleScanError(
+                    f"invalid arguments to torch._utils.{name}: a Parameter must wrap a tensor",
+                    member=member,
+                    entry=entry,
+                )
             return getattr(torch._utils, name)(*args, **kwargs)
 
         return rebuild
@@ -962,14 +1050,20 @@ def _check_tensor_view(
     args: tuple[Any, ...], member: str, entry: str | None, budget: LoadBudget
 ) -> None:
     """Refuse a tensor view that reaches outside its storage or is larger than the budget
-    (a stride-0 view of one element can declare billions)."""
+    (a stride-0 view of one element can declare billions).
+
+    Such a view is damage, not code (exit code 2, like any constructor argument that does not
+    describe a valid object): the static scan cannot see storage sizes, and it must refuse as
+    unsafe exactly what the loader refuses as unsafe.
+    """
     import torch
 
-    def refuse(reason: str) -> UnsafePickleError:
-        return UnsafePickleError(
-            member, entry, "torch._utils._rebuild_tensor_v2", GlobalVerdict.NOT_ALLOWED,
-            detail=reason,
-        )  # fmt: skip
+    def refuse(reason: str) -> PickleScanError:
+        return PickleScanError(
+            f"invalid arguments to torch._utils._rebuild_tensor_v2: {reason}",
+            member=member,
+            entry=entry,
+        )
 
     if len(args) < 4:
         raise refuse("a tensor needs (storage, offset, size, stride)")
@@ -1223,7 +1317,10 @@ def safe_load(
         if algo_cls is None:
             algo_cls = _choose_algorithm(archive.data, decoded)
         check_attribute_paths(archive, scanner.pth_roots, algo_cls)
-        check_network_size(decoded.get("policy_kwargs"), budgets)
+        # SB3 takes plain JSON values (no ":serialized:") as they are.
+        plain = {**archive.data, **decoded}
+        check_network_size(plain.get("policy_kwargs"), budgets, plain)
+        check_rollout_size(plain, budgets)
     # A plain JSON key can steer file writes too: a stored ``tensorboard_log`` would make the
     # next learn() create folders wherever the file says. Only the caller may set one.
     kwargs.setdefault("tensorboard_log", None)
@@ -1231,9 +1328,9 @@ def safe_load(
 
 
 _PYTORCH_VARIABLES: Final = "pytorch_variables.pth"
-#: What ``_get_torch_save_params`` declares for SB3's on-policy algorithms (PPO and
-#: DistributionalPPO): the static scan's rule; the loader asks the algorithm class itself.
-_ON_POLICY_TORCH_PARAMS: Final = (("policy", "policy.optimizer"), ())
+#: What ``_get_torch_save_params`` declares for the on-policy algorithms (PPO; DistributionalPPO
+#: adds its scaler, ``vgs``): the static scan's rule; the loader asks the algorithm class.
+_ON_POLICY_TORCH_PARAMS: Final = (("policy", "policy.optimizer", SCALER_PARAMETER), ())
 
 
 def undeclared_attribute_paths(
@@ -1294,28 +1391,94 @@ def check_attribute_paths(
         )  # fmt: skip
 
 
-def check_network_size(policy_kwargs: Any, budgets: Budgets) -> None:
-    """Refuse a ``policy_kwargs`` whose ``net_arch`` asks for more weights than the memory
-    budget allows: SB3 allocates them (and Adam twice more) before anything can be checked.
+# Settings that set the width of the distributional critic's output layer.
+_HEAD_WIDTHS: Final = ("n_quantiles", "n_atoms")
+# Settings of SB3's feature extractors that set the width of their output layer.
+_FEATURE_WIDTHS: Final = ("features_dim", "cnn_output_dim")
+_SB3_DEFAULT_WIDTH: Final = 64
 
+
+def check_network_size(
+    policy_kwargs: Any, budgets: Budgets, algorithm: Mapping[str, Any] | None = None
+) -> None:
+    """Refuse a ``policy_kwargs`` whose ``net_arch`` and critic heads ask for more weights
+    than the memory budget allows: SB3 allocates them (and Adam twice more) before anything
+    can be checked.
+
+    :param algorithm: the algorithm's own settings (``data``): the observation space sizes
+        the first layer, and ``n_quantiles`` and ``n_atoms`` the critic head.
     :raises BudgetExceeded: the network would not fit in ``budgets.max_memory``.
     """
-    if not isinstance(policy_kwargs, dict):
-        return
-    arch = policy_kwargs.get("net_arch")
+    kwargs = policy_kwargs if isinstance(policy_kwargs, dict) else {}
+    arch = kwargs.get("net_arch")
     branches = list(arch.values()) if isinstance(arch, dict) else [arch]
-    weights = 0
+    # The extractor's output feeds the first layer: as wide as the file says, or the
+    # flattened observation; an image extractor's input is at most the observation.
+    observed = _space_elements((algorithm or {}).get("observation_space"))
+    extractor = kwargs.get("features_extractor_kwargs")
+    extractor = extractor if isinstance(extractor, dict) else {}
+    features = [
+        n for n in (extractor.get(k) for k in _FEATURE_WIDTHS) if type(n) is int and n > 0
+    ]
+    weights = sum(n * (observed + 1) for n in features)
+    width_in = max(features) if features else observed
+    widest = max(_SB3_DEFAULT_WIDTH, width_in)
     for branch in branches:
         if not isinstance(branch, (list, tuple)):
             continue
         sizes = [n for n in branch if isinstance(n, int) and not isinstance(n, bool)]
         if any(n < 0 for n in sizes):
             raise BudgetExceeded("max_memory", "net_arch holds a negative layer size")
-        weights += sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False)) + sum(sizes)
+        sizes = [width_in, *sizes]
+        weights += sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
+        widest = max([widest, *sizes])
+    for source in (kwargs, algorithm or {}):
+        for key in _HEAD_WIDTHS:
+            width = source.get(key)
+            if type(width) is int and width > 0:
+                weights += width * (widest + 1)
     # float32 weights, and Adam's two moments beside them.
     if 3 * 4 * weights > budgets.max_memory:
         raise BudgetExceeded(
             "max_memory",
-            f"policy_kwargs net_arch asks for {weights} weights, more than "
+            f"policy_kwargs ask for a network of {weights} weights, more than "
             f"{budgets.max_memory} bytes can hold with the optimizer state",
+        )
+
+
+def _space_elements(space: Any) -> int:
+    """Numbers one observation or action of ``space`` takes in a rollout buffer."""
+    inner = getattr(space, "spaces", None)
+    if inner is not None:
+        values = inner.values() if isinstance(inner, Mapping) else inner
+        return sum(_space_elements(s) for s in values)
+    shape = getattr(space, "shape", None)
+    return math.prod(shape) if isinstance(shape, tuple) else 1
+
+
+# rewards, returns, episode starts, values, log-probabilities, advantages, with room for the
+# distributional critics' extra per-step numbers.
+_ROLLOUT_SCALARS: Final = 8
+
+
+def check_rollout_size(data: Mapping[str, Any], budgets: Budgets) -> None:
+    """Refuse ``n_steps`` and ``n_envs`` that ask for a rollout buffer beyond the memory budget.
+
+    SB3's loader sets up the model from them, and the buffer is allocated (and filled by the
+    next ``learn``) at ``n_steps * n_envs`` times the observation and action sizes.
+
+    :raises BudgetExceeded: the buffer would not fit in ``budgets.max_memory``.
+    """
+    n_steps, n_envs = data.get("n_steps"), data.get("n_envs", 1)
+    if not all(type(n) is int for n in (n_steps, n_envs)):
+        return
+    per_step = _ROLLOUT_SCALARS + sum(
+        _space_elements(data.get(key)) for key in ("observation_space", "action_space")
+    )
+    nbytes = 4 * max(n_steps, 0) * max(n_envs, 0) * per_step
+    if nbytes > budgets.max_memory:
+        raise BudgetExceeded(
+            "max_memory",
+            f"n_steps {n_steps} with n_envs {n_envs} ask for a rollout buffer of {nbytes} "
+            f"bytes, more than {budgets.max_memory}",
         )

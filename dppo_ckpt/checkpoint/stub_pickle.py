@@ -808,7 +808,13 @@ class _StubPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
     def _unwritable(self, obj: Any) -> None:
         raise StubPickleError(f"a {type(obj).__name__} cannot be rewritten")
 
-    dispatch[StubPersistent] = _unwritable
+    def _save_persistent(self, obj: StubPersistent) -> None:
+        # As pickle.Pickler.save_pers writes it with a binary protocol: torch's storage
+        # references in a data.pkl.
+        self.save(obj.pid)
+        self.write(pickle.BINPERSID)
+
+    dispatch[StubPersistent] = _save_persistent
     dispatch[StubExtension] = _unwritable
 
     def _save_global_stub(self, obj: StubGlobal) -> None:
