@@ -1,4 +1,10 @@
-"""`dppo-ckpt train` end to end, through the real command line in a subprocess."""
+"""`dppo-ckpt train` end to end, through the real command line.
+
+Runs whose outcome depends on the process (bit-for-bit resumes against a subprocess run,
+signals, exit codes of the interpreter) go through a subprocess; checks of what `train` decides
+about a resume folder call the same command line in this process, which spares each one the
+seconds a fresh interpreter spends importing torch.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from dppo_ckpt import DistributionalPPO
 from dppo_ckpt.checkpoint.checks import run_checks
+from dppo_ckpt.cli import app
 from fixtures.make_fixtures import FIXTURES_DIR, marker_payload
 from tests._models import optimizer_state_bytes, parameters_bytes, scaler_state_bytes
 
@@ -52,6 +60,24 @@ def dppo_ckpt(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complet
         text=True,
         timeout=timeout,
     )
+
+
+class _InProcess:
+    """What a command line run left: its exit code and its two streams."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def in_process(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> _InProcess:
+    """``dppo-ckpt ARGS`` in ``cwd``, called in this process through the Typer app."""
+    monkeypatch.chdir(cwd)
+    result = CliRunner().invoke(app, list(args))
+    # An exception other than the command's own exit would have been a traceback.
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        result.exc_info
+    )
+    return _InProcess(result.exit_code, result.stdout, result.stderr)
 
 
 def _load(path: Path) -> DistributionalPPO:
@@ -120,29 +146,30 @@ def test_resume_continues_and_equals_the_uninterrupted_run(run_a, workspace):
     assert scaler_state_bytes(resumed) == scaler_state_bytes(uninterrupted)
 
 
-def test_resume_without_snapshot_restarts_environments_fresh(run_a, workspace):
+def test_resume_without_snapshot_restarts_environments_fresh(run_a, workspace, monkeypatch):
     run_dir, _ = run_a
     lone = workspace / "lone"
     lone.mkdir()
     shutil.copy(run_dir / "checkpoint_000000256.zip", lone / "start.zip")
-    result = dppo_ckpt(
+    result = in_process(
         "train", "--resume", "lone/start.zip", "--timesteps", "384", "--eval-episodes", "0",
-        cwd=workspace,
+        cwd=workspace, monkeypatch=monkeypatch,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "environments restart fresh" in result.stdout
     assert _load(lone / "checkpoint_000000384.zip").num_timesteps == 384
 
 
-def test_a_changed_snapshot_is_not_loaded(run_a, workspace):
+def test_a_changed_snapshot_is_not_loaded(run_a, workspace, monkeypatch):
     run_dir, _ = run_a
     copy = workspace / "tampered"
     shutil.copytree(run_dir, copy)
     snapshot = copy / "checkpoint_000000256.envs.pkl"
     snapshot.write_bytes(snapshot.read_bytes() + b"\0")
-    result = dppo_ckpt(
+    result = in_process(
         "train", "--resume", "tampered/checkpoint_000000256.zip", "--timesteps", "256",
-        cwd=workspace,
+        "--eval-episodes", "0",
+        cwd=workspace, monkeypatch=monkeypatch,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "environments restart fresh" in result.stdout
@@ -228,8 +255,10 @@ def test_bad_options_exit_2_with_one_line(tmp_path, make_args, expected):
     assert not (tmp_path / "never").exists()
 
 
-def test_existing_run_folder_is_not_overwritten(run_a, workspace):
-    result = dppo_ckpt("train", "--out", "A", "--timesteps", "128", cwd=workspace)
+def test_existing_run_folder_is_not_overwritten(run_a, workspace, monkeypatch):
+    result = in_process(
+        "train", "--out", "A", "--timesteps", "128", cwd=workspace, monkeypatch=monkeypatch
+    )
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and result.stderr.count("\n") == 1
 
@@ -321,22 +350,30 @@ def _forge_run_folder(folder: Path, checkpoint: Path, snapshot: bytes) -> Path:
 
 
 @pytest.mark.parametrize("name", HOSTILE)
-def test_resume_refuses_every_hostile_checkpoint_even_with_a_forged_manifest(tmp_path, name):
+def test_resume_refuses_every_hostile_checkpoint_even_with_a_forged_manifest(
+    tmp_path, name, monkeypatch
+):
     target = _forge_run_folder(
         tmp_path / "forged", FIXTURES_DIR / name, marker_payload("snapshot_" + name)
     )
-    result = dppo_ckpt("train", "--resume", str(target), "--eval-episodes", "0", cwd=tmp_path)
+    result = in_process(
+        "train", "--resume", str(target), "--eval-episodes", "0",
+        cwd=tmp_path, monkeypatch=monkeypatch,
+    )  # fmt: skip
     assert result.returncode == 3, result.stdout + result.stderr
     assert result.stderr.count("\n") == 1 and "refused as unsafe" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert not list(tmp_path.rglob("MARKER_pwned*"))
 
 
-def test_a_forged_snapshot_beside_a_sound_checkpoint_is_never_unpickled(tmp_path):
+def test_a_forged_snapshot_beside_a_sound_checkpoint_is_never_unpickled(tmp_path, monkeypatch):
     target = _forge_run_folder(
         tmp_path / "forged", FIXTURES_DIR / "dppo_quantile_vgs.zip", marker_payload("snapshot")
     )
-    result = dppo_ckpt("train", "--resume", str(target), "--eval-episodes", "0", cwd=tmp_path)
+    result = in_process(
+        "train", "--resume", str(target), "--eval-episodes", "0",
+        cwd=tmp_path, monkeypatch=monkeypatch,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "environments restart fresh" in result.stdout
     assert "run.json is not signed" in result.stdout
@@ -355,12 +392,12 @@ def _edited_copy(run_dir: Path, copy: Path) -> None:
     (copy / "run.json").write_text(json.dumps(manifest))
 
 
-def test_an_edited_manifest_does_not_vouch_for_its_snapshot(run_a, workspace):
+def test_an_edited_manifest_does_not_vouch_for_its_snapshot(run_a, workspace, monkeypatch):
     run_dir, _ = run_a
     _edited_copy(run_dir, workspace / "edited")
-    result = dppo_ckpt(
+    result = in_process(
         "train", "--resume", "edited/checkpoint_000000256.zip", "--eval-episodes", "0",
-        cwd=workspace,
+        cwd=workspace, monkeypatch=monkeypatch,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "environments restart fresh" in result.stdout
@@ -370,34 +407,33 @@ def test_an_edited_manifest_does_not_vouch_for_its_snapshot(run_a, workspace):
     assert [entry["file"] for entry in manifest["checkpoints"]] == ["checkpoint_000000512.zip"]
 
 
-def test_a_folder_signed_with_another_key_is_not_trusted(run_a, workspace):
+def test_a_folder_signed_with_another_key_is_not_trusted(run_a, workspace, monkeypatch):
     run_dir, _ = run_a
     _copy_up_to_256(run_dir, workspace / "foreign")
-    env = {**_environment(), "DPPO_CKPT_KEY": "another user's key, long enough to be one"}
-    result = subprocess.run(
-        _command("train", "--resume", "foreign/checkpoint_000000256.zip", "--eval-episodes", "0"),
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    monkeypatch.setenv("DPPO_CKPT_KEY", "another user's key, long enough to be one")
+    # --timesteps 256: the folder's verdict is given before training, which adds nothing here.
+    result = in_process(
+        "train", "--resume", "foreign/checkpoint_000000256.zip", "--timesteps", "256",
+        "--eval-episodes", "0",
+        cwd=workspace, monkeypatch=monkeypatch,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "environments restart fresh" in result.stdout
     assert "run.json was signed with another key than yours" in result.stdout
 
 
 def test_a_signed_manifest_replayed_beside_another_checkpoint_vouches_for_nothing(
-    run_a, workspace
+    run_a, workspace, monkeypatch
 ):
     # The user's own signed run.json and snapshot, with a hostile file under the listed name.
     run_dir, _ = run_a
     copy = workspace / "replayed"
     _copy_up_to_256(run_dir, copy)
     shutil.copy(FIXTURES_DIR / HOSTILE[0], copy / "checkpoint_000000256.zip")
-    result = dppo_ckpt(
+    result = in_process(
         "train", "--resume", "replayed/checkpoint_000000256.zip", "--eval-episodes", "0",
         "--out", "replayed_out",
-        cwd=workspace,
+        cwd=workspace, monkeypatch=monkeypatch,
     )  # fmt: skip
     assert result.returncode == 3, result.stdout + result.stderr
     assert "refused as unsafe" in result.stderr
@@ -405,13 +441,14 @@ def test_a_signed_manifest_replayed_beside_another_checkpoint_vouches_for_nothin
     assert not list(workspace.rglob("MARKER_pwned*"))
 
 
-def test_trust_loads_the_snapshot_of_an_unauthenticated_folder(run_a, workspace):
+def test_trust_loads_the_snapshot_of_an_unauthenticated_folder(run_a, workspace, monkeypatch):
     run_dir, _ = run_a
     _edited_copy(run_dir, workspace / "trusted")
-    result = dppo_ckpt(
-        "train", "--resume", "trusted/checkpoint_000000256.zip", "--eval-episodes", "0",
-        "--trust",
-        cwd=workspace,
+    # --timesteps 256: the snapshot is restored before training, which adds nothing here.
+    result = in_process(
+        "train", "--resume", "trusted/checkpoint_000000256.zip", "--timesteps", "256",
+        "--eval-episodes", "0", "--trust",
+        cwd=workspace, monkeypatch=monkeypatch,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "environments restored from checkpoint_000000256.envs.pkl" in result.stdout
