@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -63,13 +64,60 @@ def test_allow_never_admits_a_pair_it_does_not_name(
 @pytest.mark.parametrize(
     "entry", ["os.system", "builtins.eval", "subprocess.Popen", "importlib.import_module",
               "pkgutil.resolve_name", "numpy.*", "mymod", "a.b.__reduce__",
-              # resolving to a module, functions, and a code class re-exported elsewhere
-              "tests.zoo_schedules", "time.sleep", "json.loads", "tests._hostile.Path",
-              "tests._hostile.warnings"],
+              "json.__main__.X", "pkg.__init__.Name"],
 )  # fmt: skip
 def test_code_running_or_malformed_entries_are_an_error_of_their_own(entry: str) -> None:
     with pytest.raises(AllowListError):
         user_allow_list([entry])
+
+
+def test_reading_the_list_imports_nothing_it_names(
+    zoo_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A module that announces its import: naming it in the list must not run it.
+    (tmp_path / "announcer.py").write_text(
+        "import pathlib\npathlib.Path('IMPORTED').touch()\nclass Thing:\n    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    allow = user_allow_list(["announcer.Thing"])
+    report = run_checks(zoo_checkpoint, static=True, allow=allow)
+    assert report.exit_code == 3  # the zoo schedule is still not allowed
+    assert not (tmp_path / "IMPORTED").exists()
+    assert "announcer" not in sys.modules
+
+
+def _pickled_value(module: str, name: str) -> bytes:
+    """A protocol-2 pickle whose value is the global ``module.name`` itself."""
+    return b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n."
+
+
+@pytest.mark.parametrize(
+    "entry",
+    # a function, a module, and a class of a code module re-exported elsewhere
+    ["time.sleep", "json.decoder", "tests._hostile.Path"],
+)
+def test_an_entry_that_is_not_a_class_is_refused_where_the_file_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str
+) -> None:
+    from tests._hostile import BASE, _serialized
+
+    monkeypatch.chdir(tmp_path)
+    module, _, name = entry.rpartition(".")
+    path = tmp_path / "schedule.zip"
+    with zipfile.ZipFile(BASE) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            body = src.read(info)
+            if info.filename == "data":
+                doc = json.loads(body)
+                doc["learning_rate"] = _serialized(_pickled_value(module, name))
+                body = json.dumps(doc).encode()
+            dst.writestr(info, body)
+    allow = user_allow_list([entry])
+    report = run_checks(path, quick=True, allow=allow)
+    assert report.exit_code == 3, [(r.check_id, r.message) for r in report.results]
+    dppo007 = next(r for r in report.results if r.check_id == "DPPO007")
+    assert "not a class" in dppo007.message or "run or reach code" in dppo007.message
 
 
 def test_the_nearest_pyproject_list_is_used_and_named_in_the_report(

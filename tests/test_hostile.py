@@ -83,16 +83,3 @@ def test_a_fifo_is_refused_without_hanging(tmp_path: Path, command: str) -> None
     assert run.returncode == 2, run.stdout + run.stderr
     assert "not a regular file" in run.stdout + run.stderr
     assert "Traceback" not in run.stdout + run.stderr
-
-
-@pytest.mark.parametrize("entry", ["time.sleep", "json.loads", "json.decoder"])
-def test_an_allow_entry_that_is_not_a_class_is_an_error_of_its_own(
-    tmp_path: Path, entry: str
-) -> None:
-    # SB3 calls what it finds as a schedule: an allowed function would run with file values.
-    from tests._hostile import BASE
-
-    run = _run("verify", "--static", "--allow", entry, str(BASE), cwd=tmp_path)
-    assert run.returncode == 2, run.stdout + run.stderr
-    assert "not a class" in run.stdout + run.stderr
-    assert "Traceback" not in run.stdout + run.stderr

@@ -11,7 +11,6 @@ entries, whoever asks.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import types
@@ -21,7 +20,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-__all__ = ["AllowListError", "UserAllowList", "find_pyproject", "user_allow_list"]
+__all__ = [
+    "AllowListError",
+    "UserAllowList",
+    "UserEntry",
+    "entry_problem",
+    "find_pyproject",
+    "user_allow_list",
+]
 
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 
@@ -61,7 +67,7 @@ class UserAllowList:
 
     def merged(self, base: Mapping[tuple[str, str], str]) -> Mapping[tuple[str, str], str]:
         """``base`` with these pairs added, each justified by where it came from."""
-        why = f"allowed by the user ({self.source or '--allow'})"
+        why = UserEntry(f"allowed by the user ({self.source or '--allow'})")
         return MappingProxyType({**base, **{pair: why for pair in self.pairs}})
 
 
@@ -77,36 +83,40 @@ def _parse(entry: Any, where: str) -> tuple[str, str]:
             f"{where}: allow entry {entry!r} names a module whose objects run or reach code; "
             "it cannot be allowed (use --trust for a file you trust)"
         )
-    if name.startswith("__") or name in {"eval", "exec", "getattr", "setattr", "__import__"}:
+    # No module is imported here: reading the list must not run the code it names.
+    dunder = any(part.startswith("__") for part in entry.split("."))
+    if dunder or name in {"eval", "exec", "getattr", "setattr"}:
         raise AllowListError(f"{where}: allow entry {entry!r} names a code-running callable")
-    _refuse_non_class(module, name, entry, where)
     return module, name
 
 
-def _refuse_non_class(module: str, name: str, entry: str, where: str) -> None:
-    """Refuse an entry that resolves to anything but a class of a module that is not code.
+class UserEntry(str):
+    """Why a pair is allowed, when the user's list admitted it.
+
+    The loader tells user entries apart by this type: it requires them to resolve to a class
+    (:func:`entry_problem`), which only an import can tell, so it is checked where the file is
+    loaded, in the load check's child, and only for a pair the file names.
+    """
+
+
+def entry_problem(target: Any) -> str | None:
+    """Why a user entry that resolved to ``target`` cannot be allowed, or None for a class of a
+    module that is not code.
 
     An allowed value reaches SB3 as it is, and SB3 calls schedules and classes it finds in
     ``data``: an allowed function (``time.sleep``, or ``sys.exit`` re-exported by a module of
-    the user's) would be called with the file's arguments. The user's own module is imported
-    to tell; a name that does not resolve admits nothing, since the loader cannot build it.
+    the user's) would be called with the file's arguments.
     """
-    try:
-        target = getattr(importlib.import_module(module), name)
-    except Exception:  # noqa: BLE001 - any failure to import means nothing to admit
-        return
     if not isinstance(target, type):
         kind = "module" if isinstance(target, types.ModuleType) else type(target).__name__
-        raise AllowListError(
-            f"{where}: allow entry {entry!r} is a {kind}, not a class; only classes can be "
-            "allowed"
-        )
+        return f"the allow entry is a {kind}, not a class; only classes can be allowed"
     defined_in = str(getattr(target, "__module__", ""))
     if defined_in in _CODE_MODULES or defined_in.split(".")[0] in _CODE_MODULES:
-        raise AllowListError(
-            f"{where}: allow entry {entry!r} is {defined_in}.{target.__qualname__}, from a "
-            "module whose objects run or reach code; it cannot be allowed"
+        return (
+            f"the allow entry is {defined_in}.{target.__qualname__}, from a module whose "
+            "objects run or reach code"
         )
+    return None
 
 
 def find_pyproject(start: str | os.PathLike[str] | None = None) -> Path | None:

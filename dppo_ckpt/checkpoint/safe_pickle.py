@@ -32,6 +32,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
+from dppo_ckpt.checkpoint.allowlist import UserEntry, entry_problem
 from dppo_ckpt.checkpoint.archive import (
     DATA_MEMBER,
     ArchiveError,
@@ -988,9 +989,16 @@ class _EntryLoader:
         if override is not None:
             return override
         try:
-            return _resolve(module, name)
+            target = _resolve(module, name)
         except LookupError as exc:
             raise PickleScanError(str(exc), member=self.member, entry=self.entry) from None
+        if isinstance(self.allow.get((module, name)), UserEntry):
+            problem = entry_problem(target)
+            if problem is not None:
+                raise UnsafePickleError(
+                    self.member, self.entry, glob.name, GlobalVerdict.NOT_ALLOWED, detail=problem
+                )
+        return target
 
     def _load_from_bytes(self, blob: bytes) -> Any:
         import torch
