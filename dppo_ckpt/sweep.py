@@ -9,7 +9,8 @@ A sweep config holds a base ``train`` config and a search space::
     mode = "max"
     samples = 1                # Tune's num_samples: draws of the random dimensions
     seeds = [0, 1]             # a grid over the model's seed
-    search = "random"          # or "optuna" (needs optuna; no grid dimensions)
+    search = "random"          # or "optuna": dppo-ckpt[optuna], no grid dimensions; each
+                               # of its `samples` draws runs once per seed
     max_failures = 3           # restarts of a trial whose worker died
     cpus_per_trial = 1
 
@@ -328,11 +329,19 @@ def _check_model_keywords(path: Path, model: dict[str, Any], space: dict[str, Di
             raise SweepError(str(exc).replace(str(probe), f"{path} [model]/[space]")) from None
 
 
-def _check_optuna(space: Mapping[str, Dimension]) -> None:
-    import importlib.util
+#: How to get Ray's Optuna search, named in the message of a sweep that asks for it without.
+OPTUNA_EXTRA_HINT = "pip install 'dppo-ckpt[optuna]'"
 
-    if importlib.util.find_spec("optuna") is None:
-        raise SweepError("sweep.search = 'optuna' needs optuna: pip install optuna")
+
+def _check_optuna(space: Mapping[str, Dimension]) -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise SweepError(
+            f"sweep.search = 'optuna' needs optuna, which is not installed: {OPTUNA_EXTRA_HINT}"
+        ) from None
+    if not space:
+        raise SweepError("sweep.search = 'optuna' needs a [space] to draw from")
     grids = [key for key, dimension in space.items() if dimension.kind == "grid"]
     if grids:
         raise SweepError(
@@ -649,7 +658,7 @@ def _read_worker_attempt(trial_dir: Path) -> int:
 # The driver
 
 
-def _param_space(config: SweepConfig) -> dict[str, Any]:
+def _param_space(config: SweepConfig, *, seeds: bool = True) -> dict[str, Any]:
     from ray import tune
 
     makers: dict[str, Callable[..., Any]] = {
@@ -659,8 +668,68 @@ def _param_space(config: SweepConfig) -> dict[str, Any]:
         "loguniform": lambda values: tune.loguniform(*values),
     }
     space = {key: makers[d.kind](d.values) for key, d in config.space.items()}
-    space["seed"] = tune.grid_search(list(config.seeds))
+    if seeds:
+        space["seed"] = tune.grid_search(list(config.seeds))
     return space
+
+
+def _optuna_search(config: SweepConfig) -> Any:
+    """Ray's Optuna search, run once per seed for every draw.
+
+    Optuna takes no grid, so the seeds cannot be a dimension of its space; and a draw judged
+    on one seed would be judged on luck. Each draw therefore becomes one trial per seed, and
+    Optuna is told the mean of the metric over those trials once they have all ended (or that
+    the draw failed, if one of them did).
+    """
+    from ray.tune.search import Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
+    class EverySeed(Searcher):
+        def __init__(self, inner: Any, seeds: list[int]) -> None:
+            super().__init__(metric=config.metric, mode=config.mode)
+            self.inner = inner
+            self.seeds = seeds
+            self.pending: list[dict[str, Any]] = []  # the current draw, for the seeds left
+            self.draws = 0
+            self.draw_of: dict[str, str] = {}  # Tune's trial -> the Optuna draw it runs
+            self.scores: dict[str, list[float | None]] = {}
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | None:
+            if not self.pending:
+                draw = f"draw{self.draws:05d}"
+                params = self.inner.suggest(draw)
+                if params is None or params == Searcher.FINISHED:
+                    return params
+                self.draws += 1
+                self.scores[draw] = []
+                self.pending = [{**params, "seed": seed, "_draw": draw} for seed in self.seeds]
+            suggestion = dict(self.pending.pop(0))
+            self.draw_of[trial_id] = suggestion.pop("_draw")
+            return suggestion
+
+        def on_trial_complete(
+            self, trial_id: str, result: dict | None = None, error: bool = False
+        ) -> None:
+            draw = self.draw_of.pop(trial_id, None)
+            if draw is None:
+                return
+            value = None if error or not result else result.get(config.metric)
+            scores = self.scores[draw]
+            scores.append(value if isinstance(value, (int, float)) else None)
+            if len(scores) < len(self.seeds):
+                return
+            del self.scores[draw]
+            known = [v for v in scores if v is not None and math.isfinite(v)]
+            if len(known) < len(scores):
+                self.inner.on_trial_complete(draw, None, error=True)
+            else:
+                self.inner.on_trial_complete(draw, {config.metric: sum(known) / len(known)})
+
+    inner = OptunaSearch(
+        space=_param_space(config, seeds=False), metric=config.metric, mode=config.mode,
+        seed=config.seeds[0],
+    )  # fmt: skip
+    return EverySeed(inner, list(config.seeds))
 
 
 def _progress_callback() -> Any:
@@ -732,19 +801,21 @@ def run_sweep(
     from ray import tune
 
     search_alg = None
+    param_space = _param_space(config)
+    num_samples = config.samples
     if config.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(metric=config.metric, mode=config.mode)
+        # The searcher holds the space and suggests every trial's config, the seed included.
+        search_alg, param_space = _optuna_search(config), {}
+        num_samples = config.samples * len(config.seeds)
     config.folder.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, config=config), {"cpu": config.cpus_per_trial}
     )
     tuner = tune.Tuner(
         trainable,
-        param_space=_param_space(config),
+        param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=config.metric, mode=config.mode, num_samples=config.samples,
+            metric=config.metric, mode=config.mode, num_samples=num_samples,
             search_alg=search_alg,
         ),
         run_config=tune.RunConfig(
@@ -793,4 +864,7 @@ def _best(rows: list[TrialRow], config: SweepConfig) -> str | None:
     return pick(scored)[1]
 
 
-__all__ += ["QUARANTINE", "RAY_EXTRA_HINT", "RayUnavailableError", "TrialCheckpointError"]
+__all__ += [
+    "OPTUNA_EXTRA_HINT", "QUARANTINE", "RAY_EXTRA_HINT", "RayUnavailableError",
+    "TrialCheckpointError",
+]  # fmt: skip

@@ -1,5 +1,6 @@
-"""Ray: ``verify --ray`` against local ``verify``, dead workers, and a sweep whose trial loses
-its worker and still ends bit for bit where an uninterrupted one does.
+"""Ray: ``verify --ray`` against local ``verify``, dead workers, a sweep whose trial loses
+its worker and still ends bit for bit where an uninterrupted one does, and a sweep on Ray's
+Optuna search.
 
 One local Ray cluster of 2 CPUs serves the whole module (its start-up is the costly part).
 """
@@ -205,3 +206,109 @@ def test_a_trial_whose_worker_is_killed_ends_with_the_uninterrupted_parameters(t
     resumed, uninterrupted = _parameters(final), _parameters(reference.last_checkpoint)
     assert resumed.keys() == uninterrupted.keys() and resumed
     assert resumed == uninterrupted
+
+
+# ---------------------------------------------------------------------------------------------
+# The Optuna search
+
+
+_OPTUNA_SWEEP = """
+[sweep]
+name = "optuna"
+storage = "sweeps"
+metric = "eval_return"
+seeds = [0, 1]
+samples = 2
+search = "optuna"
+
+[train]
+env = "CartPole-v1"
+timesteps = 256
+n_envs = 1
+checkpoint_every = 128
+eval_episodes = 1
+
+[model]
+n_steps = 128
+batch_size = 64
+n_epochs = 1
+
+[space]
+learning_rate = { loguniform = [1e-4, 1e-3] }
+critic = { choice = ["quantile", "categorical"] }
+"""
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_runs_each_draw_once_per_seed_as_verified_train_runs(tmp_path):
+    pytest.importorskip("optuna")
+    from dppo_ckpt import sweep, training
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(_OPTUNA_SWEEP)
+    exported = tmp_path / "results.json"
+    done = CliRunner().invoke(app, ["sweep", str(path), "--output", str(exported)])
+    assert done.exit_code == 0, done.output
+    assert "Traceback" not in done.output
+
+    document = json.loads(exported.read_text())
+    trials = document["trials"]
+    assert len(trials) == 2 * 2 and {t["status"] for t in trials} == {"DONE"}
+    draws: dict[tuple, list[int]] = {}
+    for trial in trials:
+        config = trial["config"]
+        assert set(config) == {"learning_rate", "critic", "seed"}
+        assert 1e-4 <= config["learning_rate"] <= 1e-3
+        assert config["critic"] in ("quantile", "categorical")
+        draws.setdefault((config["learning_rate"], config["critic"]), []).append(config["seed"])
+    assert sorted(sorted(seeds) for seeds in draws.values()) == [[0, 1], [0, 1]]
+
+    for trial in trials:
+        run_dir = Path(trial["run_dir"])
+        final = Path(trial["last_checkpoint"])
+        assert final == run_dir / training.checkpoint_name(256)
+        manifest = json.loads((run_dir / training.MANIFEST_NAME).read_text())
+        assert manifest["seed"] == trial["config"]["seed"]
+        # The signed manifest lists it with its sha256 and the checks pass (in a child): it is
+        # the checkpoint a restart of this trial would resume from.
+        assert sweep.resume_point(run_dir, final.name, lambda line: None) == final
+        assert trial["metrics"]["timesteps"] == 256.0
+        assert isinstance(trial["metrics"]["eval_return"], float)
+
+    best = max(trials, key=lambda t: t["metrics"]["eval_return"])
+    assert document["best"] == best["trial_id"]
+    assert "sweep results (eval_return, max)" in done.stdout
+    assert f"{best['trial_id']} *" in done.stdout
+    assert "4 done, 0 failed" in done.stdout
+    assert all(t["trial_id"] in done.stdout for t in trials)
+
+
+def test_optuna_is_told_the_mean_over_the_seeds_of_each_draw(tmp_path):
+    pytest.importorskip("optuna")
+    import optuna
+
+    from dppo_ckpt import sweep
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(_OPTUNA_SWEEP.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))
+    searcher = sweep._optuna_search(sweep.load_sweep_config(path))
+    suggested = {f"t{i}": searcher.suggest(f"t{i}") for i in range(6)}
+    assert [c["seed"] for c in suggested.values()] == [0, 1, 2, 0, 1, 2]
+    first, second = list(suggested.values())[:3], list(suggested.values())[3:]
+    assert all({**c, "seed": 0} == {**first[0], "seed": 0} for c in first)
+    assert all({**c, "seed": 0} == {**second[0], "seed": 0} for c in second)
+
+    study = searcher.inner._ot_study
+    for trial_id, value in (("t0", 10.0), ("t1", 20.0)):
+        searcher.on_trial_complete(trial_id, {"eval_return": value})
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.RUNNING] * 2
+    searcher.on_trial_complete("t2", {"eval_return": 60.0})
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert study.trials[0].value == 30.0
+    assert study.trials[0].params == {k: v for k, v in first[0].items() if k != "seed"}
+
+    # One seed's trial failed: the draw as a whole failed, whatever the others scored.
+    searcher.on_trial_complete("t3", {"eval_return": 10.0})
+    searcher.on_trial_complete("t4", None, error=True)
+    searcher.on_trial_complete("t5", {"eval_return": 30.0})
+    assert study.trials[1].state == optuna.trial.TrialState.FAIL

@@ -295,13 +295,47 @@ def test_an_address_where_no_cluster_answers_exits_2_at_once(tmp_path):
     ]
 
 
-def test_optuna_search_is_optional_and_named_when_missing(tmp_path):
-    import importlib.util
+_OPTUNA = _BASE.replace("seeds = [3, 4]", 'seeds = [3, 4]\nsearch = "optuna"')
 
-    text = _BASE.replace('seeds = [3, 4]', 'seeds = [3, 4]\nsearch = "optuna"')
+
+def _without(module: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    shim = tmp_path / f"no-{module}"
+    shim.mkdir(exist_ok=True)
+    # Every `import MODULE` in this process fails, as it does where it is not installed.
+    (shim / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(ROOT)]))
+    return subprocess.run(
+        [sys.executable, "-m", "dppo_ckpt.cli", *args],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+
+
+def test_without_optuna_an_optuna_sweep_exits_2_naming_the_extra(tmp_path):
+    pytest.importorskip("ray")  # without Ray, the sweep stops on that first
+    config = _write(tmp_path, _OPTUNA.replace("n_epochs = { grid = [1, 2] }\n", ""))
+    done = _without("optuna", tmp_path, "sweep", str(config))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: sweep.search = 'optuna' needs optuna, which is not installed: "
+        "pip install 'dppo-ckpt[optuna]'"
+    ]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (tmp_path / "sweeps").exists()  # refused before any trial
+
+
+def test_an_optuna_space_has_no_grid(tmp_path):
+    pytest.importorskip("optuna")
+    with pytest.raises(sweep.SweepError) as caught:
+        sweep.load_sweep_config(_write(tmp_path, _OPTUNA))
+    assert str(caught.value) == (
+        "sweep.search = 'optuna' draws every dimension itself: make space.n_epochs a choice "
+        "instead of a grid"
+    )
+
+
+def test_an_optuna_sweep_needs_a_space(tmp_path):
+    pytest.importorskip("optuna")
+    text = _OPTUNA[: _OPTUNA.index("[space]")]
     with pytest.raises(sweep.SweepError) as caught:
         sweep.load_sweep_config(_write(tmp_path, text))
-    if importlib.util.find_spec("optuna") is None:
-        assert str(caught.value) == "sweep.search = 'optuna' needs optuna: pip install optuna"
-    else:  # Optuna draws every dimension itself: a grid has no place in its space
-        assert "space.n_epochs a choice instead of a grid" in str(caught.value)
+    assert str(caught.value) == "sweep.search = 'optuna' needs a [space] to draw from"
