@@ -466,7 +466,8 @@ def _update_from_origin(
             param.zero_()
     scale = scale_of()
     model._optimizer_step(_scaler(model), scale)
-    return [p.detach().double().clone() for p in params], scale
+    # One float64 copy per tensor (``.double().clone()`` would copy float64 tensors twice).
+    return [p.detach().to(torch.float64, copy=True) for p in params], scale
 
 
 @VERIFY.check(
