@@ -97,6 +97,105 @@ def test_a_worker_that_dies_is_that_files_result_and_is_not_retried(tmp_path):
     assert notes == []
 
 
+def _check_after(path: str, pause: float) -> object:
+    from dppo_ckpt.checkpoint.checks import run_checks
+
+    time.sleep(pause)
+    return run_checks(path, static=True)
+
+
+#: The first line of what Ray's memory monitor raises from ``ray.get`` for a task it killed.
+_RAY_OOM = (
+    "Task was killed due to the node running low on memory.\n"
+    "Memory on the node (IP: 10.0.0.1, ID: 1a2b) where the task (task ID: 3c4d, name=_check, "
+    "pid=123, memory used=7.1GB) was running was 7.5GB / 7.8GB (0.96), which exceeds the "
+    "memory usage threshold of 0.95. Ray killed this worker (ID: 5e6f) because it was the "
+    "most recently scheduled task."
+)
+
+
+class _RayKillingFor:
+    """Ray itself, except that ``get`` of the chosen tasks raises what Ray's memory monitor
+    raises (a node cannot be run out of memory on a machine others share)."""
+
+    def __init__(self, killed: set) -> None:
+        self.killed = killed
+
+    def get(self, ref):
+        if ref in self.killed:
+            raise ray.exceptions.OutOfMemoryError(_RAY_OOM)
+        return ray.get(ref)
+
+
+def test_a_worker_killed_for_memory_is_unsafe_and_any_other_ray_error_is_that_files_error(
+    tmp_path,
+):
+    good = str(FIXTURES / "dppo_quantile_vgs.zip")
+    hungry, cancelled = str(tmp_path / "hungry.zip"), str(tmp_path / "cancelled.zip")
+    for path in (hungry, cancelled):
+        Path(path).write_bytes(Path(good).read_bytes())
+    remote = ray.remote(max_retries=0, num_cpus=1)(_check_after)
+    killed: set = set()
+
+    def submit(path: str):
+        ref = remote.remote(path, 60.0 if path == cancelled else 0.0)
+        if path == hungry:
+            killed.add(ref)
+        if path == cancelled:
+            ray.cancel(ref)  # a RayError that is neither a dead worker nor a lost node
+        return ref
+
+    notes: list[str] = []
+    paths = [good, hungry, cancelled, good]
+    reports, died = fleet._gather(_RayKillingFor(killed), paths, submit, notes)
+    assert [r.path for r in reports] == paths
+    assert [r.exit_code for r in reports] == [0, 3, 1, 0]
+    assert died == {1}
+    assert notes == []
+    (memory,) = reports[1].results
+    assert memory.check_id == "DPPO007" and memory.verdict.value == "fail"
+    assert "killed the worker checking the file for memory" in memory.message
+    assert "the node running low on memory" in memory.message and "\n" not in memory.message
+    (error,) = reports[2].results
+    assert error.check_id == "DPPO001" and error.verdict.value == "error"
+    assert "TaskCancelledError" in error.message and "\n" not in error.message
+    # The other files of the batch got their checks, whole.
+    from dppo_ckpt.checkpoint.checks import CHECKS
+
+    for report in (reports[0], reports[3]):
+        assert [r.check_id for r in report.results] == list(CHECKS)
+
+
+def test_a_file_refused_by_its_static_checks_is_never_handed_to_a_loader():
+    from dppo_ckpt.checkpoint.checks import run_checks
+
+    good = str(FIXTURES / "dppo_quantile_vgs.zip")
+    hostile = [str(FIXTURES / "hostile_data_entry.zip"), str(FIXTURES / "hostile_nested_blob.zip")]
+    static_remote = ray.remote(max_retries=0, num_cpus=1)(fleet._static_task)
+    load_remote = ray.remote(max_retries=0, num_cpus=1)(fleet._load_task)
+    budgets = fleet.Budgets()
+    loaded: list[str] = []
+
+    def submit_load(path: str):
+        loaded.append(path)
+        return load_remote.remote(path, False, True, budgets, None)
+
+    paths = [hostile[0], good, hostile[1]]
+    reports, notes = fleet._fan_out(
+        ray, paths, lambda path: static_remote.remote(path, False, budgets, None), submit_load
+    )
+    assert loaded == [good]
+    assert notes == []
+    assert [r.exit_code for r in reports] == [3, 0, 3]
+    for path, report in zip(hostile, (reports[0], reports[2]), strict=True):
+        local = run_checks(path)  # what local verify reports: nothing of it was loaded
+        assert [(r.check_id, r.verdict, r.message) for r in report.results] == [
+            (r.check_id, r.verdict, r.message) for r in local.results
+        ]
+        assert "refused as unsafe" in report.results[-1].message
+    assert next(r for r in reports[1].results if r.check_id == "DPPO007").verdict.value == "pass"
+
+
 # ---------------------------------------------------------------------------------------------
 # A sweep that survives the loss of a worker
 
