@@ -245,7 +245,8 @@ def _killer(folder: Path, seed: int, stop: threading.Event, killed: list) -> Non
 def _state(checkpoint: Path) -> dict[str, dict]:
     """What a resumed run must match bit for bit: the raw bytes of the policy's and the
     optimizer's tensors, the scaler's state (``vgs.pth``: its statistics as raw bytes, its
-    counters and level) and the generators' state stored with the model."""
+    counters and level, and the member's bytes) and the generators' state stored with the
+    model."""
     import torch
 
     out: dict[str, dict] = {"policy": {}, "optimizer": {}, "scaler": {}}
@@ -256,6 +257,7 @@ def _state(checkpoint: Path) -> dict[str, dict]:
             flat = state["state"] if group == "optimizer" else state
             out[group] = dict(_values(flat, member))
         out["rng"] = json.loads(archive.read("data"))["_rng_state"]
+        out["vgs.pth"] = {"bytes": archive.read("vgs.pth")}
     return out
 
 
@@ -318,6 +320,7 @@ def test_a_trial_whose_worker_is_killed_ends_with_the_uninterrupted_parameters(t
     assert any("exp_avg_sq" in key for key in resumed["scaler"])  # the statistics, not only
     assert resumed["scaler"]["vgs.pth.step_count"] > 0  # the settings
     assert resumed["rng"] == uninterrupted["rng"] and resumed["rng"]["torch"]
+    assert resumed["vgs.pth"] == uninterrupted["vgs.pth"]  # the member itself, byte for byte
 
 
 _SPOILED_SWEEP = """
