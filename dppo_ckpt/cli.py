@@ -171,62 +171,6 @@ def _user_allow(flags: list[str] | None) -> UserAllowList:
         raise typer.Exit(2) from None
 
 
-def _verify_all(
-    paths: list[str],
-    *,
-    static: bool,
-    trust: bool,
-    quick: bool,
-    jobs: int,
-    isolate: bool,
-    budgets: Budgets,
-    allow: UserAllowList,
-) -> list[FileReport]:
-    """Run the checks on every file; input order.
-
-    Static checks run here (no torch). Load checks run one file per child process unless
-    ``isolate`` is off (and always under ``jobs > 1``), so a crash is that file's verdict.
-    """
-    import functools
-
-    from dppo_ckpt.checkpoint.checks import run_checks
-
-    check = functools.partial(
-        run_checks, static=static, trust=trust, quick=quick, budgets=budgets, allow=allow
-    )
-    if static or (not isolate and jobs <= 1):
-        return [check(path) for path in paths]
-    from dppo_ckpt.checkpoint.isolation import crash_report, run_many_isolated
-
-    # A little beyond the budget, so the child's own deadline speaks first where it can.
-    outcomes = run_many_isolated(
-        check, [(path,) for path in paths], jobs=jobs, timeout=budgets.timeout + 5
-    )
-    return [
-        outcome.value if outcome.ok else crash_report(path, outcome, budgets.timeout)
-        for path, outcome in zip(paths, outcomes, strict=True)
-    ]
-
-
-def _verify_on_ray(paths: list[str], address: str | None, **options: Any) -> list[FileReport]:
-    """``verify --ray``: the same reports, from Ray tasks; notes and files/s on stderr."""
-    from dppo_ckpt.checkpoint import fleet
-    from dppo_ckpt.checkpoint.report import fleet_summary_line
-
-    try:
-        result = fleet.verify_on_ray(paths, address=address, **options)
-    except fleet.RayUnavailableError as exc:
-        typer.echo(f"error: {_printable(exc)}", err=True)
-        raise typer.Exit(2) from None
-    for note in result.notes:
-        typer.echo(f"note: {_printable(note)}", err=True)
-    line = fleet_summary_line(
-        len(result.reports), result.seconds, result.nodes, result.cpus, result.startup_s
-    )
-    typer.echo(line, err=True)
-    return result.reports
-
-
 def _emit(reports: list[FileReport], fmt: str, command: str, output: Path | None) -> None:
     """Print the reports, or write them to ``output`` atomically and say so; exit 2 when
     ``output`` cannot be written."""
@@ -302,6 +246,8 @@ def verify(
 
     Exit code: 0 all good, 1 a check failed, 2 a file could not be used, 3 refused as unsafe.
     """
+    from dppo_ckpt.checkpoint.batch import verify_files
+    from dppo_ckpt.checkpoint.fleet import RayUnavailableError
     from dppo_ckpt.checkpoint.inputs import checkpoint_files
     from dppo_ckpt.checkpoint.report import unusable_lines
     from dppo_ckpt.checkpoint.results import overall_exit_code
@@ -314,16 +260,17 @@ def verify(
         typer.echo("error: --address needs --ray", err=True)
         raise typer.Exit(2)
     budgets = _budgets(max_memory, timeout)
-    if ray:
-        reports = _verify_on_ray(
-            paths, address, static=static, trust=trust, quick=quick, budgets=budgets,
-            allow=_user_allow(allow),
+    try:
+        done = verify_files(
+            paths, static=static, trust=trust, quick=quick, budgets=budgets,
+            allow=_user_allow(allow), jobs=jobs, isolate=isolate, ray=ray, address=address,
         )  # fmt: skip
-    else:
-        reports = _verify_all(
-            paths, static=static, trust=trust, quick=quick, jobs=jobs, isolate=isolate,
-            budgets=budgets, allow=_user_allow(allow),
-        )  # fmt: skip
+    except RayUnavailableError as exc:
+        typer.echo(f"error: {_printable(exc)}", err=True)
+        raise typer.Exit(2) from None
+    for line in done.messages:
+        typer.echo(line, err=True)
+    reports = done.reports
     for line in unusable_lines(reports):
         typer.echo(line, err=True)
     _emit(reports, fmt.value, "verify", output)

@@ -40,8 +40,12 @@ with the user's key (:mod:`dppo_ckpt.signing`) and lists the file and its enviro
 with their sha256 -- and continues from it through ``train --resume``, which is exact: the
 trial ends with the very parameters of an uninterrupted one on the same kind of machine.
 Newer files that fail are moved to ``run/quarantine/`` and named in ``trial.log``; the
-checkpoint Tune last received must verify, or the trial fails with the check's message and is
-never resumed from a bad file.
+checkpoint Tune last received must be there and verify, or the trial fails with the reason and
+is never resumed from a bad file, nor from an older one.
+
+Only a worker that died is retried (``max_failures``): a failure a restart would repeat (the
+checkpoint Tune last received is missing or fails, ``train`` refuses the run) ends the trial
+at once, with a last report that says why.
 
 Ray is imported only inside the functions that need it.
 """
@@ -49,12 +53,14 @@ Ray is imported only inside the functions that need it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -116,7 +122,13 @@ class SweepError(Exception):
 
 
 class TrialCheckpointError(Exception):
-    """The checkpoint Tune last received for a trial fails verification: the trial fails."""
+    """The checkpoint Tune last received for a trial is missing or fails verification: the
+    trial fails at once (never retried: a retry would find the same folder), with
+    ``exit_code`` 2 (damaged or missing) or 3 (refused as unsafe)."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -163,6 +175,9 @@ class TrialRow:
     last_checkpoint: str | None
     restarts: int = 0
     error: str | None = None
+    #: For a trial that ended on a deterministic failure: 2 its checkpoint is missing or
+    #: damaged (or train refused its options), 3 refused as unsafe, 1 a check failed.
+    exit_code: int | None = None
 
 
 @dataclass
@@ -409,7 +424,18 @@ def trial_options(
     return options
 
 
-def _problem_with(path: Path, manifest: dict[str, Any] | None, key: bytes | None) -> str | None:
+@dataclass(frozen=True)
+class _Problem:
+    """Why a checkpoint cannot be resumed from, one line, and the exit code it amounts to
+    (2 missing, changed or unauthenticated; that of its checks when they fail)."""
+
+    reason: str
+    exit_code: int = 2
+
+
+def _problem_with(
+    path: Path, manifest: dict[str, Any] | None, key: bytes | None
+) -> _Problem | None:
     """Why ``path`` cannot be resumed from exactly, or None when it verifies.
 
     It verifies when the folder's manifest is signed with the user's key and lists the file
@@ -422,43 +448,80 @@ def _problem_with(path: Path, manifest: dict[str, Any] | None, key: bytes | None
     from dppo_ckpt.checkpoint.results import Verdict
 
     if manifest is None:
-        return f"{training.MANIFEST_NAME} is missing or unreadable"
+        return _Problem(f"{training.MANIFEST_NAME} is missing or unreadable")
     if key is None:
-        return f"{training.MANIFEST_NAME} cannot be authenticated: no key"
+        return _Problem(f"{training.MANIFEST_NAME} cannot be authenticated: no key")
     forged = signing.verify(manifest, key)
     if forged:
-        return f"{training.MANIFEST_NAME} {forged}"
+        return _Problem(f"{training.MANIFEST_NAME} {forged}")
     entries = manifest.get("checkpoints")
     entry = next(
         (e for e in entries if isinstance(e, dict) and e.get("file") == path.name), None
     ) if isinstance(entries, list) else None  # fmt: skip
     if entry is None:
-        return f"{training.MANIFEST_NAME} does not list it"
-    if _sha256_of(path) != entry.get("sha256"):
-        return "it changed since train wrote it (sha256)"
+        return _Problem(f"{training.MANIFEST_NAME} does not list it")
+    try:
+        if _sha256_of(path) != entry.get("sha256"):
+            return _Problem("it changed since train wrote it (sha256)")
+    except OSError as exc:
+        return _Problem(f"cannot read it: {exc.strerror or exc}")
     snapshot = entry.get("envs")
     if isinstance(snapshot, dict):
         beside = path.parent / Path(str(snapshot.get("file"))).name
-        if not beside.is_file() or _sha256_of(beside) != snapshot.get("sha256"):
-            return f"its environment snapshot {beside.name} is missing or changed"
+        try:
+            changed = _sha256_of(beside) != snapshot.get("sha256")
+        except FileNotFoundError:
+            changed = True
+        except OSError as exc:
+            why = exc.strerror or exc
+            return _Problem(f"its environment snapshot {beside.name} cannot be read: {why}")
+        if changed:
+            return _Problem(f"its environment snapshot {beside.name} is missing or changed")
     check = functools.partial(run_checks, quick=True)
     outcome = run_isolated(check, str(path), timeout=300)
     report = outcome.value if outcome.ok else crash_report(str(path), outcome, 300)
     if report.exit_code == 0:
         return None
     failed = next(r for r in report.results if r.verdict in (Verdict.FAIL, Verdict.ERROR))
-    return f"{failed.check_id} {failed.title}: {failed.message}"
-
+    return _Problem(f"{failed.check_id} {failed.title}: {failed.message}", report.exit_code)
 
 
 def _sha256_of(path: Path) -> str:
+    """The file's sha256.
+
+    :raises OSError: it cannot be read, or it is not a regular file (see :func:`_open_regular`)
+    """
     import hashlib
 
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with _open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[Any]:
+    """``path`` opened for reading, if it is a regular file.
+
+    A FIFO put in the run folder would block a plain ``open`` until something writes to it,
+    forever; so the file is opened without waiting and refused unless regular. The check is
+    on what was opened, so nothing can be swapped in between.
+
+    :raises OSError: it cannot be opened, or it is not a regular file (one-line ``strerror``)
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(mode)})")
+        yield handle
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def _step_of(name: str) -> int | None:
@@ -479,7 +542,8 @@ def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
     from dppo_ckpt.training import MANIFEST_NAME
 
     try:
-        manifest = json.loads((run_dir / MANIFEST_NAME).read_text("utf-8"))
+        with _open_regular(run_dir / MANIFEST_NAME) as handle:
+            manifest = json.loads(handle.read().decode("utf-8"))
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) else None
@@ -505,33 +569,50 @@ def _quarantine(path: Path) -> list[Path]:
 def resume_point(run_dir: Path, reported: str | None, log: Callable[[str], None]) -> Path | None:
     """The newest checkpoint of ``run_dir`` that verifies, quarantining newer ones that fail.
 
-    :param reported: the file name of the checkpoint Tune last received, if any: it must
-        verify, or :class:`TrialCheckpointError` is raised with the check's message
+    :param reported: the file name of the checkpoint Tune last received, if any: it must be
+        in ``run_dir`` and verify, or :class:`TrialCheckpointError` is raised with the reason.
+        A missing one is refused rather than replaced by an older checkpoint: ``train`` never
+        deletes one, so its absence means the folder is not the one Tune saw, and a trial that
+        went back in time would quietly redo steps it had already reported
     :return: the checkpoint to resume from, or None to start afresh (nothing was reported and
         nothing verifies)
     """
     from dppo_ckpt import signing
 
+    reported_step = _step_of(reported) if reported is not None else None
+    if reported is not None:
+        path = run_dir / reported
+        if reported_step is None:
+            raise TrialCheckpointError(
+                f"{reported!r}, the checkpoint last reported to Tune, is not named as train "
+                "names one"
+            )
+        if not (path.exists() or path.is_symlink()):
+            raise TrialCheckpointError(
+                f"checkpoint {path}, the one last reported to Tune, is missing: the trial is "
+                "not resumed from an older one"
+            )
     try:
         key: bytes | None = signing.load_key()
     except signing.SigningKeyError:
         key = None
     manifest = _read_manifest(run_dir)
-    reported_step = _step_of(reported) if reported is not None else None
     for step, path in _checkpoints_newest_first(run_dir):
         problem = _problem_with(path, manifest, key)
         if problem is None:
             return path
         if reported_step is not None and step <= reported_step:
             raise TrialCheckpointError(
-                f"checkpoint {path}, the one last reported to Tune, fails verification: {problem}"
+                f"checkpoint {path}, the one last reported to Tune, fails verification: "
+                f"{problem.reason}",
+                problem.exit_code,
             )
         moved = _quarantine(path)
         log(
-            f"quarantined {path.name} ({problem}): moved {', '.join(p.name for p in moved)} "
-            f"to {path.parent / QUARANTINE}"
+            f"quarantined {path.name} ({problem.reason}): moved "
+            f"{', '.join(p.name for p in moved)} to {path.parent / QUARANTINE}"
         )
-    if reported is not None:
+    if reported is not None:  # it went while the folder was read
         raise TrialCheckpointError(
             f"checkpoint {reported}, the one last reported to Tune, is not in {run_dir}"
         )
@@ -588,8 +669,20 @@ def _write_worker(trial_dir: Path, attempt: int) -> None:
     write_atomically(trial_dir / _WORKER, (json.dumps(record) + "\n").encode())
 
 
+#: Keys of the last report of a trial that ended itself on a deterministic failure: why, in
+#: one line, and the exit code it amounts to. Tune sees a trial that ended (nothing to retry).
+FAILED_KEY = "trial_error"
+FAILED_EXIT_KEY = "trial_exit_code"
+
+
 def _run_trial(trial_config: dict[str, Any], config: SweepConfig) -> None:
-    """The Tune trainable: one ``train`` run, resumed exactly after a restart."""
+    """The Tune trainable: one ``train`` run, resumed exactly after a restart.
+
+    Tune retries a trainable that raises, as many times as ``max_failures`` allows. That is
+    for a worker that died; a checkpoint that fails verification, or a run that ``train``
+    refuses, would fail the same way on every retry. So those end the trial here, at once:
+    a last report names the failure (:data:`FAILED_KEY`) and the trainable returns.
+    """
     from ray import tune
     from rich.console import Console
 
@@ -598,7 +691,6 @@ def _run_trial(trial_config: dict[str, Any], config: SweepConfig) -> None:
     context = tune.get_context()
     trial_dir = config.folder / "runs" / context.get_trial_id()
     trial_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = trial_dir / _RUN
     with open(trial_dir / _LOG, "a", encoding="utf-8") as log_file:
         console = Console(file=log_file, highlight=False, soft_wrap=True, width=120)
 
@@ -606,39 +698,16 @@ def _run_trial(trial_config: dict[str, Any], config: SweepConfig) -> None:
             console.print(line)
             print(f"[{context.get_trial_id()}] {line}", flush=True)
 
-        previous = _read_worker_attempt(trial_dir)
-        _write_worker(trial_dir, previous + 1)
-        reported = None
-        saved = tune.get_checkpoint()
-        if saved is not None:
-            with saved.as_directory() as folder:
-                reported = _seed_run_folder(Path(folder), run_dir)
-        resume = resume_point(run_dir, reported, log) if run_dir.is_dir() else None
-        if resume is None:
-            if previous:
-                log("restart: no checkpoint verifies; the trial starts afresh")
-            options = trial_options(config, trial_config, trial_dir)
-        else:
-            log(f"restart: resuming from {resume.name}, the newest checkpoint that verifies")
-            options = training.TrainOptions(
-                resume=resume,
-                eval_episodes=config.train.get("eval_episodes", training.DEFAULT_EVAL_EPISODES),
-                portable=config.train.get("portable", True),
-            )
-
         latest = dict.fromkeys(METRICS, float("nan"))
-
-        def report(path: Path, model: DistributionalPPO) -> None:
-            latest.update(_metrics(model))
-            with _staged(path) as folder:
-                tune.report(dict(latest), checkpoint=tune.Checkpoint.from_directory(folder))
-
-        options.on_checkpoint = report
         try:
-            summary = training.train(options, console)
-        except training.TrainingError as exc:
-            log(f"error: {exc}")
-            raise SweepError(str(exc), exc.exit_code) from None
+            summary = _attempt(config, trial_config, trial_dir, console, log, latest)
+        except (TrialCheckpointError, training.TrainingError) as exc:
+            log(f"error: {exc} (the trial ends: a restart would fail the same way)")
+            tune.report({
+                **latest, config.metric: float("nan"), FAILED_KEY: str(exc),
+                FAILED_EXIT_KEY: exc.exit_code,
+            })  # fmt: skip
+            return
         final = dict(latest)
         final["timesteps"] = float(summary.timesteps)
         if summary.eval_return_mean is not None:
@@ -647,9 +716,60 @@ def _run_trial(trial_config: dict[str, Any], config: SweepConfig) -> None:
         tune.report({**final, "last_checkpoint": str(summary.last_checkpoint)})
 
 
+def _attempt(
+    config: SweepConfig,
+    trial_config: dict[str, Any],
+    trial_dir: Path,
+    console: Console,
+    log: Callable[[str], None],
+    latest: dict[str, float],
+) -> Any:
+    """One attempt at a trial: from its newest verified checkpoint, or afresh; each checkpoint
+    reported to Tune with the figures of the moment (kept in ``latest``).
+
+    :return: ``train``'s summary
+    :raises TrialCheckpointError: the checkpoint Tune last received is missing or fails
+    :raises ~dppo_ckpt.run_plan.TrainingError: ``train`` refused the run, or one of its
+        checkpoints failed its checks
+    """
+    from ray import tune
+
+    from dppo_ckpt import training
+
+    run_dir = trial_dir / _RUN
+    previous = _read_worker_attempt(trial_dir)
+    _write_worker(trial_dir, previous + 1)
+    reported = None
+    saved = tune.get_checkpoint()
+    if saved is not None:
+        with saved.as_directory() as folder:
+            reported = _seed_run_folder(Path(folder), run_dir)
+    resume = resume_point(run_dir, reported, log) if run_dir.is_dir() else None
+    if resume is None:
+        if previous:
+            log("restart: no checkpoint verifies; the trial starts afresh")
+        options = trial_options(config, trial_config, trial_dir)
+    else:
+        log(f"restart: resuming from {resume.name}, the newest checkpoint that verifies")
+        options = training.TrainOptions(
+            resume=resume,
+            eval_episodes=config.train.get("eval_episodes", training.DEFAULT_EVAL_EPISODES),
+            portable=config.train.get("portable", True),
+        )
+
+    def report(path: Path, model: DistributionalPPO) -> None:
+        latest.update(_metrics(model))
+        with _staged(path) as folder:
+            tune.report(dict(latest), checkpoint=tune.Checkpoint.from_directory(folder))
+
+    options.on_checkpoint = report
+    return training.train(options, console)
+
+
 def _read_worker_attempt(trial_dir: Path) -> int:
     try:
-        return int(json.loads((trial_dir / _WORKER).read_text("utf-8")).get("attempt", 0))
+        with _open_regular(trial_dir / _WORKER) as handle:
+            return int(json.loads(handle.read().decode("utf-8")).get("attempt", 0))
     except (OSError, ValueError, AttributeError):
         return 0
 
@@ -713,7 +833,8 @@ def _optuna_search(config: SweepConfig) -> Any:
             draw = self.draw_of.pop(trial_id, None)
             if draw is None:
                 return
-            value = None if error or not result else result.get(config.metric)
+            failed = error or not result or result.get(FAILED_KEY) is not None
+            value = None if failed else result.get(config.metric)
             scores = self.scores[draw]
             scores.append(value if isinstance(value, (int, float)) else None)
             if len(scores) < len(self.seeds):
@@ -760,8 +881,13 @@ def _progress_callback() -> Any:
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.running.discard(trial.trial_id)
-            self.done += 1
-            self._line("done", trial)
+            failure = (trial.last_result or {}).get(FAILED_KEY)
+            if failure is None:
+                self.done += 1
+                self._line("done", trial)
+                return
+            self.failed += 1
+            self._line(f"failed, not retried ({failure})", trial)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.running.discard(trial.trial_id)
@@ -840,15 +966,19 @@ def _row(config: SweepConfig, result: Any) -> TrialRow:
     trial_dir = config.folder / "runs" / trial_id
     shown = {key: metrics.get(key) for key in METRICS if key in metrics}
     drawn = {key: value for key, value in (result.config or {}).items()}
+    # A trial that ended itself on a deterministic failure says so in its last report.
+    failure = metrics.get(FAILED_KEY)
+    exit_code = metrics.get(FAILED_EXIT_KEY) if failure is not None else None
     return TrialRow(
         trial_id=trial_id,
-        status="ERROR" if result.error is not None else "DONE",
+        status="ERROR" if result.error is not None or failure is not None else "DONE",
         config=drawn,
         metrics=shown,
         run_dir=str(trial_dir / _RUN),
         last_checkpoint=metrics.get("last_checkpoint"),
         restarts=max(_read_worker_attempt(trial_dir) - 1, 0),
-        error=_error_line(result.error),
+        error=str(failure) if failure is not None else _error_line(result.error),
+        exit_code=int(exit_code) if isinstance(exit_code, (int, float)) else None,
     )
 
 
@@ -865,6 +995,6 @@ def _best(rows: list[TrialRow], config: SweepConfig) -> str | None:
 
 
 __all__ += [
-    "OPTUNA_EXTRA_HINT", "QUARANTINE", "RAY_EXTRA_HINT", "RayUnavailableError",
-    "TrialCheckpointError",
+    "FAILED_EXIT_KEY", "FAILED_KEY", "OPTUNA_EXTRA_HINT", "QUARANTINE", "RAY_EXTRA_HINT",
+    "RayUnavailableError", "TrialCheckpointError",
 ]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -22,7 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dppo_ckpt.checkpoint import static_checks
-from dppo_ckpt.checkpoint.checks import CHECKS, model_checks, run_checks
+from dppo_ckpt.checkpoint.checks import (
+    CHECKS,
+    model_checks,
+    refused_without_loading,
+    run_checks,
+)
 from dppo_ckpt.checkpoint.results import CATEGORIES, Verdict
 from dppo_ckpt.checkpoint.safe_pickle import safe_load
 from tests._models import make_model, optimizer_state_bytes, parameters_bytes, scaler_state_bytes
@@ -73,6 +79,25 @@ def test_full_verdicts(name: str) -> None:
     if name.startswith("dppo_") and name != "dppo_vgs_off.zip":
         for check_id in ("DPPO008", "DPPO009", "DPPO010", "DPPO011"):
             assert verdicts[check_id] is Verdict.PASS, check_id
+
+
+def _without_durations(report: Any) -> Any:
+    return [dataclasses.replace(r, duration_s=0.0) for r in report.results], report.exit_code
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_file_refused_statically_gets_its_full_report_without_a_second_reading(
+    name: str,
+) -> None:
+    static = run_checks(fixture(name), static=True)
+    refused = refused_without_loading(static)
+    if static.exit_code != 3:
+        assert refused is None
+        return
+    assert refused is not None
+    full = run_checks(fixture(name))
+    assert _without_durations(refused) == _without_durations(full)
+    assert refused.path == full.path and refused.notes == full.notes
 
 
 def test_results_are_one_line_with_a_remedy_on_failure() -> None:

@@ -97,6 +97,105 @@ def test_a_worker_that_dies_is_that_files_result_and_is_not_retried(tmp_path):
     assert notes == []
 
 
+def _check_after(path: str, pause: float) -> object:
+    from dppo_ckpt.checkpoint.checks import run_checks
+
+    time.sleep(pause)
+    return run_checks(path, static=True)
+
+
+#: The first line of what Ray's memory monitor raises from ``ray.get`` for a task it killed.
+_RAY_OOM = (
+    "Task was killed due to the node running low on memory.\n"
+    "Memory on the node (IP: 10.0.0.1, ID: 1a2b) where the task (task ID: 3c4d, name=_check, "
+    "pid=123, memory used=7.1GB) was running was 7.5GB / 7.8GB (0.96), which exceeds the "
+    "memory usage threshold of 0.95. Ray killed this worker (ID: 5e6f) because it was the "
+    "most recently scheduled task."
+)
+
+
+class _RayKillingFor:
+    """Ray itself, except that ``get`` of the chosen tasks raises what Ray's memory monitor
+    raises (a node cannot be run out of memory on a machine others share)."""
+
+    def __init__(self, killed: set) -> None:
+        self.killed = killed
+
+    def get(self, ref):
+        if ref in self.killed:
+            raise ray.exceptions.OutOfMemoryError(_RAY_OOM)
+        return ray.get(ref)
+
+
+def test_a_worker_killed_for_memory_is_unsafe_and_any_other_ray_error_is_that_files_error(
+    tmp_path,
+):
+    good = str(FIXTURES / "dppo_quantile_vgs.zip")
+    hungry, cancelled = str(tmp_path / "hungry.zip"), str(tmp_path / "cancelled.zip")
+    for path in (hungry, cancelled):
+        Path(path).write_bytes(Path(good).read_bytes())
+    remote = ray.remote(max_retries=0, num_cpus=1)(_check_after)
+    killed: set = set()
+
+    def submit(path: str):
+        ref = remote.remote(path, 60.0 if path == cancelled else 0.0)
+        if path == hungry:
+            killed.add(ref)
+        if path == cancelled:
+            ray.cancel(ref)  # a RayError that is neither a dead worker nor a lost node
+        return ref
+
+    notes: list[str] = []
+    paths = [good, hungry, cancelled, good]
+    reports, died = fleet._gather(_RayKillingFor(killed), paths, submit, notes)
+    assert [r.path for r in reports] == paths
+    assert [r.exit_code for r in reports] == [0, 3, 1, 0]
+    assert died == {1}
+    assert notes == []
+    (memory,) = reports[1].results
+    assert memory.check_id == "DPPO007" and memory.verdict.value == "fail"
+    assert "killed the worker checking the file for memory" in memory.message
+    assert "the node running low on memory" in memory.message and "\n" not in memory.message
+    (error,) = reports[2].results
+    assert error.check_id == "DPPO001" and error.verdict.value == "error"
+    assert "TaskCancelledError" in error.message and "\n" not in error.message
+    # The other files of the batch got their checks, whole.
+    from dppo_ckpt.checkpoint.checks import CHECKS
+
+    for report in (reports[0], reports[3]):
+        assert [r.check_id for r in report.results] == list(CHECKS)
+
+
+def test_a_file_refused_by_its_static_checks_is_never_handed_to_a_loader():
+    from dppo_ckpt.checkpoint.checks import run_checks
+
+    good = str(FIXTURES / "dppo_quantile_vgs.zip")
+    hostile = [str(FIXTURES / "hostile_data_entry.zip"), str(FIXTURES / "hostile_nested_blob.zip")]
+    static_remote = ray.remote(max_retries=0, num_cpus=1)(fleet._static_task)
+    load_remote = ray.remote(max_retries=0, num_cpus=1)(fleet._load_task)
+    budgets = fleet.Budgets()
+    loaded: list[str] = []
+
+    def submit_load(path: str):
+        loaded.append(path)
+        return load_remote.remote(path, False, True, budgets, None)
+
+    paths = [hostile[0], good, hostile[1]]
+    reports, notes = fleet._fan_out(
+        ray, paths, lambda path: static_remote.remote(path, False, budgets, None), submit_load
+    )
+    assert loaded == [good]
+    assert notes == []
+    assert [r.exit_code for r in reports] == [3, 0, 3]
+    for path, report in zip(hostile, (reports[0], reports[2]), strict=True):
+        local = run_checks(path)  # what local verify reports: nothing of it was loaded
+        assert [(r.check_id, r.verdict, r.message) for r in report.results] == [
+            (r.check_id, r.verdict, r.message) for r in local.results
+        ]
+        assert "refused as unsafe" in report.results[-1].message
+    assert next(r for r in reports[1].results if r.check_id == "DPPO007").verdict.value == "pass"
+
+
 # ---------------------------------------------------------------------------------------------
 # A sweep that survives the loss of a worker
 
@@ -143,28 +242,39 @@ def _killer(folder: Path, seed: int, stop: threading.Event, killed: list) -> Non
         time.sleep(0.01)
 
 
-def _parameters(checkpoint: Path) -> dict[str, bytes]:
-    """The raw bytes of the policy's and optimizer's tensors."""
+def _state(checkpoint: Path) -> dict[str, dict]:
+    """What a resumed run must match bit for bit: the raw bytes of the policy's and the
+    optimizer's tensors, the scaler's state (``vgs.pth``: its statistics as raw bytes, its
+    counters and level, and the member's bytes) and the generators' state stored with the
+    model."""
     import torch
 
-    out = {}
+    out: dict[str, dict] = {"policy": {}, "optimizer": {}, "scaler": {}}
     with zipfile.ZipFile(checkpoint) as archive:
-        for member in ("policy.pth", "policy.optimizer.pth"):
+        for member, group in (("policy.pth", "policy"), ("policy.optimizer.pth", "optimizer"),
+                              ("vgs.pth", "scaler")):  # fmt: skip
             state = torch.load(io.BytesIO(archive.read(member)), weights_only=True)
-            flat = state if member == "policy.pth" else state["state"]
-            for name, value in _tensors(flat, member):
-                out[name] = value.numpy().tobytes()
+            flat = state["state"] if group == "optimizer" else state
+            out[group] = dict(_values(flat, member))
+        out["rng"] = json.loads(archive.read("data"))["_rng_state"]
+        out["vgs.pth"] = {"bytes": archive.read("vgs.pth")}
     return out
 
 
-def _tensors(value, prefix):
+def _values(value, prefix):
+    """Every leaf of a state, tensors as raw bytes."""
     import torch
 
     if isinstance(value, torch.Tensor):
-        yield prefix, value
+        yield prefix, (str(value.dtype), tuple(value.shape), value.numpy().tobytes())
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _tensors(item, f"{prefix}.{key}")
+            yield from _values(item, f"{prefix}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _values(item, f"{prefix}[{index}]")
+    else:
+        yield prefix, value
 
 
 @pytest.mark.slow
@@ -203,9 +313,94 @@ def test_a_trial_whose_worker_is_killed_ends_with_the_uninterrupted_parameters(t
         Console(file=io.StringIO()),
     )
     assert reference.last_checkpoint.name == final.name
-    resumed, uninterrupted = _parameters(final), _parameters(reference.last_checkpoint)
-    assert resumed.keys() == uninterrupted.keys() and resumed
-    assert resumed == uninterrupted
+    resumed, uninterrupted = _state(final), _state(reference.last_checkpoint)
+    for group in ("policy", "optimizer", "scaler"):
+        assert resumed[group].keys() == uninterrupted[group].keys() and resumed[group], group
+        assert resumed[group] == uninterrupted[group], group
+    assert any("exp_avg_sq" in key for key in resumed["scaler"])  # the statistics, not only
+    assert resumed["scaler"]["vgs.pth.step_count"] > 0  # the settings
+    assert resumed["rng"] == uninterrupted["rng"] and resumed["rng"]["torch"]
+    assert resumed["vgs.pth"] == uninterrupted["vgs.pth"]  # the member itself, byte for byte
+
+
+_SPOILED_SWEEP = """
+[sweep]
+name = "spoiled"
+storage = "sweeps"
+metric = "return"
+seeds = [0]
+max_failures = 2
+
+[train]
+env = "CartPole-v1"
+timesteps = 2048
+n_envs = 1
+checkpoint_every = 256
+eval_episodes = 0
+
+[model]
+n_steps = 128
+batch_size = 64
+n_epochs = 1
+"""
+
+
+def _spoil_then_kill(folder: Path, stop: threading.Event, spoiled: list) -> None:
+    """Once Tune holds two checkpoints of the trial: freeze its worker, damage every
+    checkpoint of its run folder (the one Tune last received included), then kill it."""
+    while not stop.is_set() and not spoiled:
+        kept = list(folder.glob("*/checkpoint_000001"))
+        workers = list(folder.glob("runs/*/worker.json"))
+        if kept and workers:
+            try:
+                pid = json.loads(workers[0].read_text())["pid"]
+            except (OSError, ValueError):
+                continue
+            os.kill(pid, signal.SIGSTOP)  # it writes and reports nothing more
+            time.sleep(1.0)  # the driver takes in what the worker reported before
+            checkpoints = sorted(workers[0].parent.glob("run/checkpoint_*.zip"))
+            for checkpoint in checkpoints:
+                data = bytearray(checkpoint.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                checkpoint.write_bytes(bytes(data))
+            os.kill(pid, signal.SIGKILL)
+            spoiled.append([c.name for c in checkpoints])
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_trial_whose_checkpoint_fails_verification_ends_at_once_not_retried(tmp_path):
+    from rich.console import Console
+
+    from dppo_ckpt import sweep
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(_SPOILED_SWEEP)
+    config = sweep.load_sweep_config(path)
+    stop, spoiled = threading.Event(), []
+    watcher = threading.Thread(target=_spoil_then_kill, args=(config.folder, stop, spoiled))
+    watcher.start()
+    try:
+        result = sweep.run_sweep(config, Console(file=io.StringIO()))
+    finally:
+        stop.set()
+        watcher.join()
+
+    assert spoiled, "the trial's worker was never killed"
+    (row,) = result.rows
+    assert row.status == "ERROR" and result.failed == 1
+    # The lost worker was restarted once (an infrastructure failure); the restart found the
+    # checkpoint Tune last received damaged, and the trial ended there: no second restart,
+    # although max_failures allows two.
+    assert row.restarts == 1
+    assert "the one last reported to Tune, fails verification" in row.error
+    assert "sha256" in row.error and "\n" not in row.error
+    assert row.exit_code == 2
+    assert any(name in row.error for name in spoiled[0])
+    log = (Path(row.run_dir).parent / "trial.log").read_text()
+    assert log.count("the trial ends: a restart would fail the same way") == 1
+    assert "done:" not in log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,3 +507,12 @@ def test_optuna_is_told_the_mean_over_the_seeds_of_each_draw(tmp_path):
     searcher.on_trial_complete("t4", None, error=True)
     searcher.on_trial_complete("t5", {"eval_return": 30.0})
     assert study.trials[1].state == optuna.trial.TrialState.FAIL
+
+    # A trial that ended itself on a failure (its checkpoint failed verification) failed too,
+    # whatever figure its last report holds.
+    for i in range(6, 9):
+        searcher.suggest(f"t{i}")
+    searcher.on_trial_complete("t6", {"eval_return": 10.0})
+    searcher.on_trial_complete("t7", {"eval_return": 20.0, sweep.FAILED_KEY: "fails"})
+    searcher.on_trial_complete("t8", {"eval_return": 30.0})
+    assert study.trials[2].state == optuna.trial.TrialState.FAIL

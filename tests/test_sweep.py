@@ -170,6 +170,71 @@ def test_a_reported_checkpoint_that_fails_fails_the_trial(run_folder, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_reported_checkpoint_that_is_missing_is_refused_not_replaced_by_an_older_one(
+    run_folder, tmp_path
+):
+    run = _copy(run_folder, tmp_path)
+    reported = run / training.checkpoint_name(384)
+    for step in (384, 512):  # gone: the folder is not the one Tune saw
+        for member in run.glob(f"{Path(training.checkpoint_name(step)).stem}.*"):
+            member.unlink()
+    lines: list[str] = []
+    with pytest.raises(sweep.TrialCheckpointError) as caught:
+        sweep.resume_point(run, reported.name, lines.append)
+    assert str(caught.value) == (
+        f"checkpoint {reported}, the one last reported to Tune, is missing: the trial is not "
+        "resumed from an older one"
+    )
+    assert caught.value.exit_code == 2
+    assert lines == [] and not (run / sweep.QUARANTINE).exists()
+    assert (run / training.checkpoint_name(256)).exists()  # there, verified, and not taken
+
+
+def _release(fifo: Path) -> None:
+    """Open the FIFO for writing and close it: a reader blocked in open() then reads nothing."""
+    import contextlib
+
+    with contextlib.suppress(OSError):  # no reader waits (or it was moved): nothing to release
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.slow
+def test_a_fifo_in_the_run_folder_is_refused_in_one_line_without_hanging(run_folder, tmp_path):
+    import threading
+
+    run = _copy(run_folder, tmp_path)
+    newest = run / training.checkpoint_name(512)
+    newest.unlink()
+    os.mkfifo(newest)
+    snapshot = run / f"{Path(training.checkpoint_name(384)).stem}.envs.pkl"
+    # Were a FIFO opened as a file, its read would wait for a writer forever: one comes after
+    # a while, so that such a wait fails the test (with a sha256 mismatch) instead of hanging.
+    releases = [threading.Timer(20.0, _release, args=(path,)) for path in (newest, snapshot)]
+    for release in releases:
+        release.start()
+    try:
+        lines: list[str] = []
+        chosen = sweep.resume_point(run, training.checkpoint_name(384), lines.append)
+        assert chosen == run / training.checkpoint_name(384)
+        assert len(lines) == 1 and "\n" not in lines[0]
+        refused = "cannot read it: not a regular file (a FIFO)"
+        assert f"quarantined {newest.name} ({refused})" in lines[0]
+        assert (run / sweep.QUARANTINE / newest.name).is_fifo()
+
+        snapshot.unlink()
+        os.mkfifo(snapshot)
+        with pytest.raises(sweep.TrialCheckpointError) as caught:
+            sweep.resume_point(run, training.checkpoint_name(384), lines.append)
+        assert str(caught.value).endswith(
+            f"fails verification: its environment snapshot {snapshot.name} cannot be read: "
+            "not a regular file (a FIFO)"
+        )
+    finally:
+        for release in releases:
+            release.cancel()
+
+
+@pytest.mark.slow
 def test_a_manifest_edited_after_signing_verifies_nothing(run_folder, tmp_path):
     run = _copy(run_folder, tmp_path)
     manifest = json.loads((run / "run.json").read_text())

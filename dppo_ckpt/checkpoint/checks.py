@@ -28,6 +28,7 @@ never raises. Exit codes follow :func:`~dppo_ckpt.checkpoint.results.exit_code_f
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Final
 
 # Importing the check modules declares their checks into the registry.
@@ -37,7 +38,7 @@ from dppo_ckpt.checkpoint.allowlist import UserAllowList
 from dppo_ckpt.checkpoint.budgets import DEFAULT_BUDGETS, Budgets
 from dppo_ckpt.checkpoint.context import CheckContext
 from dppo_ckpt.checkpoint.registry import VERIFY, CheckSpec, Registry
-from dppo_ckpt.checkpoint.results import CheckResult, FileReport
+from dppo_ckpt.checkpoint.results import CheckResult, FileReport, Verdict
 from dppo_ckpt.checkpoint.static_checks import MIGRATE_REMEDY, REQUIRED_MEMBERS
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "REQUIRED_MEMBERS",
     "CheckSpec",
     "model_checks",
+    "refused_without_loading",
     "run_checks",
 ]
 
@@ -57,6 +59,7 @@ CHECKS: Final[Registry] = VERIFY
 MODEL_CHECK_IDS: Final = tuple(spec.check_id for spec in VERIFY.in_stage("model"))
 
 _STATIC_REASON: Final = "--static: load checks need torch and were not run"
+_REFUSED_REASON: Final = "skipped: refused as unsafe (DPPO004); nothing was loaded"
 
 
 def run_checks(
@@ -93,6 +96,31 @@ def run_checks(
             ctx.archive.close()
 
 
+def refused_without_loading(static_report: FileReport) -> FileReport | None:
+    """The full report of a file that its static checks refused as unsafe, without running
+    anything again; None when the static checks did not refuse it.
+
+    A refused file is never loaded (its load checks are skipped as refused), so the report
+    :func:`run_checks` would give it is its static report with the reason of those skips
+    changed. Taking it from there spares handing hostile bytes to another reader, which is
+    what the static stage of ``verify --ray`` is for.
+    """
+    refused = any(
+        result.check_id in CHECKS and CHECKS[result.check_id].category == "security"
+        and CHECKS[result.check_id].stage == "static" and result.verdict is Verdict.FAIL
+        for result in static_report.results
+    )  # fmt: skip
+    if not refused:
+        return None
+    results = [
+        CHECKS[result.check_id].skipped(_REFUSED_REASON)
+        if result.verdict is Verdict.SKIP and result.message == _STATIC_REASON
+        else result
+        for result in static_report.results
+    ]
+    return replace(static_report, results=results)
+
+
 def _run_all(ctx: CheckContext) -> list[CheckResult]:
     results = []
     for spec in CHECKS.values():
@@ -112,7 +140,7 @@ def _skip_reason(spec: CheckSpec, ctx: CheckContext) -> str | None:
     if ctx.static:
         return _STATIC_REASON
     if ctx.refused:
-        return "skipped: refused as unsafe (DPPO004); nothing was loaded"
+        return _REFUSED_REASON
     if ctx.missing:
         return "skipped: required members are missing (DPPO002)"
     if spec.stage == "load":

@@ -5,12 +5,16 @@ The reports are those of local ``verify``, file for file, in input order: each t
 do not change. What Ray changes is only where the work runs:
 
 - every file gets its static checks (code-free, no torch) before any file is loaded, so a
-  batch learns of its hostile files before anything of the batch reaches torch;
+  batch learns of its hostile files before anything of the batch reaches torch; a file they
+  refuse as unsafe is never handed to a reader again (its report is local ``verify``'s, whose
+  load checks skip a refused file);
 - the load checks of a file run in a child of its Ray worker, as local ``verify`` runs them in
   a child of its own (:mod:`~dppo_ckpt.checkpoint.isolation`): a crash or an overrun is that
   file's verdict, worded the same way;
-- a Ray worker that dies under a file is that file's result, exit 3, and is never retried:
-  retrying a file that kills its reader only kills another one;
+- a Ray worker that dies under a file, or that Ray kills for memory, is that file's result,
+  exit 3, and is never retried: retrying a file that kills its reader only kills another one;
+- any other failure of Ray under a file is that file's error (``DPPO001``), never a
+  traceback, and the other files keep their reports;
 - a lost node is not the file's doing: its files are retried once, on the nodes still alive,
   and a note says so.
 
@@ -178,6 +182,18 @@ def _worker_died(path: str) -> FileReport:
     return FileReport.from_results(path, [CHECKS["DPPO007"].failed(reason)], unsafe=True)
 
 
+def _out_of_memory(path: str, exc: BaseException) -> FileReport:
+    """Ray's memory monitor killed the worker under the file: what it read grew until the node
+    ran low on memory, which is a memory bomb's doing (exit 3), named as Ray words it."""
+    from dppo_ckpt.checkpoint.checks import CHECKS
+
+    reason = (
+        "Ray killed the worker checking the file for memory while it read untrusted data "
+        f"({_first_line(exc)}): refused as unsafe (not retried)"
+    )
+    return FileReport.from_results(path, [CHECKS["DPPO007"].failed(reason)], unsafe=True)
+
+
 def _task_failed(path: str, why: str) -> FileReport:
     from dppo_ckpt.checkpoint.checks import CHECKS
 
@@ -197,7 +213,9 @@ def _gather(
 ) -> tuple[list[FileReport], set[int]]:
     """Submit one task per path, then collect the reports in input order.
 
-    A dead worker is the file's verdict; a lost node earns the file one more try.
+    A dead worker (crashed, or killed by Ray for memory) is the file's verdict; a lost node
+    earns the file one more try; any other failure of Ray is that file's error. Whatever Ray
+    raises for one file, the other files of the batch keep their own reports.
 
     :return: the reports, and the indices of the files whose worker died
     """
@@ -225,8 +243,14 @@ def _gather(
             except exceptions.WorkerCrashedError:
                 reports.append(_worker_died(path))
                 died.add(index)
+            except exceptions.OutOfMemoryError as exc:
+                reports.append(_out_of_memory(path, exc))
+                died.add(index)
             except exceptions.RayTaskError as exc:  # the task raised: never for a file's content
                 reports.append(_task_failed(path, f"the check task failed: {_first_line(exc)}"))
+            except exceptions.RayError as exc:  # cancelled, object lost, system error, ...
+                why = f"Ray could not run the check ({type(exc).__name__}): {_first_line(exc)}"
+                reports.append(_task_failed(path, why))
             break
     return reports, died
 
@@ -254,25 +278,44 @@ def verify_on_ray(
     startup = connect(address)
     ray = _import_ray()
     started = time.perf_counter()
-    notes: list[str] = []
     # Workers are never retried by Ray itself: a lost node is retried here, once, by hand.
     static_remote = ray.remote(max_retries=0, num_cpus=1)(_static_task)
-    reports, died = _gather(
-        ray, paths, lambda path: static_remote.remote(path, trust, budgets, allow), notes
+    load_remote = ray.remote(max_retries=0, num_cpus=1)(_load_task)
+    reports, notes = _fan_out(
+        ray,
+        paths,
+        lambda path: static_remote.remote(path, trust, budgets, allow),
+        None if static else lambda path: load_remote.remote(path, trust, quick, budgets, allow),
     )
-    if not static:
-        load_remote = ray.remote(max_retries=0, num_cpus=1)(_load_task)
-        # A file whose static task killed its worker is not handed to another one.
-        alive = [i for i in range(len(paths)) if i not in died]
-        loaded, _ = _gather(
-            ray,
-            [paths[i] for i in alive],
-            lambda path: load_remote.remote(path, trust, quick, budgets, allow),
-            notes,
-        )
-        for index, report in zip(alive, loaded, strict=True):
-            reports[index] = report
     seconds = time.perf_counter() - started
     nodes, cpus = _cluster_size(ray)
     return FleetResult(reports, seconds, nodes, cpus, startup_s=startup, notes=notes)
 
+
+def _fan_out(
+    ray: Any,
+    paths: Sequence[str],
+    submit_static: Callable[[str], Any],
+    submit_load: Callable[[str], Any] | None,
+) -> tuple[list[FileReport], list[str]]:
+    """The static stage for every file, then (unless ``submit_load`` is None) the load stage
+    for the files it leaves to load; the reports in input order, and the notes."""
+    from dppo_ckpt.checkpoint.checks import refused_without_loading
+
+    notes: list[str] = []
+    reports, died = _gather(ray, paths, submit_static, notes)
+    if submit_load is None:
+        return reports, notes
+    to_load = []
+    for index, report in enumerate(reports):
+        # A file whose static task killed its worker is not handed to another one; nor is one
+        # the static checks refused: as in local verify, nothing of it is loaded.
+        refused = None if index in died else refused_without_loading(report)
+        if refused is not None:
+            reports[index] = refused
+        elif index not in died:
+            to_load.append(index)
+    loaded, _ = _gather(ray, [paths[i] for i in to_load], submit_load, notes)
+    for index, report in zip(to_load, loaded, strict=True):
+        reports[index] = report
+    return reports, notes

@@ -746,7 +746,7 @@ def render_sweep(result: Any, console: Console) -> None:
 def sweep_to_json(result: Any, tool_version: str) -> str:
     """The results of ``sweep`` as JSON: ``tool``, ``metric``, ``mode``, ``best``, ``folder``,
     ``wall_time_s`` and ``trials`` [{trial_id, status, config, metrics, run_dir,
-    last_checkpoint, restarts, error}]; non-finite figures become strings."""
+    last_checkpoint, restarts, error, exit_code}]; non-finite figures become strings."""
     document = {
         "tool": {"name": TOOL_NAME, "version": tool_version},
         "command": "sweep",
@@ -765,6 +765,7 @@ def sweep_to_json(result: Any, tool_version: str) -> str:
                 "last_checkpoint": row.last_checkpoint,
                 "restarts": row.restarts,
                 "error": row.error,
+                "exit_code": row.exit_code,
             }
             for row in result.rows
         ],
