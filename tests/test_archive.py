@@ -241,6 +241,53 @@ def test_lying_size_header_is_caught_while_reading(tmp_path: Path) -> None:
             archive.read_member("data")
 
 
+def test_a_local_header_naming_another_member_is_refused() -> None:
+    # The stored member is read from the file directly: the local header must still name it
+    # as the directory does, as zipfile requires before its own reads.
+    raw = bytearray(checkpoint_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as archive:
+        offset = archive.getinfo("data").header_offset
+    assert raw[offset + 30 : offset + 34] == b"data"
+    raw[offset + 30 : offset + 34] = b"dat4"
+    error = assert_refused(bytes(raw), "member 'data': the local header names it b'dat4'")
+    assert error.member == "data"
+
+
+def test_a_stored_member_whose_sizes_disagree_is_refused() -> None:
+    raw = bytearray(checkpoint_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as archive:
+        info = archive.getinfo("data")
+    central = bytes(raw).index(b"PK\x01\x02")  # the first record is data's
+    struct.pack_into("<I", raw, central + 20, info.compress_size - 1)
+    assert_refused(bytes(raw), "'data' is stored but declares")
+
+
+def test_stored_members_are_read_once_and_crc_checked_whole(ppo_zip: Path) -> None:
+    raw = ppo_zip.read_bytes()
+    with open_checkpoint(raw) as archive:
+        archive.read_member("policy.pth")
+        reads: list[int] = []
+        source = archive._fileobj
+        original = source.readinto
+
+        def counting(buffer: memoryview) -> int:
+            reads.append(len(buffer))
+            return original(buffer)
+
+        source.readinto = counting  # type: ignore[method-assign]
+        archive.check_member("policy.pth")  # read whole already: its CRC was checked then
+        assert reads == []
+        archive.check_member("policy.optimizer.pth")
+        assert sum(reads) == archive.member("policy.optimizer.pth").uncompressed_size
+    flipped = bytearray(raw)
+    flipped[member_data_offset(raw, "policy.optimizer.pth") + 100] ^= 0x01
+    with (
+        open_checkpoint(bytes(flipped)) as archive,
+        pytest.raises(ArchiveError, match="'policy.optimizer.pth': CRC mismatch"),
+    ):
+        archive.read_member("policy.optimizer.pth")
+
+
 def test_counting_reader_stops_at_the_limit() -> None:
     # A source that yields more than it declared (what a lying header would do to a reader
     # that trusted it) is cut off at the limit.
