@@ -14,15 +14,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dppo_ckpt.checkpoint import data_outline
 from dppo_ckpt.checkpoint.archive import (
     ArchiveError,
     CheckpointArchive,
     CheckpointError,
     Limits,
     _BoundedReader,
+    _reject_duplicate_keys,
     open_checkpoint,
     read_checkpoint_bytes,
 )
+from dppo_ckpt.checkpoint.data_outline import DataOutline, outline_data
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -499,6 +502,110 @@ def test_serialized_entries_match_sb3s_rule() -> None:
     with open_checkpoint(checkpoint_bytes(data)) as archive:
         assert archive.serialized_entries() == {"pickled": b"\x80\x05K\x01."}
         assert archive.data["plain"] == {"a": 1}
+
+
+# -- data without the text of its large payload -----------------------------------------------
+
+_B64 = base64.b64encode(bytes(range(256)) * 20).decode()  # 6,828 characters
+
+
+def _outline(data: object, key: str = "s", min_chars: int = 4096) -> DataOutline | None:
+    raw = data if isinstance(data, bytes) else json.dumps(data, indent=4).encode()
+    return outline_data(raw, key, _reject_duplicate_keys, min_chars=min_chars)
+
+
+def test_a_large_payload_is_decoded_from_the_bytes_and_left_out_of_data(monkeypatch) -> None:
+    data = {"verbose": 0, "s": entry(bytes(range(256)) * 20), "policy_class": entry(b"\x80.")}
+    found = _outline(data)
+    assert found is not None
+    assert found.payload == bytes(range(256)) * 20
+    expected = json.loads(json.dumps(data))
+    expected["s"][":serialized:"] = ""
+    assert found.data == expected
+    assert len(found.text) < 1000 and found.placeholder in found.text
+    monkeypatch.setattr(data_outline, "MIN_PAYLOAD_CHARS", 4096)
+    raw = checkpoint_bytes(data)
+    with open_checkpoint(raw) as archive, open_checkpoint(raw) as parsed:
+        assert archive.detach_payload("s") is not None
+        assert archive.data == expected
+        assert archive.serialized_entries() == parsed.serialized_entries()
+        assert archive.detach_payload("s") is None  # parsed already: nothing changes
+    with open_checkpoint(raw) as archive:
+        assert archive.detach_payload("absent") is None
+        assert archive.data == data  # parsed as usual
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # inside another string, after an escaped quote: the outline's placeholder is not
+        # a string of its own there
+        {"x": 'say "' + _B64, "s": entry(b"\x80.")},
+        {"x": 'say "' + _B64 + '"', "s": entry(b"\x80.")},
+        {_B64: 1, "s": entry(b"\x80.")},  # a key
+        {"s": entry(b"\x80."), "other": {":serialized:": _B64}},  # another entry's
+        {"s": {":serialized:": _B64, "longer": "AAAA" + _B64}},  # not the longest
+        {"s": {":serialized:": _B64[:-1]}},  # not valid base64 (its length)
+        {"s": {":serialized:": [_B64]}},  # not the string itself
+        {"s": {":serialized:": _B64}, "x": ['"'] * 70_000},  # more quotes than it looks at
+    ],
+    ids=["escaped-quote", "escaped-quotes", "key", "other-entry", "not-longest", "bad-length",
+         "in-a-list", "many-quotes"],
+)  # fmt: skip
+def test_the_outline_is_refused_where_the_string_is_not_the_payload(data: object) -> None:
+    assert _outline(data) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"s": {":serialized:": "' + _B64.encode() + b'"}, "a": 1,}', "not valid JSON"),
+        (b'{"s": {":serialized:": "' + _B64.encode() + b'"}, "s": 1}', "duplicate key 's'"),
+        (b'{"s": {":serialized:": "' + _B64.encode() + b'"}, "a": "\xff"}', "not valid UTF-8"),
+        (b'{"a": \\"' + _B64.encode() + b'"}', "not valid JSON"),  # a backslash outside
+    ],
+)
+def test_a_damaged_data_gives_no_outline_and_the_usual_error(
+    raw: bytes, reason: str, monkeypatch
+) -> None:
+    assert _outline(raw) is None
+    monkeypatch.setattr(data_outline, "MIN_PAYLOAD_CHARS", 4096)
+    with open_checkpoint(checkpoint_bytes(raw)) as archive:
+        assert archive.detach_payload("s") is None
+        with pytest.raises(ArchiveError, match=reason):
+            archive.data  # noqa: B018
+
+
+_JSON_TEXT = st.text(st.sampled_from('ab"\\/\n=+' + _B64[:8]), max_size=12)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | _JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_JSON_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.dictionaries(_JSON_TEXT, _JSON, max_size=3),
+    after=st.dictionaries(_JSON_TEXT, _JSON, max_size=3),
+    around=st.sampled_from(["", '"', '\\"', "a", "="]),
+    indent=st.sampled_from([None, 4]),
+)
+def test_an_outline_always_parses_as_data_itself(
+    before: dict, after: dict, around: str, indent: int | None
+) -> None:
+    # Whatever surrounds the payload, an outline is given only when it is exactly the parse
+    # of the whole text with that one string left out.
+    payload = around + _B64 + around.replace("\\", "")
+    document = {**before, "s": {":type:": "t", ":serialized:": payload}, **after}
+    raw = json.dumps(document, indent=indent).encode()
+    found = _outline(raw, min_chars=16)
+    if found is None:
+        return
+    whole = json.loads(raw)
+    assert found.payload == base64.b64decode(whole["s"][":serialized:"], validate=True)
+    whole["s"][":serialized:"] = ""
+    assert found.data == whole
 
 
 def test_text_member_must_be_utf8() -> None:

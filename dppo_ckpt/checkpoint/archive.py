@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
+from dppo_ckpt.checkpoint.data_outline import DataOutline, outline_data
 from dppo_ckpt.checkpoint.metadata import (
     MAX_METADATA_BYTES,
     METADATA_MEMBER,
@@ -865,6 +866,33 @@ class CheckpointArchive(ZipMembers):
         for a layout-1 file with a large policy they hold the scaler's statistics twice."""
         self._data = None
         self._entries = None
+
+    def detach_payload(self, key: str) -> DataOutline | None:
+        """Parse ``data`` leaving out the text of entry ``key``'s large ``:serialized:``
+        payload (see :mod:`.data_outline`), for a caller that needs its bytes, not its text.
+
+        Afterwards :attr:`data` holds an empty string in that payload's place and
+        :meth:`serialized_entries` its decoded bytes, taken from the member's bytes with no
+        copy of the text: a layout-1 file's scaler is then in memory once, decoded, instead
+        of as the text, the parsed string and the decoded bytes at once.
+
+        :return: the outline (its text is ``data``'s with the payload a placeholder), or
+            ``None`` when ``data`` is parsed already or is not of that shape: nothing has
+            changed then, and ``data`` is parsed as usual when asked for.
+        :raises ArchiveError: the member cannot be read.
+        """
+        if self._data is not None:
+            return None
+        raw = self.read_member(DATA_MEMBER)
+        found = outline_data(raw, key, _reject_duplicate_keys)
+        del raw  # the payload is decoded; the bytes are the bulk of what is left
+        if found is None:
+            return None
+        self._data = found.data
+        entries = self._decode_entries(skip=key)
+        entries[key] = found.payload
+        self._entries = entries
+        return found
 
     def serialized_entries(self) -> dict[str, bytes]:
         """Base64-decoded ``:serialized:`` payloads of ``data``, by attribute name.
