@@ -608,6 +608,22 @@ def test_an_outline_always_parses_as_data_itself(
     assert found.data == whole
 
 
+def test_the_scaler_payload_is_decoded_once() -> None:
+    from dppo_ckpt.checkpoint.contents import scaler_payload
+
+    pickled = bytes(range(256)) * 4
+    raw = checkpoint_bytes({"_variance_gradient_scaler": entry(pickled), "x": entry(b"\x80.")})
+    with open_checkpoint(raw) as archive:
+        assert archive.decoded_entry("_variance_gradient_scaler") is None
+        alone = scaler_payload(archive)  # decoded on its own
+        assert alone == pickled and archive.decoded_entry("_variance_gradient_scaler") is None
+        entries = archive.serialized_entries()
+        assert archive.decoded_entry("_variance_gradient_scaler") is entries[
+            "_variance_gradient_scaler"
+        ]
+        assert scaler_payload(archive) is entries["_variance_gradient_scaler"]
+
+
 def test_text_member_must_be_utf8() -> None:
     raw = checkpoint_bytes(extra=[("system_info.txt", b"\xff\xfe")])
     with open_checkpoint(raw) as archive, pytest.raises(ArchiveError, match="UTF-8"):

@@ -909,6 +909,11 @@ class CheckpointArchive(ZipMembers):
             self._entries = self._decode_entries()
         return dict(self._entries)
 
+    def decoded_entry(self, key: str) -> bytes | None:
+        """Entry ``key``'s payload if :meth:`serialized_entries` decoded it already (else
+        ``None``), so that a caller needing one entry does not decode it a second time."""
+        return None if self._entries is None else self._entries.get(key)
+
     def _decode_entries(self, skip: str | None = None) -> dict[str, bytes]:
         entries: dict[str, bytes] = {}
         for key, value in self.data.items():
