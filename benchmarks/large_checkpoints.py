@@ -15,7 +15,9 @@ Printed side by side, each as a ratio measured in the same run:
 
 - layout 2, ``verify --static`` and ``migrate`` (already current: a copy) against ``cp``:
   the marginal time, largest size minus smallest, over cp's marginal time (target <= 2), and
-  the peak memory growth from the smallest size to the largest (target <= 10%);
+  the peak memory growth from the smallest size to the largest (target <= 10%); beside them
+  ``cp + fsync``, the same kernel copy with the file and its folder fsynced (a Python child),
+  which is the least ``migrate`` must do, so that the cost of the fsync shows on its own;
 - layout 1, ``migrate`` (it rewrites the scaler): peak memory above the same command on the
   layout-2 file of that size, over the size of ``data`` (target <= 2);
 - full ``verify`` and ``verify --quick`` against a bare ``DistributionalPPO.load`` in a
@@ -81,6 +83,22 @@ def _bare_load(path: Path) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+# What `migrate` of a current file must do at the least: copy the file in the kernel, as cp
+# does, and fsync it and its folder before it counts as written.
+_COPY_AND_FSYNC = """
+import os, sys
+src, dst = sys.argv[1], sys.argv[2]
+with open(src, "rb") as a, open(dst, "wb") as b:
+    size, done = os.fstat(a.fileno()).st_size, 0
+    while done < size:
+        done += os.copy_file_range(a.fileno(), b.fileno(), size - done, done, done)
+    os.fsync(b.fileno())
+folder = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
+os.fsync(folder)
+os.close(folder)
+"""
+
+
 def _fresh(path: Path) -> Path:
     path.unlink(missing_ok=True)
     return path
@@ -141,6 +159,8 @@ def measure(folder: Path, width: int, reps: int, heavy: bool) -> SizeResult:
     out = folder / "out.zip"
     commands = {
         "cp": lambda: ["cp", str(layout_2), str(_fresh(out))],
+        "cp + fsync": lambda: [sys.executable, "-c", _COPY_AND_FSYNC, str(layout_2),
+                               str(_fresh(out))],
         "verify --static": lambda: _cli("verify", "--static", str(layout_2)),
         "migrate (layout 2)": lambda: _cli(
             "migrate", "--static", str(layout_2), str(_fresh(out))
@@ -187,6 +207,11 @@ def report(results: list[SizeResult], heavy: bool) -> None:
         growth = large.peak(name) / small.peak(name) - 1
         print(f"  {name:<20} {marginal:10.3f} {ratio:6.2f} {'ok' if ratio <= 2 else 'OVER':>6} "
               f"{growth:10.1%} {'ok' if growth <= 0.10 else 'OVER':>8}")  # fmt: skip
+    fsync_marginal = large.wall("cp + fsync") - small.wall("cp + fsync")
+    migrate_marginal = large.wall("migrate (layout 2)") - small.wall("migrate (layout 2)")
+    print(f"  the same copy fsynced (what migrate must do at the least): marginal "
+          f"{fsync_marginal:.3f} s, {fsync_marginal / cp_marginal:.2f} x cp's; migrate's "
+          f"marginal is {migrate_marginal / fsync_marginal:.2f} x that")  # fmt: skip
     print("layout 1, migrate: memory above the layout-2 run, per MB of data (<= 2)")
     for r in results:
         extra = r.peak("migrate (layout 1)") - r.peak("migrate (layout 2)")

@@ -14,15 +14,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dppo_ckpt.checkpoint import data_outline
 from dppo_ckpt.checkpoint.archive import (
     ArchiveError,
     CheckpointArchive,
     CheckpointError,
     Limits,
     _BoundedReader,
+    _reject_duplicate_keys,
     open_checkpoint,
     read_checkpoint_bytes,
 )
+from dppo_ckpt.checkpoint.data_outline import DataOutline, outline_data
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -241,6 +244,53 @@ def test_lying_size_header_is_caught_while_reading(tmp_path: Path) -> None:
             archive.read_member("data")
 
 
+def test_a_local_header_naming_another_member_is_refused() -> None:
+    # The stored member is read from the file directly: the local header must still name it
+    # as the directory does, as zipfile requires before its own reads.
+    raw = bytearray(checkpoint_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as archive:
+        offset = archive.getinfo("data").header_offset
+    assert raw[offset + 30 : offset + 34] == b"data"
+    raw[offset + 30 : offset + 34] = b"dat4"
+    error = assert_refused(bytes(raw), "member 'data': the local header names it b'dat4'")
+    assert error.member == "data"
+
+
+def test_a_stored_member_whose_sizes_disagree_is_refused() -> None:
+    raw = bytearray(checkpoint_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as archive:
+        info = archive.getinfo("data")
+    central = bytes(raw).index(b"PK\x01\x02")  # the first record is data's
+    struct.pack_into("<I", raw, central + 20, info.compress_size - 1)
+    assert_refused(bytes(raw), "'data' is stored but declares")
+
+
+def test_stored_members_are_read_once_and_crc_checked_whole(ppo_zip: Path) -> None:
+    raw = ppo_zip.read_bytes()
+    with open_checkpoint(raw) as archive:
+        archive.read_member("policy.pth")
+        reads: list[int] = []
+        source = archive._fileobj
+        original = source.readinto
+
+        def counting(buffer: memoryview) -> int:
+            reads.append(len(buffer))
+            return original(buffer)
+
+        source.readinto = counting  # type: ignore[method-assign]
+        archive.check_member("policy.pth")  # read whole already: its CRC was checked then
+        assert reads == []
+        archive.check_member("policy.optimizer.pth")
+        assert sum(reads) == archive.member("policy.optimizer.pth").uncompressed_size
+    flipped = bytearray(raw)
+    flipped[member_data_offset(raw, "policy.optimizer.pth") + 100] ^= 0x01
+    with (
+        open_checkpoint(bytes(flipped)) as archive,
+        pytest.raises(ArchiveError, match="'policy.optimizer.pth': CRC mismatch"),
+    ):
+        archive.read_member("policy.optimizer.pth")
+
+
 def test_counting_reader_stops_at_the_limit() -> None:
     # A source that yields more than it declared (what a lying header would do to a reader
     # that trusted it) is cut off at the limit.
@@ -452,6 +502,126 @@ def test_serialized_entries_match_sb3s_rule() -> None:
     with open_checkpoint(checkpoint_bytes(data)) as archive:
         assert archive.serialized_entries() == {"pickled": b"\x80\x05K\x01."}
         assert archive.data["plain"] == {"a": 1}
+
+
+# -- data without the text of its large payload -----------------------------------------------
+
+_B64 = base64.b64encode(bytes(range(256)) * 20).decode()  # 6,828 characters
+
+
+def _outline(data: object, key: str = "s", min_chars: int = 4096) -> DataOutline | None:
+    raw = data if isinstance(data, bytes) else json.dumps(data, indent=4).encode()
+    return outline_data(raw, key, _reject_duplicate_keys, min_chars=min_chars)
+
+
+def test_a_large_payload_is_decoded_from_the_bytes_and_left_out_of_data(monkeypatch) -> None:
+    data = {"verbose": 0, "s": entry(bytes(range(256)) * 20), "policy_class": entry(b"\x80.")}
+    found = _outline(data)
+    assert found is not None
+    assert found.payload == bytes(range(256)) * 20
+    expected = json.loads(json.dumps(data))
+    expected["s"][":serialized:"] = ""
+    assert found.data == expected
+    assert len(found.text) < 1000 and found.placeholder in found.text
+    monkeypatch.setattr(data_outline, "MIN_PAYLOAD_CHARS", 4096)
+    raw = checkpoint_bytes(data)
+    with open_checkpoint(raw) as archive, open_checkpoint(raw) as parsed:
+        assert archive.detach_payload("s") is not None
+        assert archive.data == expected
+        assert archive.serialized_entries() == parsed.serialized_entries()
+        assert archive.detach_payload("s") is None  # parsed already: nothing changes
+    with open_checkpoint(raw) as archive:
+        assert archive.detach_payload("absent") is None
+        assert archive.data == data  # parsed as usual
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # inside another string, after an escaped quote: the outline's placeholder is not
+        # a string of its own there
+        {"x": 'say "' + _B64, "s": entry(b"\x80.")},
+        {"x": 'say "' + _B64 + '"', "s": entry(b"\x80.")},
+        {_B64: 1, "s": entry(b"\x80.")},  # a key
+        {"s": entry(b"\x80."), "other": {":serialized:": _B64}},  # another entry's
+        {"s": {":serialized:": _B64, "longer": "AAAA" + _B64}},  # not the longest
+        {"s": {":serialized:": _B64[:-1]}},  # not valid base64 (its length)
+        {"s": {":serialized:": [_B64]}},  # not the string itself
+        {"s": {":serialized:": _B64}, "x": ['"'] * 70_000},  # more quotes than it looks at
+    ],
+    ids=["escaped-quote", "escaped-quotes", "key", "other-entry", "not-longest", "bad-length",
+         "in-a-list", "many-quotes"],
+)  # fmt: skip
+def test_the_outline_is_refused_where_the_string_is_not_the_payload(data: object) -> None:
+    assert _outline(data) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"s": {":serialized:": "' + _B64.encode() + b'"}, "a": 1,}', "not valid JSON"),
+        (b'{"s": {":serialized:": "' + _B64.encode() + b'"}, "s": 1}', "duplicate key 's'"),
+        (b'{"s": {":serialized:": "' + _B64.encode() + b'"}, "a": "\xff"}', "not valid UTF-8"),
+        (b'{"a": \\"' + _B64.encode() + b'"}', "not valid JSON"),  # a backslash outside
+    ],
+)
+def test_a_damaged_data_gives_no_outline_and_the_usual_error(
+    raw: bytes, reason: str, monkeypatch
+) -> None:
+    assert _outline(raw) is None
+    monkeypatch.setattr(data_outline, "MIN_PAYLOAD_CHARS", 4096)
+    with open_checkpoint(checkpoint_bytes(raw)) as archive:
+        assert archive.detach_payload("s") is None
+        with pytest.raises(ArchiveError, match=reason):
+            archive.data  # noqa: B018
+
+
+_JSON_TEXT = st.text(st.sampled_from('ab"\\/\n=+' + _B64[:8]), max_size=12)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | _JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_JSON_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.dictionaries(_JSON_TEXT, _JSON, max_size=3),
+    after=st.dictionaries(_JSON_TEXT, _JSON, max_size=3),
+    around=st.sampled_from(["", '"', '\\"', "a", "="]),
+    indent=st.sampled_from([None, 4]),
+)
+def test_an_outline_always_parses_as_data_itself(
+    before: dict, after: dict, around: str, indent: int | None
+) -> None:
+    # Whatever surrounds the payload, an outline is given only when it is exactly the parse
+    # of the whole text with that one string left out.
+    payload = around + _B64 + around.replace("\\", "")
+    document = {**before, "s": {":type:": "t", ":serialized:": payload}, **after}
+    raw = json.dumps(document, indent=indent).encode()
+    found = _outline(raw, min_chars=16)
+    if found is None:
+        return
+    whole = json.loads(raw)
+    assert found.payload == base64.b64decode(whole["s"][":serialized:"], validate=True)
+    whole["s"][":serialized:"] = ""
+    assert found.data == whole
+
+
+def test_the_scaler_payload_is_decoded_once() -> None:
+    from dppo_ckpt.checkpoint.contents import scaler_payload
+
+    pickled = bytes(range(256)) * 4
+    raw = checkpoint_bytes({"_variance_gradient_scaler": entry(pickled), "x": entry(b"\x80.")})
+    with open_checkpoint(raw) as archive:
+        assert archive.decoded_entry("_variance_gradient_scaler") is None
+        alone = scaler_payload(archive)  # decoded on its own
+        assert alone == pickled and archive.decoded_entry("_variance_gradient_scaler") is None
+        entries = archive.serialized_entries()
+        assert archive.decoded_entry("_variance_gradient_scaler") is entries[
+            "_variance_gradient_scaler"
+        ]
+        assert scaler_payload(archive) is entries["_variance_gradient_scaler"]
 
 
 def test_text_member_must_be_utf8() -> None:

@@ -266,6 +266,35 @@ def test_layout_1_migrates_to_the_fixed_codes_checkpoint_bit_for_bit(tmp_path):
     )
 
 
+@pytest.mark.parametrize("source", [LAYOUT_1, LEGACY], ids=["layout1", "legacy"])
+def test_a_scaler_taken_from_the_bytes_of_data_migrates_as_the_parsed_one(
+    source, tmp_path, monkeypatch
+):
+    # A large scaler is decoded from `data`'s bytes without its base64 text being built
+    # (data_outline); the fixtures' are small, so the threshold is lowered for the second
+    # run. Both ways give the same file, byte for byte.
+    from dppo_ckpt.checkpoint import data_outline
+    from dppo_ckpt.checkpoint.archive import CheckpointArchive
+
+    detached: list[bool] = []
+    original = CheckpointArchive.detach_payload
+
+    def spy(self, key):
+        found = original(self, key)
+        detached.append(found is not None)
+        return found
+
+    monkeypatch.setattr(CheckpointArchive, "detach_payload", spy)
+    parsed, outlined = tmp_path / "parsed.zip", tmp_path / "outlined.zip"
+    assert migrate.migrate_file(source, parsed, static=True).exit_code == 0
+    monkeypatch.setattr(data_outline, "MIN_PAYLOAD_CHARS", 4096)
+    outcome = migrate.migrate_file(source, outlined, static=True)
+    assert outcome.exit_code == 0 and outcome.status == "migrated", outcome.message
+    assert detached == [False, True]
+    assert outlined.read_bytes() == parsed.read_bytes()
+    assert _state_bytes(_vgs_state(outlined)) == _state_bytes(_vgs_state(parsed))
+
+
 def test_a_layout_1_scaler_that_is_off_loses_its_null_entry(tmp_path):
     from fixtures.make_fixtures import to_layout_1
 

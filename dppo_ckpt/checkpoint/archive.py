@@ -18,7 +18,6 @@ lies cannot make a read exceed the limits.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import copy
 import io
@@ -35,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
+from dppo_ckpt.checkpoint.data_outline import DataOutline, outline_data
 from dppo_ckpt.checkpoint.metadata import (
     MAX_METADATA_BYTES,
     METADATA_MEMBER,
@@ -80,6 +80,14 @@ _DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 # Spool inner torch archives in memory up to this size, on disk beyond it.
 _SPOOL_MAX_MEMORY = 64 * _MiB
 _CHUNK = 1 * _MiB
+# The buffer of the CRC pass over a stored member (one per check, reused). Larger ones measured
+# no faster: the pass is bound by crc32 itself (some 4 GB/s), and they cost memory.
+_CRC_CHUNK = _CHUNK
+_LOCAL_HEADER_SIZE = 30
+_UTF8_NAME_FLAG = 0x800
+# Encrypted (bit 0), compressed patched data (bit 5), strong encryption (bit 6): such members
+# go through zipfile, which refuses them with its own reason.
+_FLAGS_ZIPFILE_REFUSES = 0x1 | 0x20 | 0x40
 
 
 class CheckpointError(Exception):
@@ -514,16 +522,32 @@ class ZipMembers:
         return io.BufferedReader(reader, buffer_size=_CHUNK)
 
     def read_member(self, name: str) -> bytes:
-        """Read the whole of ``name`` (bounded by the limits, CRC checked)."""
-        with self.open_member(name) as stream:
-            return stream.read()
+        """Read the whole of ``name`` (bounded by the limits, CRC checked).
+
+        A stored member is read straight from the file in one piece, its CRC computed over
+        it: no zip reader's chunks, nor a joined copy of them, beside the result (``data``
+        of a large layout-1 checkpoint is hundreds of MB).
+        """
+        start = self._stored_start(name)
+        if start is None:
+            with self.open_member(name) as stream:
+                return stream.read()
+        size = self._admit_stored(name)
+        self._fileobj.seek(start)
+        data = self._fileobj.read(size)
+        if len(data) != size:
+            raise self._truncated(name)
+        self._check_crc(name, zlib.crc32(data))
+        return data
 
     def check_member(self, name: str) -> None:
         """Read ``name`` to its end with bounded buffers, keeping nothing, so that a damaged
         or truncated member is found (CRC mismatch, bad compressed data, lying sizes).
 
         A stored member is read straight from the file into one reused buffer, its CRC
-        computed as it goes; anything else goes through the bounded inflating reader.
+        computed over memoryview slices of it as it goes (no copies, no zip reader in
+        between); anything else goes through the bounded inflating reader. A member read
+        whole before is not read again.
 
         :raises ArchiveError: the member is damaged, or breaks a limit.
         """
@@ -535,6 +559,28 @@ class ZipMembers:
                 while stream.read(_CHUNK):
                     pass
             return
+        size = self._admit_stored(name)
+        buffer = bytearray(min(_CRC_CHUNK, max(size, 1)))
+        view = memoryview(buffer)
+        readinto = getattr(self._fileobj, "readinto", None)
+        crc, done = 0, 0
+        self._fileobj.seek(start)
+        while done < size:
+            want = view[: min(len(view), size - done)]
+            if readinto is not None:
+                n = readinto(want)
+            else:  # a file object without readinto (a caller's stream)
+                chunk = self._fileobj.read(len(want))
+                n = len(chunk)
+                want[:n] = chunk
+            if not n:
+                raise self._truncated(name)
+            crc = zlib.crc32(want[:n], crc)
+            done += n
+        self._check_crc(name, crc)
+
+    def _admit_stored(self, name: str) -> int:
+        """Count a stored member about to be read whole against the limits; its size."""
         info = self._infos[name]
         if info.file_size > self.limits.max_member_bytes:
             raise ArchiveError(
@@ -544,42 +590,63 @@ class ZipMembers:
                 member=name,
             )
         self.tally.add(self.label, name, info.file_size)
-        buffer = bytearray(_CHUNK)
-        view = memoryview(buffer)
-        crc, done = 0, 0
-        self._fileobj.seek(start)
-        while done < info.file_size:
-            n = self._fileobj.readinto(view[: min(_CHUNK, info.file_size - done)])  # type: ignore[attr-defined]
-            if not n:
-                raise ArchiveError(
-                    f"member {name!r}: unexpected end of data: the file is truncated",
-                    path=self.label,
-                    member=name,
-                )
-            crc = zlib.crc32(view[:n], crc)
-            done += n
-        if crc != info.CRC:
+        return info.file_size
+
+    def _check_crc(self, name: str, crc: int) -> None:
+        if crc != self._infos[name].CRC:
             raise ArchiveError(
                 f"member {name!r}: CRC mismatch: the file is corrupt", path=self.label, member=name
             )
         self._checked.add(name)
 
+    def _truncated(self, name: str) -> ArchiveError:
+        return ArchiveError(
+            f"member {name!r}: unexpected end of data: the file is truncated",
+            path=self.label,
+            member=name,
+        )
+
     def _stored_start(self, name: str) -> int | None:
         """Where a stored, unencrypted member's bytes begin in the file (``None`` for any
-        other member)."""
+        other member, which is read through :mod:`zipfile`).
+
+        The local header is checked as :mod:`zipfile` checks it before a read: its
+        signature, and the name it gives, which must be the directory's (a reader that
+        walks the local headers would otherwise see another member). A stored member's two
+        declared sizes must agree, since its bytes are its content.
+        """
         info = self._infos.get(name)
         if info is None:
             raise ArchiveError(f"no member {name!r}", path=self.label, member=name)
         if self._fileobj is None:
             raise ArchiveError("archive is closed", path=self.label)
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & _FLAGS_ZIPFILE_REFUSES:
             return None
         self._fileobj.seek(info.header_offset)
-        header = self._fileobj.read(30)
-        if len(header) != 30 or header[:4] != _ZIP_LOCAL_HEADER_MAGIC:
+        header = self._fileobj.read(_LOCAL_HEADER_SIZE)
+        if len(header) != _LOCAL_HEADER_SIZE or header[:4] != _ZIP_LOCAL_HEADER_MAGIC:
             raise ArchiveError(f"member {name!r}: bad local header", path=self.label, member=name)
+        (flags,) = struct.unpack_from("<H", header, 6)
         name_len, extra_len = struct.unpack_from("<HH", header, 26)
-        return info.header_offset + 30 + name_len + extra_len
+        raw_name = self._fileobj.read(name_len)
+        try:
+            local_name = raw_name.decode("utf-8" if flags & _UTF8_NAME_FLAG else "cp437")
+        except UnicodeDecodeError:
+            local_name = None
+        if local_name != info.orig_filename:
+            raise ArchiveError(
+                f"member {name!r}: the local header names it {raw_name!r}",
+                path=self.label,
+                member=name,
+            )
+        if info.compress_size != info.file_size:
+            raise ArchiveError(
+                f"member {name!r} is stored but declares {info.compress_size} bytes in the "
+                f"file and {info.file_size} uncompressed",
+                path=self.label,
+                member=name,
+            )
+        return info.header_offset + _LOCAL_HEADER_SIZE + name_len + extra_len
 
     def stored_window(self, name: str) -> BinaryIO | None:
         """A seekable view of a stored member's bytes inside the zip, or ``None`` when the
@@ -800,6 +867,33 @@ class CheckpointArchive(ZipMembers):
         self._data = None
         self._entries = None
 
+    def detach_payload(self, key: str) -> DataOutline | None:
+        """Parse ``data`` leaving out the text of entry ``key``'s large ``:serialized:``
+        payload (see :mod:`.data_outline`), for a caller that needs its bytes, not its text.
+
+        Afterwards :attr:`data` holds an empty string in that payload's place and
+        :meth:`serialized_entries` its decoded bytes, taken from the member's bytes with no
+        copy of the text: a layout-1 file's scaler is then in memory once, decoded, instead
+        of as the text, the parsed string and the decoded bytes at once.
+
+        :return: the outline (its text is ``data``'s with the payload a placeholder), or
+            ``None`` when ``data`` is parsed already or is not of that shape: nothing has
+            changed then, and ``data`` is parsed as usual when asked for.
+        :raises ArchiveError: the member cannot be read.
+        """
+        if self._data is not None:
+            return None
+        raw = self.read_member(DATA_MEMBER)
+        found = outline_data(raw, key, _reject_duplicate_keys)
+        del raw  # the payload is decoded; the bytes are the bulk of what is left
+        if found is None:
+            return None
+        self._data = found.data
+        entries = self._decode_entries(skip=key)
+        entries[key] = found.payload
+        self._entries = entries
+        return found
+
     def serialized_entries(self) -> dict[str, bytes]:
         """Base64-decoded ``:serialized:`` payloads of ``data``, by attribute name.
 
@@ -811,11 +905,19 @@ class CheckpointArchive(ZipMembers):
 
         :raises ArchiveError: the payload is not a string or not valid base64.
         """
-        if self._entries is not None:
-            return dict(self._entries)
+        if self._entries is None:
+            self._entries = self._decode_entries()
+        return dict(self._entries)
+
+    def decoded_entry(self, key: str) -> bytes | None:
+        """Entry ``key``'s payload if :meth:`serialized_entries` decoded it already (else
+        ``None``), so that a caller needing one entry does not decode it a second time."""
+        return None if self._entries is None else self._entries.get(key)
+
+    def _decode_entries(self, skip: str | None = None) -> dict[str, bytes]:
         entries: dict[str, bytes] = {}
         for key, value in self.data.items():
-            if not (isinstance(value, dict) and SERIALIZED_KEY in value):
+            if key == skip or not (isinstance(value, dict) and SERIALIZED_KEY in value):
                 continue
             encoded = value[SERIALIZED_KEY]
             if not isinstance(encoded, str):
@@ -825,15 +927,16 @@ class CheckpointArchive(ZipMembers):
                     member="data",
                 )
             try:
-                entries[key] = base64.b64decode(encoded.encode("ascii"), validate=True)
-            except (binascii.Error, UnicodeEncodeError) as exc:
+                # From the string itself: an ASCII str is its own buffer, so no encoded copy
+                # of it is made (b64decode(validate=True) is this same call).
+                entries[key] = binascii.a2b_base64(encoded, strict_mode=True)
+            except (binascii.Error, ValueError) as exc:
                 raise ArchiveError(
                     f"entry {key!r}: ':serialized:' is not valid base64 ({exc})",
                     path=self.path,
                     member="data",
                 ) from None
-        self._entries = entries
-        return dict(entries)
+        return entries
 
     @property
     def metadata(self) -> dict[str, Any] | None:
@@ -889,6 +992,10 @@ class CheckpointArchive(ZipMembers):
 
     def pth_is_zip(self, name: str) -> bool:
         """Whether the ``.pth`` member is a zip-format torch archive (else a legacy stream)."""
+        start = self._stored_start(name)
+        if start is not None:  # its first bytes, straight from the file
+            self._fileobj.seek(start)
+            return _is_zip_head(self._fileobj.read(min(4, self.member(name).uncompressed_size)))
         with self.open_member(name) as stream:
             return _is_zip_head(stream.read(4))
 

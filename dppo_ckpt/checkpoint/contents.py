@@ -9,7 +9,6 @@ safe whatever the pickle says. Neither torch nor numpy is imported.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 from collections.abc import Mapping
@@ -109,12 +108,17 @@ def scaler_payload(archive: CheckpointArchive) -> bytes | None:
     value = archive.data.get(SCALER_ENTRY)
     if not (isinstance(value, dict) and SERIALIZED_KEY in value):
         return None
+    cached = archive.decoded_entry(SCALER_ENTRY)
+    if cached is not None:
+        return cached  # the scan decoded it already: not a second copy
     encoded = value[SERIALIZED_KEY]
     try:
         if not isinstance(encoded, str):
             raise TypeError(f"found {type(encoded).__name__}, not a string")
-        return base64.b64decode(encoded.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError, TypeError) as exc:
+        # From the string itself (an ASCII str is its own buffer): no encoded copy of it.
+        # base64.b64decode(..., validate=True) is this same call.
+        return binascii.a2b_base64(encoded, strict_mode=True)
+    except (binascii.Error, ValueError, TypeError) as exc:
         raise ArchiveError(
             f"entry {SCALER_ENTRY!r}: ':serialized:' is not valid base64 ({exc})",
             path=archive.path,

@@ -12,7 +12,6 @@ records layout 2. Everything else is copied byte for byte (:mod:`.zipcopy`).
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -73,8 +72,8 @@ def _check_named_only(archive: CheckpointArchive, scan: ScanReport) -> None:
     for finding in scan.refused:
         if finding.entry == SCALER_ENTRY or finding.entry not in _NAMED_CLASSES:
             continue
-        # Decoded alone: the scan validated the base64 already, and the scaler's can be huge.
-        payload = base64.b64decode(archive.data[finding.entry][SERIALIZED_KEY])
+        # As the scan decoded it (cached): nothing is decoded again.
+        payload = archive.serialized_entries()[finding.entry]
         try:
             root = stub_loads(payload)
         except (StubPickleError, RecursionError) as exc:
@@ -118,6 +117,8 @@ def plan_migration(archive: CheckpointArchive) -> MigrationPlan:
     :raises MigrationError: unsafe (3), or unusable (2) input.
     :raises ArchiveError: the zip or ``data`` is unusable, or its layout is unknown here.
     """
+    # A layout-1 scaler is taken from `data`'s bytes, decoded, without its base64 text.
+    outline = archive.detach_payload(SCALER_ENTRY)
     try:
         scan = scan_checkpoint(archive)
     except PickleScanError as exc:
@@ -151,17 +152,24 @@ def plan_migration(archive: CheckpointArchive) -> MigrationPlan:
     else:
         facts["reason"] = "the scaler is off"
     # What `data` must still say without the entry; then the archive's parsed copy (whose
-    # scaler string is the bulk of the file) and decoded payloads are let go before the
-    # text is read for the edit.
+    # scaler string is the bulk of the file, unless it was left out) and decoded payloads are
+    # let go before the text is edited.
     expected = {key: value for key, value in data.items() if key != SCALER_ENTRY}
     del data, entry
     archive.drop_caches()
-    text = archive.read_member(DATA_MEMBER).decode("utf-8")
+    if outline is not None:
+        # The text without the payload: cutting the entry cuts its placeholder too.
+        text, placeholder = outline.text, outline.placeholder
+        del outline
+    else:
+        text, placeholder = archive.read_member(DATA_MEMBER).decode("utf-8"), None
     try:
         new_data = remove_entry(text, SCALER_ENTRY, expected)
     except ValueError as exc:
         raise MigrationError(f"cannot edit 'data': {exc}", EXIT_UNUSABLE) from None
     del text
+    if placeholder is not None and placeholder.encode() in new_data:
+        raise MigrationError("cannot edit 'data': the scaler entry was not cut", EXIT_UNUSABLE)
     replace, new_members = _metadata_bytes(archive)
     replace[DATA_MEMBER] = new_data
     facts["data_bytes_before"] = archive.member(DATA_MEMBER).uncompressed_size
