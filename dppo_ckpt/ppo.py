@@ -38,6 +38,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import explained_variance
 
 from dppo_ckpt import numerics
+from dppo_ckpt._flat_adam import flat_adam
 from dppo_ckpt._foreach import clip_grad_norm, foreach_kernels
 from dppo_ckpt.buffers import (
     DistributionalBufferMixin,
@@ -480,7 +481,7 @@ class DistributionalPPO(PPO):
             parameters = list(self.policy.parameters())
         clip_grad_norm(parameters, self.max_grad_norm)
         optimizer = self.policy.optimizer
-        with foreach_kernels(optimizer):
+        with foreach_kernels(optimizer), flat_adam(optimizer):
             if scaler is None:
                 optimizer.step()
             else:
