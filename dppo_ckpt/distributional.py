@@ -25,11 +25,8 @@ target samples, ``K`` the number of support atoms and ``K'`` the number of atoms
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 __all__ = [
@@ -120,6 +117,13 @@ def quantile_huber_loss(
     The targets are treated as constants: they are detached here, so gradients flow to
     ``pred_quantiles`` only even when ``target_samples`` is part of a graph.
 
+    ``L_k`` is torch's Huber loss (one kernel forward and backward, instead of the dozen nodes
+    of ``abs``, ``where``, ``pow`` and friends), and the weight one ``where`` between
+    ``1 - tau`` and ``tau``. Loss and gradient are bit for bit those of the formula written
+    with elementary tensor ops (the kernel computes the same products, ``0.5 z z``,
+    ``kappa (z - 0.5 kappa)``, ``x g`` and ``+-kappa g``; ``tests/test_train_speed.py``
+    compares them, on the kink included). No operation changes its order.
+
     :param pred_quantiles: predicted quantiles, shape (B, N).
     :param target_samples: target samples, shape (B, M), or (B,) for a single sample per row.
     :param taus: quantile levels of the predictions, shape (N,).
@@ -144,88 +148,31 @@ def quantile_huber_loss(
 
     target = target_samples.detach().to(pred_quantiles.dtype)
     taus = taus.to(device=pred_quantiles.device, dtype=pred_quantiles.dtype)
-    if pred_quantiles.requires_grad and torch.is_grad_enabled():
-        return _QuantileHuberLoss.apply(pred_quantiles, target, taus, float(kappa))
-    with torch.no_grad():
-        loss, _ = _quantile_huber_forward(pred_quantiles, target, taus, float(kappa))
-    return loss
 
-
-def _quantile_huber_forward(
-    pred: Tensor, target: Tensor, taus: Tensor, kappa: float
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """The loss of :func:`quantile_huber_loss` and what its gradient needs: ``u``, the
-    indicator ``|u| <= kappa`` of the quadratic part and the weight ``|tau - 1{u < 0}|``."""
-    # (B, N, M): u[b, i, j] = T[b, j] - theta[b, i]
-    u = target.unsqueeze(1) - pred.unsqueeze(2)
-    abs_u = u.abs()
-    quadratic = abs_u <= kappa
-    linear = abs_u - 0.5 * kappa
-    # Multiplying or dividing by 1.0, and averaging over one sample, change no bit: for the
-    # default kappa and one target per row those ops are left out.
-    if kappa != 1.0:
-        linear = kappa * linear
-    huber = torch.where(quadratic, 0.5 * u.pow(2), linear)
-    # |tau - 1| is 1 - tau rounded (rounding is symmetric) and |tau - 0| is tau: the weight
-    # as one select between the two rows instead of a cast, a subtraction and an abs.
+    # (B, N, M): u[b, i, j] = T[b, j] - theta[b, i]. torch's Huber loss takes x = theta - T
+    # = -u; the Huber function is even, and its gradient in theta is autograd's for the
+    # formula through u: the same products (x * g, +-kappa * g), with the sign of x.
+    n_targets = target.shape[1]
+    shape = (batch_size, n_quantiles, n_targets)
+    theta = pred_quantiles.unsqueeze(2).expand(shape)
+    samples = target.unsqueeze(1).expand(shape)
+    # The Huber kernel multiplies by its threshold in double; the formula's ops multiply by
+    # kappa rounded to the tensors' dtype, so that is the threshold it gets.
+    delta = kappa if kappa == 1.0 else torch.tensor(kappa, dtype=theta.dtype).item()
+    huber = F.huber_loss(theta, samples, reduction="none", delta=delta)
+    # |tau - 1| is 1 - tau rounded (rounding is symmetric) and |tau - 0| is tau; u < 0 exactly
+    # when T < theta (a difference of unequal floats is never zero).
     taus = taus.view(1, -1, 1)
-    weight = torch.where(u < 0, 1.0 - taus, taus)
+    weight = torch.where(samples < theta.detach(), 1.0 - taus, taus)
     rho = weight * huber
+    # Dividing by 1.0, and averaging over one sample, change no bit (forward or backward):
+    # for the default kappa and one target per row those ops are left out.
     if kappa != 1.0:
         rho = rho / kappa
     per_target = rho.sum(dim=1)
-    if per_target.shape[1] == 1:
-        loss = per_target.squeeze(1).mean()
-    else:
-        loss = per_target.mean(dim=1).mean()
-    return loss, (u, quadratic, weight)
-
-
-class _QuantileHuberLoss(torch.autograd.Function):
-    """:func:`quantile_huber_loss` as one autograd node, with the gradient autograd derives
-    from the formula, operation for operation.
-
-    The loss written with tensor ops records a dozen autograd nodes per call, each of which
-    the backward pass visits; on the small (B, N) batches of an MLP critic that bookkeeping
-    costs more than the arithmetic. This node runs the same kernels in the same order:
-    ``d mean`` (``g / B``, then ``/ M`` for several targets), ``/ kappa``, ``* weight``, the
-    ``where`` split, ``* 0.5 * (2 u)`` on the quadratic part, ``* kappa * sgn(u)`` on the
-    linear one, their sum and ``-`` (summed over the targets): the gradient is bit for bit
-    the one autograd gives for the formula (``tests/test_train_speed.py`` compares them).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, pred: Tensor, target: Tensor, taus: Tensor, kappa: float
-    ) -> Tensor:
-        loss, (u, quadratic, weight) = _quantile_huber_forward(pred, target, taus, kappa)
-        ctx.save_for_backward(u, quadratic, weight)
-        ctx.kappa = kappa
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        u, quadratic, weight = ctx.saved_tensors
-        kappa = ctx.kappa
-        batch_size, _, n_targets = u.shape
-        # The mean's backward: the gradient spread over the batch, then over the targets.
-        grad = grad.expand(batch_size) / batch_size
-        if n_targets != 1:
-            grad = grad.unsqueeze(1).expand(batch_size, n_targets) / n_targets
-        grad = grad.view(batch_size, 1, n_targets)
-        if kappa != 1.0:
-            grad = grad / kappa
-        grad = grad * weight
-        grad_quadratic = torch.where(quadratic, grad, 0.0) * 0.5 * (2.0 * u)
-        grad_linear = torch.where(quadratic, 0.0, grad)
-        if kappa != 1.0:
-            grad_linear = grad_linear * kappa
-        grad_u = grad_quadratic + grad_linear * u.sgn()
-        grad_pred = -grad_u
-        if n_targets != 1:
-            return grad_pred.sum(dim=2), None, None, None
-        return grad_pred.squeeze(2), None, None, None
+    if n_targets == 1:
+        return per_target.squeeze(1).mean()
+    return per_target.mean(dim=1).mean()
 
 
 def quantile_mean(quantiles: Tensor) -> Tensor:

@@ -281,6 +281,9 @@ class _FlatStatistics(NamedTuple):
     v: torch.Tensor | None
     sizes: tuple[int, ...]
     groups: tuple[tuple[int, int, int, int], ...]
+    # Scratch for clamp(v - correction*m^2, 0), reused every step, and its per-tensor parts.
+    excess: torch.Tensor | None = None
+    excess_parts: tuple[torch.Tensor, ...] = ()
 
 
 def _flatten_statistics(
@@ -314,7 +317,10 @@ def _flatten_statistics(
     groups = tuple(
         (start, stop, offsets[start], offsets[stop]) for start, stop in _groups(exp_avg)
     )
-    return _FlatStatistics(views(m), views(v), m, v, sizes, groups)
+    excess = torch.empty_like(v)
+    return _FlatStatistics(
+        views(m), views(v), m, v, sizes, groups, excess, tuple(excess.split(sizes))
+    )
 
 
 class VarianceGradientScaler:
@@ -646,20 +652,24 @@ class VarianceGradientScaler:
         are bit for bit the same, with one kernel call per operation and group instead of one
         per tensor. The per-tensor reductions run on views, again as in that path.
         """
-        assert flat.m is not None and flat.v is not None
+        assert flat.m is not None and flat.v is not None and flat.excess is not None
         signal_norms: list[torch.Tensor] = []
         noise_sums: list[torch.Tensor] = []
         whole = len(flat.groups) == 1
         for start, stop, low, high in flat.groups:
             g = _flatten_dense_tensors(grads[start:stop])
-            m, v = (flat.m, flat.v) if whole else (flat.m[low:high], flat.v[low:high])
+            m, v, excess = (
+                (flat.m, flat.v, flat.excess)
+                if whole
+                else (flat.m[low:high], flat.v[low:high], flat.excess[low:high])
+            )
             m.lerp_(g, 1.0 - beta)
             signal_norms.extend(torch._foreach_norm(flat.exp_avg[start:stop]))
             v.mul_(beta)
             v.addcmul_(g, g, value=1.0 - beta)
-            excess = torch.addcmul(v, m, m, value=-correction)
+            torch.addcmul(v, m, m, value=-correction, out=excess)
             excess.clamp_min_(0.0)
-            noise_sums.extend(part.sum() for part in excess.split(flat.sizes[start:stop]))
+            noise_sums.extend(part.sum() for part in flat.excess_parts[start:stop])
         return signal_norms, noise_sums
 
     @staticmethod
