@@ -4,6 +4,7 @@ dppo_ckpt/buffers.py); fixtures/make_fixtures.py checks the same end to end."""
 from __future__ import annotations
 
 import math
+import random
 
 import gymnasium as gym
 import numpy as np
@@ -178,6 +179,32 @@ def test_quantile_huber_loss_and_gradient_are_those_of_the_formula(kappa, batch,
     expected.backward()
     assert torch.equal(loss, expected)
     assert torch.equal(ours.grad, reference.grad)
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_quantile_huber_loss_matches_the_formula_on_random_shapes_and_dtypes(trial) -> None:
+    """Bit for bit, signs of zero included, for float32 and float64, several kappas (some not
+    representable in float32), one or several targets, predictions on the kink and equal to
+    a target."""
+    rng = random.Random(trial)
+    batch, n, m = rng.randint(1, 70), rng.randint(1, 40), rng.choice([1, 2, 5])
+    kappa = rng.choice([1.0, 0.5, 1.3, 0.1, 3.7])
+    dtype = rng.choice([torch.float32, torch.float64])
+    generator = torch.Generator().manual_seed(trial)
+    pred = (torch.randn(batch, n, generator=generator) * rng.choice([0.1, 3.0, 30.0])).to(dtype)
+    targets = (torch.randn(batch, m, generator=generator) * 3).to(dtype)
+    targets[:, 0] = pred[:, 0] + kappa
+    if m > 1 and n > 1:
+        targets[:, 1] = pred[:, 1]
+    taus = quantile_midpoints(n, dtype=dtype)
+    ours, reference = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    loss = quantile_huber_loss(ours, targets, taus, kappa=kappa)
+    expected = _quantile_huber_as_written(reference, targets, taus, kappa)
+    (loss * 0.7).backward()
+    (expected * 0.7).backward()
+    assert torch.equal(loss, expected)
+    assert torch.equal(ours.grad, reference.grad)
+    assert torch.equal(ours.grad.signbit(), reference.grad.signbit())
 
 
 # -- the whole update against a plain reference ---------------------------------------------
