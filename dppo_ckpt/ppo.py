@@ -349,8 +349,12 @@ class DistributionalPPO(PPO):
         losses stay tensors until the end (one host transfer each per call, not one per
         minibatch; only ``target_kl`` needs the KL estimate at once), the probability ratio's
         logarithm is computed once, the critic's targets are computed once per rollout (see
-        :mod:`dppo_ckpt.buffers`) and Adam takes its multi-tensor path
-        (:mod:`dppo_ckpt._foreach`). None of this changes a result.
+        :mod:`dppo_ckpt.buffers`), Adam steps on flat moment buffers
+        (:mod:`dppo_ckpt._flat_adam`, falling back to torch's multi-tensor path,
+        :mod:`dppo_ckpt._foreach`), the scaler updates its statistics in flat buffers and the
+        quantile loss runs on torch's Huber kernel. None of this changes a result: no
+        operation changes its order, and ``tests/test_train_speed.py`` compares a whole
+        ``learn()`` with a plain per-parameter reference update bit for bit.
         """
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)

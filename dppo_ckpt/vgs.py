@@ -353,7 +353,12 @@ class VarianceGradientScaler:
     :meth:`_scale_and_level`.
 
     Tracked parameters are those that require gradients; frozen ones are ignored. The buffers
-    live on each parameter's device with its dtype: two numbers per element, like Adam.
+    live on each parameter's device with its dtype: two numbers per element, like Adam. When
+    all of them share one device and dtype, they are views of two flat buffers (made at the
+    first step, and again after a load or relink), so that each element-wise update is one
+    kernel for all tensors; the per-tensor sums still run tensor by tensor. Every element
+    and every sum is computed as tensor by tensor, in the same order: the results are bit for
+    bit those of the per-tensor path, which steps with missing gradients still take.
 
     Edge cases, chosen so that a step without information changes nothing:
 
