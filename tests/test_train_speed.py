@@ -1,8 +1,11 @@
-"""The faster update path gives the very bits of the plain one (see dppo_ckpt/_foreach.py and
-dppo_ckpt/buffers.py); fixtures/make_fixtures.py checks the same end to end."""
+"""The faster update path gives the very bits of the plain one (see dppo_ckpt/_foreach.py,
+dppo_ckpt/_flat_adam.py, dppo_ckpt/vgs.py and dppo_ckpt/buffers.py), down to a whole
+learn() against a plain reference update; fixtures/make_fixtures.py checks the same end to
+end."""
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -351,3 +354,40 @@ def test_whole_training_equals_the_plain_reference_bit_for_bit(critic) -> None:
         for a, b in zip(mine, theirs, strict=True):
             assert torch.equal(a, b)
     assert scaler.level == reference.level
+
+
+def test_flat_adam_gives_torchs_bits_across_loads_and_fallbacks() -> None:
+    """The flat step against torch's own Adam over several steps: a state loaded in the
+    middle (flattened again), a step with a missing gradient (torch's step, counters then
+    differ per tensor), saved states whose tensors own their storage, and the optimizer's
+    ``step`` left as it was."""
+    from dppo_ckpt._flat_adam import flat_adam
+
+    plain_net, fast_net = _net(), _net()
+    plain = torch.optim.Adam(plain_net.parameters(), lr=1e-2, eps=1e-5)
+    fast = torch.optim.Adam(fast_net.parameters(), lr=1e-2, eps=1e-5)
+    generator = torch.Generator().manual_seed(4)
+    for index in range(12):
+        grads = [torch.randn(p.shape, generator=generator) for p in plain_net.parameters()]
+        for net in (plain_net, fast_net):
+            for param, grad in zip(net.parameters(), grads, strict=True):
+                param.grad = grad.clone()
+        if index == 5:  # one tensor without gradient: torch's step, which skips it
+            for net in (plain_net, fast_net):
+                list(net.parameters())[2].grad = None
+        plain.step()
+        with flat_adam(fast):
+            fast.step()
+        assert "step" not in vars(fast)
+        if index == 8:  # a loaded state holds new tensors: flattened again at the next step
+            fast.load_state_dict(copy.deepcopy(fast.state_dict()))
+        for a, b in zip(plain_net.parameters(), fast_net.parameters(), strict=True):
+            assert torch.equal(a, b), index
+    saved = fast.state_dict()["state"]
+    for index, state in plain.state_dict()["state"].items():
+        for key, value in state.items():
+            mine = saved[index][key]
+            assert torch.equal(value, mine), (index, key)
+            assert mine.untyped_storage().nbytes() == mine.numel() * mine.element_size()
+    # Views of the flat buffers do live in the optimizer's state: the flat path ran.
+    assert any(state["exp_avg"]._base is not None for state in fast.state.values())
