@@ -38,6 +38,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import explained_variance
 
 from dppo_ckpt import numerics
+from dppo_ckpt._flat_adam import flat_adam
 from dppo_ckpt._foreach import clip_grad_norm, foreach_kernels
 from dppo_ckpt.buffers import (
     DistributionalBufferMixin,
@@ -348,8 +349,12 @@ class DistributionalPPO(PPO):
         losses stay tensors until the end (one host transfer each per call, not one per
         minibatch; only ``target_kl`` needs the KL estimate at once), the probability ratio's
         logarithm is computed once, the critic's targets are computed once per rollout (see
-        :mod:`dppo_ckpt.buffers`) and Adam takes its multi-tensor path
-        (:mod:`dppo_ckpt._foreach`). None of this changes a result.
+        :mod:`dppo_ckpt.buffers`), Adam steps on flat moment buffers
+        (:mod:`dppo_ckpt._flat_adam`, falling back to torch's multi-tensor path,
+        :mod:`dppo_ckpt._foreach`), the scaler updates its statistics in flat buffers and the
+        quantile loss runs on torch's Huber kernel. None of this changes a result: no
+        operation changes its order, and ``tests/test_train_speed.py`` compares a whole
+        ``learn()`` with a plain per-parameter reference update bit for bit.
         """
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
@@ -480,7 +485,7 @@ class DistributionalPPO(PPO):
             parameters = list(self.policy.parameters())
         clip_grad_norm(parameters, self.max_grad_norm)
         optimizer = self.policy.optimizer
-        with foreach_kernels(optimizer):
+        with foreach_kernels(optimizer), flat_adam(optimizer):
             if scaler is None:
                 optimizer.step()
             else:

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
+from torch._utils import _flatten_dense_tensors
 
 from dppo_ckpt.vgs_format import (
     CONFIG_KEYS,
@@ -265,6 +266,63 @@ def _to_floats(values: list[torch.Tensor]) -> list[float]:
         return [value.item() for value in values]
 
 
+class _FlatStatistics(NamedTuple):
+    """The statistics held in two flat buffers, one kernel per operation for all tensors.
+
+    ``exp_avg`` and ``exp_avg_sq`` are the very lists the scaler holds, of views into ``m``
+    and ``v`` shaped like the parameters: while the scaler still holds these list objects,
+    the buffers are the statistics. ``groups`` are the (first, last + 1) tensor indices and
+    (start, stop) element offsets of the runs of :func:`_groups`.
+    """
+
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    m: torch.Tensor | None  # None: the tensors differ in device or dtype, no flat buffers
+    v: torch.Tensor | None
+    sizes: tuple[int, ...]
+    groups: tuple[tuple[int, int, int, int], ...]
+    # Scratch for clamp(v - correction*m^2, 0), reused every step, and its per-tensor parts.
+    excess: torch.Tensor | None = None
+    excess_parts: tuple[torch.Tensor, ...] = ()
+
+
+def _flatten_statistics(
+    exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor]
+) -> _FlatStatistics:
+    """Copy the statistics into two flat buffers and describe them (see :class:`_FlatStatistics`).
+
+    The views that replace the per-tensor buffers hold the same values; tensors on several
+    devices or with several dtypes get no flat buffers (``m`` is None) and keep their own.
+    """
+    first = exp_avg[0] if exp_avg else None
+    if first is None or not all(
+        buf.device == first.device and buf.dtype == first.dtype and buf.layout == torch.strided
+        for buf in (*exp_avg, *exp_avg_sq)
+    ):
+        return _FlatStatistics(exp_avg, exp_avg_sq, None, None, (), ())
+    sizes = tuple(buf.numel() for buf in exp_avg)
+    with torch.no_grad():
+        m = _flatten_dense_tensors([buf.detach() for buf in exp_avg])
+        v = _flatten_dense_tensors([buf.detach() for buf in exp_avg_sq])
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+
+    def views(flat: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            flat[offsets[index] : offsets[index + 1]].view(buf.shape)
+            for index, buf in enumerate(exp_avg)
+        ]
+
+    groups = tuple(
+        (start, stop, offsets[start], offsets[stop]) for start, stop in _groups(exp_avg)
+    )
+    excess = torch.empty_like(v)
+    return _FlatStatistics(
+        views(m), views(v), m, v, sizes, groups, excess, tuple(excess.split(sizes))
+    )
+
+
 class VarianceGradientScaler:
     """Shorten the optimizer's step when the gradient noise is above its usual level.
 
@@ -295,7 +353,12 @@ class VarianceGradientScaler:
     :meth:`_scale_and_level`.
 
     Tracked parameters are those that require gradients; frozen ones are ignored. The buffers
-    live on each parameter's device with its dtype: two numbers per element, like Adam.
+    live on each parameter's device with its dtype: two numbers per element, like Adam. When
+    all of them share one device and dtype, they are views of two flat buffers (made at the
+    first step, and again after a load or relink), so that each element-wise update is one
+    kernel for all tensors; the per-tensor sums still run tensor by tensor. Every element
+    and every sum is computed as tensor by tensor, in the same order: the results are bit for
+    bit those of the per-tensor path, which steps with missing gradients still take.
 
     Edge cases, chosen so that a step without information changes nothing:
 
@@ -340,6 +403,11 @@ class VarianceGradientScaler:
 
     STATE_FORMAT_VERSION: ClassVar[int] = STATE_FORMAT_VERSION
 
+    # ``_flat`` (the statistics' flat buffers, derived from ``_exp_avg``/``_exp_avg_sq``) is a
+    # slot, outside ``__dict__``: it is never pickled, and ``__dict__`` (which SB3 describes in
+    # a checkpoint's ``data`` entry) holds the attributes it always held.
+    __slots__ = ("__dict__", "__weakref__", "_flat")
+
     def __init__(
         self,
         parameters: Iterable[torch.nn.Parameter] | None = None,
@@ -380,6 +448,8 @@ class VarianceGradientScaler:
         self._parameters: list[torch.Tensor] | None = None
         self._logger: Logger | None = logger
         self._legacy_parameters_dropped: bool = False
+        # Derived from the statistics on the first step (see _flat_statistics).
+        self._flat: _FlatStatistics | None = None
         if parameters is not None:
             self.update_parameters(parameters)
 
@@ -499,43 +569,34 @@ class VarianceGradientScaler:
                 "saved with it); call update_parameters(policy.parameters()) first"
             )
         grads = [param.grad for param in params]
-        exp_avg, exp_avg_sq = self._exp_avg, self._exp_avg_sq
+        flat: _FlatStatistics | None = None
         if any(grad is None for grad in grads):
             present = [index for index, grad in enumerate(grads) if grad is not None]
             if not present:
                 return 1.0
             grads = [grads[index] for index in present]
-            exp_avg = [exp_avg[index] for index in present]
-            exp_avg_sq = [exp_avg_sq[index] for index in present]
+            exp_avg = [self._exp_avg[index] for index in present]
+            exp_avg_sq = [self._exp_avg_sq[index] for index in present]
+        else:
+            flat = self._flat_statistics()
+            exp_avg, exp_avg_sq = self._exp_avg, self._exp_avg_sq
 
         step = self._step_count + 1
         beta = self.beta
         # 1/(1-beta^t); beta**step underflows to 0 for long runs, giving exactly 1.
         correction = 1.0 / (1.0 - beta**step)
-        signal_norms: list[torch.Tensor] = []
-        noise_sums: list[torch.Tensor] = []
         with torch.no_grad():
-            decay = _multiplier(beta, exp_avg_sq)
-            # Groups of about _GROUP_ELEMENTS elements go through all the kernels below before
-            # the next group starts, so each group's data stays in cache between kernels.
-            for start, stop in _groups(grads):
-                g, m, v = grads[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop]
-                torch._foreach_lerp_(m, g, 1.0 - beta)
-                signal_norms.extend(torch._foreach_norm(m))
-                torch._foreach_mul_(v, decay)
-                torch._foreach_addcmul_(v, g, g, value=1.0 - beta)
-                # sum(mh^2) = correction^2 * ||m||^2 and
-                # sum(clamp(vh - mh^2, 0)) = correction * sum(clamp(v - correction*m^2, 0)):
-                # one temporary per tensor instead of three.
-                excess = torch._foreach_addcmul(v, m, m, value=-correction)
-                torch._foreach_clamp_min_(excess, 0.0)
-                # Plain sums beat _foreach_norm(ord=1) several times over on CPU.
-                noise_sums.extend(tensor.sum() for tensor in excess)
-                del excess
+            if flat is not None and flat.m is not None and flat.v is not None:
+                signal_norms, noise_sums = self._flat_sums(flat, grads, beta, correction)
+            else:
+                signal_norms, noise_sums = self._tensor_sums(
+                    grads, exp_avg, exp_avg_sq, beta, correction
+                )
             # A handful of numbers: plain Python floats (IEEE double, like float64 tensors) are
             # the fastest. The order of operations is fixed so that results stay bit-identical.
             squared_correction, eps = correction**2, self.eps
-            noises, norms = _to_floats(noise_sums), _to_floats(signal_norms)
+            values = _to_floats(noise_sums + signal_norms)
+            noises, norms = values[: len(noise_sums)], values[len(noise_sums) :]
             ratios = [
                 noise * correction / (norm * norm * squared_correction + eps)
                 for noise, norm in zip(noises, norms, strict=True)
@@ -564,6 +625,88 @@ class VarianceGradientScaler:
                 self._logger.record_mean("vgs/at_min_share", float(scale == self.min_scale))
                 self._logger.record_mean("vgs/at_one_share", float(scale == 1.0))
         return scale
+
+    def _flat_statistics(self) -> _FlatStatistics:
+        """The flat form of the current statistics, made (once) when they are new.
+
+        Whenever ``_exp_avg``/``_exp_avg_sq`` are other lists than the ones last flattened
+        (first step, a loaded state, a relink), they are copied into two flat buffers and
+        replaced by views of them, with the very same values.
+        """
+        flat = self._flat
+        if (
+            flat is None
+            or flat.exp_avg is not self._exp_avg
+            or flat.exp_avg_sq is not self._exp_avg_sq
+        ):
+            assert self._exp_avg is not None and self._exp_avg_sq is not None
+            flat = _flatten_statistics(self._exp_avg, self._exp_avg_sq)
+            self._exp_avg, self._exp_avg_sq = flat.exp_avg, flat.exp_avg_sq
+            self._flat = flat
+        return flat
+
+    @staticmethod
+    def _flat_sums(
+        flat: _FlatStatistics, grads: list[torch.Tensor], beta: float, correction: float
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Update the flat statistics from ``grads`` (one per tracked tensor) and return the
+        per-tensor ``||m||`` and ``sum(clamp(v - correction*m^2, 0))``, as 0-dim tensors.
+
+        Every operation is element-wise, so each element is computed by the very kernel, with
+        the very scalars, of the per-tensor path (:meth:`_tensor_sums`): the buffers and sums
+        are bit for bit the same, with one kernel call per operation and group instead of one
+        per tensor. The per-tensor reductions run on views, again as in that path.
+        """
+        assert flat.m is not None and flat.v is not None and flat.excess is not None
+        signal_norms: list[torch.Tensor] = []
+        noise_sums: list[torch.Tensor] = []
+        whole = len(flat.groups) == 1
+        for start, stop, low, high in flat.groups:
+            g = _flatten_dense_tensors(grads[start:stop])
+            m, v, excess = (
+                (flat.m, flat.v, flat.excess)
+                if whole
+                else (flat.m[low:high], flat.v[low:high], flat.excess[low:high])
+            )
+            m.lerp_(g, 1.0 - beta)
+            signal_norms.extend(torch._foreach_norm(flat.exp_avg[start:stop]))
+            v.mul_(beta)
+            v.addcmul_(g, g, value=1.0 - beta)
+            torch.addcmul(v, m, m, value=-correction, out=excess)
+            excess.clamp_min_(0.0)
+            noise_sums.extend(part.sum() for part in flat.excess_parts[start:stop])
+        return signal_norms, noise_sums
+
+    @staticmethod
+    def _tensor_sums(
+        grads: list[torch.Tensor],
+        exp_avg: list[torch.Tensor],
+        exp_avg_sq: list[torch.Tensor],
+        beta: float,
+        correction: float,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`_flat_sums` tensor by tensor: for steps where some gradients are missing,
+        and for statistics on several devices or with several dtypes."""
+        signal_norms: list[torch.Tensor] = []
+        noise_sums: list[torch.Tensor] = []
+        decay = _multiplier(beta, exp_avg_sq)
+        # Groups of about _GROUP_ELEMENTS elements go through all the kernels below before
+        # the next group starts, so each group's data stays in cache between kernels.
+        for start, stop in _groups(grads):
+            g, m, v = grads[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop]
+            torch._foreach_lerp_(m, g, 1.0 - beta)
+            signal_norms.extend(torch._foreach_norm(m))
+            torch._foreach_mul_(v, decay)
+            torch._foreach_addcmul_(v, g, g, value=1.0 - beta)
+            # sum(mh^2) = correction^2 * ||m||^2 and
+            # sum(clamp(vh - mh^2, 0)) = correction * sum(clamp(v - correction*m^2, 0)):
+            # one temporary per tensor instead of three.
+            excess = torch._foreach_addcmul(v, m, m, value=-correction)
+            torch._foreach_clamp_min_(excess, 0.0)
+            # Plain sums beat _foreach_norm(ord=1) several times over on CPU.
+            noise_sums.extend(tensor.sum() for tensor in excess)
+            del excess
+        return signal_norms, noise_sums
 
     def step(self, optimizer: torch.optim.Optimizer, scale: float) -> None:
         """``optimizer.step()`` with every param group's learning rate multiplied by ``scale``.
@@ -776,6 +919,12 @@ class VarianceGradientScaler:
         state = self.__dict__.copy()
         for key in _UNPICKLED_ATTRIBUTES:
             state.pop(key, None)
+        if self._flat is not None:
+            # Views would pickle the whole flat buffer; each tensor pickles on its own, as
+            # before the buffers were flat.
+            for key in ("_exp_avg", "_exp_avg_sq"):
+                if state.get(key) is not None:
+                    state[key] = [buf.clone() for buf in state[key]]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -796,6 +945,7 @@ class VarianceGradientScaler:
         self._parameters = None
         self._logger = None
         self._legacy_parameters_dropped = bool(legacy)
+        self._flat = None
 
     def __repr__(self) -> str:
         config = ", ".join(f"{key}={getattr(self, key)!r}" for key in _CONFIG_KEYS)
