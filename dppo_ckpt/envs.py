@@ -513,6 +513,29 @@ def statistics_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name.removesuffix(".zip") + ".vecnorm.npz")
 
 
+def _read_statistics(venv: VecEnv, path: Path) -> bytes:
+    """The statistics file's bytes, read only from a regular file within the size limit.
+
+    :raises EnvError: refused (the stack is closed)
+    :raises OSError: missing or unreadable
+    """
+    from dppo_ckpt import _npz
+
+    try:
+        return _npz.read_regular_file(path, _MAX_NORMALIZATION_BYTES)
+    except _npz.NpzRefused as exc:
+        close_quietly(venv)
+        raise _refused(path.name, exc) from None
+
+
+def _refused(name: str, reason: object) -> EnvError:
+    # One line for the terminal, saying what the user can do about it.
+    return EnvError(
+        f"VecNormalize statistics refused: {name} {reason} "
+        "(move it away to start the statistics fresh)"
+    )
+
+
 def build_stack(
     spec: EnvSpec,
     seed: int | None,
@@ -526,13 +549,16 @@ def build_stack(
     (:func:`build_vec_env`), with VecNormalize's statistics read from ``statistics``.
 
     The statistics file holds numbers only (read without pickle), so it needs no
-    authentication; a missing or unusable file leaves them fresh, and the line says so.
+    authentication; a missing, changed or damaged file, or one that does not fit the stack,
+    leaves them fresh, and the line says so. A file that could make reading it hang, exhaust
+    memory or need pickle (not a regular file, over the size limit, arrays that are not
+    numbers) is refused instead: the user decides what to do with it.
 
     :param statistics: the ``.vecnorm.npz`` beside the checkpoint the stack resumes, if any
     :param sha256: the digest the run manifest lists for that file, if it lists one
     :return: the stack, and the line saying where VecNormalize's statistics came from
         (``None`` without VecNormalize or without a file to read them from)
-    :raises EnvError: the environment cannot be built
+    :raises EnvError: the environment cannot be built, or the statistics file is refused
     """
     from stable_baselines3.common.vec_env import VecNormalize
 
@@ -541,13 +567,18 @@ def build_stack(
         return venv, None
     name = statistics.name
     try:
-        data = statistics.read_bytes()
-    except OSError:
+        data = _read_statistics(venv, statistics)
+    except FileNotFoundError:
         return venv, f"VecNormalize statistics start fresh ({name} is missing)"
+    except OSError as exc:
+        return venv, f"VecNormalize statistics start fresh ({name}: {exc.strerror or exc})"
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         return venv, f"VecNormalize statistics start fresh ({name} changed since written)"
     try:
         load_normalization(venv, data)
+    except EnvError as exc:
+        close_quietly(venv)
+        raise _refused(name, exc) from None
     except ValueError as exc:
         return venv, f"VecNormalize statistics start fresh ({name}: {exc})"
     return venv, f"VecNormalize statistics from {name}"
@@ -692,22 +723,27 @@ def save_normalization(venv: VecEnv | None) -> bytes | None:
 def load_normalization(venv: VecEnv, data: bytes) -> None:
     """Restore the statistics of :func:`save_normalization` into the stack's VecNormalize.
 
-    Read with ``allow_pickle=False``: a hostile file can hold only numbers.
+    Read without ``np.load`` and without pickle (:func:`dppo_ckpt._npz.read_arrays`): the zip
+    directory and every array header are checked before anything is inflated or allocated,
+    so a hostile file can hold only numbers, and only as many as the size limit allows.
 
+    :raises EnvError: the file is refused (over the size limit, arrays that are not numbers
+        or declare more than the file holds); nothing is read from it
     :raises ValueError: the file is not such statistics, or their shapes do not fit
     """
     import numpy as np
     from stable_baselines3.common.vec_env import VecNormalize
 
+    from dppo_ckpt import _npz
+
     normalize = find_wrapper(venv, VecNormalize)
     if normalize is None:
         raise ValueError("the environment stack has no VecNormalize")
-    if len(data) > _MAX_NORMALIZATION_BYTES:
-        raise ValueError(f"{len(data):,} bytes is more than statistics can be")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except Exception as exc:  # numpy raises many kinds for a file that is not an npz
+        arrays = _npz.read_arrays(data, _MAX_NORMALIZATION_BYTES)
+    except _npz.NpzRefused as exc:
+        raise EnvError(str(exc)) from None
+    except ValueError as exc:
         raise ValueError(f"not a statistics file ({_one_line(exc)})") from None
     targets: dict[str, Any] = {"ret_rms": normalize.ret_rms}
     if isinstance(normalize.obs_rms, dict):

@@ -20,14 +20,19 @@ This module imports neither torch nor numpy.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import hmac
 import json
 import os
 import secrets
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from dppo_ckpt.atomic import TEMP_SUFFIX, fsync_directory
 
 __all__ = [
     "KEY_ENV",
@@ -44,6 +49,12 @@ KEY_ENV = "DPPO_CKPT_KEY"
 SIGNATURE_KEY = "signature"
 _ALGORITHM = "hmac-sha256"
 _KEY_BYTES = 32
+# What link() fails with where the file system has no hard links (FAT, some network shares).
+_NO_HARD_LINKS = frozenset(
+    getattr(errno, name)
+    for name in ("EPERM", "ENOTSUP", "EOPNOTSUPP", "ENOSYS")
+    if hasattr(errno, name)
+)
 
 
 class SigningKeyError(RuntimeError):
@@ -57,14 +68,44 @@ def key_path() -> Path:
 
 
 def _create_key(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create the key file unless it exists; the first run to create it sets everyone's key.
+
+    The key is written to a private temporary file beside it, synced, then hard-linked into
+    place. The link appears complete or not at all, and fails if another run's key got there
+    first, so a concurrent reader never sees an empty or partial key and no key is replaced.
+    """
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # mkstemp creates the file with mode 0600.
+    fd, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
-        # O_EXCL: two runs creating the key at once must not each write their own.
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(secrets.token_hex(_KEY_BYTES) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temp_name, path)
+        except FileExistsError:
+            return  # another run created the key first: its key is the one
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            _create_key_exclusively(path, Path(temp_name).read_text("ascii"))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+    fsync_directory(folder)
+
+
+def _create_key_exclusively(path: Path, text: str) -> None:
+    # Where the file system has no hard links: O_EXCL still keeps the first creator's key,
+    # but a reader may see the file before its key is written.
+    try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return
     with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(secrets.token_hex(_KEY_BYTES) + "\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
 

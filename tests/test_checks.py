@@ -508,7 +508,8 @@ def test_an_undecodable_stored_scaler_is_an_error_of_dppo010_only(
     from dppo_ckpt.checkpoint import model_checks as load_checks
 
     monkeypatch.setattr(load_checks, "scaler_payload", lambda archive: b"\x80\x04not a pickle")
-    report = run_checks(fixture("dppo_quantile_vgs.zip"), quick=True)
+    # Layout 1: the scaler entry in `data` is the stored state (layout 2's is vgs.pth).
+    report = run_checks(fixture("dppo_layout1.zip"), quick=True)
     verdicts = {r.check_id: r for r in report.results}
     assert verdicts["DPPO010"].verdict is Verdict.ERROR
     assert verdicts["DPPO010"].message.startswith("cannot decode the stored scaler: ")

@@ -5,6 +5,12 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +185,162 @@ def test_a_transposed_array_survives_the_allow_list_loader(axes):
     assert not view.flags.c_contiguous and not view.flags.f_contiguous
     loaded = SafeUnpickler(io.BytesIO(pickle.dumps(view, protocol=5))).load()
     assert loaded.shape == view.shape and np.array_equal(loaded, view)
+
+
+# -- a statistics file nobody vouches for -----------------------------------------------------
+
+_CAP = 64 * 1024 * 1024  # the size limit of a statistics file (envs._MAX_NORMALIZATION_BYTES)
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f8") -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def _zip(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, payload in members.items():
+            archive.writestr(name, payload)
+    return buffer.getvalue()
+
+
+def _deflate_bomb() -> bytes:
+    """A few hundred KB whose one member inflates to more than the size limit."""
+    count = _CAP // 8 + 1024
+    buffer = io.BytesIO()
+    with (
+        zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open("returns.npy", "w", force_zip64=True) as member,
+    ):
+        member.write(_npy_header((count,)))
+        zeros = bytes(1 << 20)
+        for _ in range(count * 8 // len(zeros)):
+            member.write(zeros)
+        member.write(bytes(count * 8 % len(zeros)))
+    return buffer.getvalue()
+
+
+def _object_arrays() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, returns=np.array([{"a": 1}, None], dtype=object))
+    return buffer.getvalue()
+
+
+HOSTILE_STATISTICS = {
+    # One member that inflates to more than the limit, from a file a thousand times smaller.
+    "deflate-bomb": (_deflate_bomb, "member 'returns.npy' brings the uncompressed size to"),
+    # A header declaring 8 TiB of float64 over 8 bytes of data: numpy would allocate it first.
+    "huge-shape": (
+        lambda: _zip({"returns.npy": _npy_header((1 << 40,)) + bytes(8)}),
+        "array 'returns' declares shape (1099511627776,) of float64",
+    ),
+    "object-array": (_object_arrays, "array 'returns' holds Python objects"),
+    "strings": (
+        lambda: _zip({"returns.npy": _npy_header((2,), "<U4") + bytes(32)}),
+        "array 'returns' holds <U4 values, not numbers",
+    ),
+    "lzma": (
+        lambda: _zip({"returns.npy": _npy_header((1,)) + bytes(8)}, zipfile.ZIP_LZMA),
+        "member 'returns.npy' uses compression method 14",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_STATISTICS))
+def test_a_hostile_statistics_file_is_refused_before_it_is_read(case):
+    make, reason = HOSTILE_STATISTICS[case]
+    data = make()
+    assert len(data) < _CAP // 100
+    venv = envs.build_vec_env(EnvSpec(VECTOR, normalize={}), 0, allowed=True)
+    try:
+        before = envs.save_normalization(venv)
+        with pytest.raises(EnvError) as caught:
+            envs.load_normalization(venv, data)
+        assert caught.value.exit_code == 2
+        assert str(caught.value).startswith(reason) and "\n" not in str(caught.value)
+        assert envs.save_normalization(venv) == before
+    finally:
+        venv.close()
+
+
+@pytest.mark.parametrize("kind", ["directory", "too-large", "deflate-bomb"])
+def test_build_stack_refuses_a_hostile_statistics_file_in_one_line(tmp_path, kind):
+    path = tmp_path / "start.vecnorm.npz"
+    if kind == "directory":
+        path.mkdir()
+        reason = "start.vecnorm.npz is a directory, not a regular file"
+    elif kind == "too-large":
+        with path.open("wb") as handle:  # sparse: the size is what the check looks at
+            handle.truncate(_CAP + 1)
+        reason = f"start.vecnorm.npz is {_CAP + 1:,} bytes, more than the {_CAP:,}"
+    else:
+        path.write_bytes(_deflate_bomb())
+        reason = "start.vecnorm.npz member 'returns.npy' brings the uncompressed size to"
+    with pytest.raises(EnvError) as caught:
+        envs.build_stack(EnvSpec(VECTOR, normalize={}), 0, allowed=True, statistics=path)
+    message = str(caught.value)
+    assert caught.value.exit_code == 2 and "\n" not in message
+    assert message.startswith("VecNormalize statistics refused: " + reason), message
+    assert message.endswith("(move it away to start the statistics fresh)")
+
+
+def test_damaged_statistics_still_start_fresh(tmp_path):
+    path = tmp_path / "start.vecnorm.npz"
+    spec = EnvSpec(VECTOR, normalize={})
+    for data, reason in [
+        (b"not an npz", "not a statistics file (not an .npz"),
+        (_zip({"returns.npy": _npy_header((1,)) + bytes(16)}), "followed by 8 stray bytes"),
+        (_zip({"returns.npy": b"\x93NUMPY\x09\x00"}), "is not an .npy array"),
+    ]:
+        path.write_bytes(data)
+        venv, line = envs.build_stack(spec, 0, allowed=True, statistics=path)
+        venv.close()
+        assert line is not None and line.startswith("VecNormalize statistics start fresh")
+        assert reason in line, line
+
+
+def test_the_reader_gives_the_arrays_numpy_would():
+    from dppo_ckpt import _npz
+
+    arrays = {
+        "fortran": np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+        "big_endian": np.arange(5, dtype=">f4"),
+        "scalar": np.float64(7.5),
+        "empty": np.zeros((0, 3)),
+        "obs_rms/key/mean": np.arange(4, dtype=np.int64),
+    }
+    for compressed in (False, True):
+        buffer = io.BytesIO()
+        (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+        read = _npz.read_arrays(buffer.getvalue(), _CAP)
+        with np.load(io.BytesIO(buffer.getvalue())) as expected:
+            assert sorted(read) == sorted(expected.files)
+            for name in read:
+                assert read[name].dtype == expected[name].dtype
+                assert np.array_equal(read[name], expected[name]), name
+
+
+@pytest.mark.parametrize("kind", ["fifo", "deflate-bomb"])
+def test_cycle_refuses_hostile_statistics_beside_the_checkpoint_without_hanging(tmp_path, kind):
+    root = Path(__file__).resolve().parent.parent
+    shutil.copy(root / "fixtures" / "dppo_quantile_vgs.zip", tmp_path / "model.zip")
+    statistics = tmp_path / "model.vecnorm.npz"
+    if kind == "fifo":
+        os.mkfifo(statistics)  # opening it to read would wait for a writer forever
+        reason = "model.vecnorm.npz is a FIFO, not a regular file"
+    else:
+        statistics.write_bytes(_deflate_bomb())
+        reason = "model.vecnorm.npz member 'returns.npy' brings the uncompressed size to"
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, "-m", "dppo_ckpt.cli", "cycle", "model.zip", "--env", "Pendulum-v1",
+         "--normalize", "--cycles", "1", "--steps", "32"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: VecNormalize statistics refused: {reason}")

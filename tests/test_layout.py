@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -132,3 +133,86 @@ def test_layout_2_without_its_scaler_member_fails_the_legacy_check(tmp_path):
     results = {r.check_id: r for r in run_checks(broken, static=True).results}
     assert results["DPPO005"].verdict.value == "fail"
     assert "no vgs.pth" in results["DPPO005"].message
+
+
+# -- DPPO010 on layout 2, through the command line ---------------------------------------------
+
+# A planted regression, loaded into every process of the run (the verify children are forked
+# from a server of their own): the scaler forgets its statistics as it loads them.
+FORGETFUL_LOAD = """\
+from dppo_ckpt.vgs import VarianceGradientScaler
+
+_load_state_dict = VarianceGradientScaler.load_state_dict
+
+
+def _forgetful(self, state):
+    _load_state_dict(self, state)
+    self.reset_statistics()
+
+
+VarianceGradientScaler.load_state_dict = _forgetful
+"""
+
+
+def _verify(path: Path, cwd: Path, shim: Path | None = None) -> tuple[int, dict[str, dict]]:
+    """``dppo-ckpt verify --format json PATH``: its exit code and its results by check."""
+    root = Path(__file__).resolve().parent.parent
+    parts = [str(shim)] if shim is not None else []
+    parts += [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+    run = subprocess.run(
+        [sys.executable, "-m", "dppo_ckpt.cli", "verify", "--format", "json", str(path)],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(parts)},
+    )  # fmt: skip
+    assert "Traceback" not in run.stdout + run.stderr, run.stderr
+    (report,) = json.loads(run.stdout)["files"]
+    return run.returncode, {r["check_id"]: r for r in report["results"]}
+
+
+def _float64_statistics(dst: Path, *, with_entry: bool) -> Path:
+    """Layout 2 whose ``vgs.pth`` holds the statistics in float64: the load casts them to the
+    parameters' float32, so they do not survive it bit for bit. ``with_entry`` also puts the
+    scaler, as the load ends up with it, into ``data`` (the layout-1 entry)."""
+    with zipfile.ZipFile(LAYOUT_2) as archive:
+        state = th.load(io.BytesIO(archive.read("vgs.pth")), weights_only=True)
+        data = json.loads(archive.read("data"))
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key] = [buffer.double() for buffer in state[key]]
+    buffer = io.BytesIO()
+    th.save(state, buffer)
+    replace = {"vgs.pth": buffer.getvalue()}
+    if with_entry:
+        with zipfile.ZipFile(LAYOUT_1) as archive:
+            entry = json.loads(archive.read("data"))["_variance_gradient_scaler"]
+        replace["data"] = json.dumps({**data, "_variance_gradient_scaler": entry}).encode()
+    rewrite_zip(LAYOUT_2, dst, replace=replace)
+    return dst
+
+
+def test_verify_fails_dppo010_when_the_load_loses_layout_2_statistics(tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(FORGETFUL_LOAD)
+    code, results = _verify(LAYOUT_2, tmp_path, shim)
+    assert code == 1
+    assert results["DPPO010"]["verdict"] == "fail", results["DPPO010"]
+    assert results["DPPO010"]["details"]["difference"] == "step_count"
+    assert "stored step 8, loaded step 0" in results["DPPO010"]["message"]
+    for check_id in ("DPPO005", "DPPO007", "DPPO008", "DPPO009"):
+        assert results[check_id]["verdict"] == "pass", results[check_id]
+    # Without the regression the same file passes: the failure is the lost statistics.
+    code, results = _verify(LAYOUT_2, tmp_path)
+    assert code == 0 and results["DPPO010"]["verdict"] == "pass"
+
+
+@pytest.mark.parametrize("with_entry", [False, True], ids=["vgs.pth", "vgs.pth-and-entry"])
+def test_verify_fails_dppo010_when_vgs_pth_differs_from_the_loaded_scaler(tmp_path, with_entry):
+    path = _float64_statistics(tmp_path / "float64.zip", with_entry=with_entry)
+    model = DistributionalPPO.load(path, env=make_env(), device="cpu")
+    live = model._variance_gradient_scaler.state_dict()
+    assert live["exp_avg"][0].dtype == th.float32  # the load did not keep what vgs.pth holds
+    code, results = _verify(path, tmp_path)
+    assert code == 1
+    assert results["DPPO010"]["verdict"] == "fail", results["DPPO010"]
+    assert results["DPPO010"]["details"]["difference"] == "exp_avg[0]"
+    assert results["DPPO007"]["verdict"] == "pass"

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
+import threading
+import time
 
 import pytest
 
@@ -62,3 +67,77 @@ def test_a_short_key_file_is_refused(config_home):
     os.chmod(path, 0o600)
     with pytest.raises(signing.SigningKeyError, match="fewer than 32 characters"):
         signing.load_key()
+
+
+def _watch_key_creation(path, monkeypatch, creators: int):
+    """Start ``creators`` threads creating the key at once, with the key's generation slowed
+    down, while another thread reads the key file as often as it can.
+
+    :return: each creator's key (or its exception) and every content the reader saw
+    """
+    generate = signing.secrets.token_hex
+
+    def slow_token_hex(nbytes):
+        time.sleep(0.3)  # a wide moment of creation, in which the file must not be half there
+        return generate(nbytes)
+
+    monkeypatch.setattr(signing.secrets, "token_hex", slow_token_hex)
+    seen: set[bytes] = set()
+    results: list[object] = [None] * creators
+    done = threading.Event()
+    start = threading.Barrier(creators + 1)
+
+    def read() -> None:
+        start.wait()
+        while not done.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                seen.add(path.read_bytes())
+
+    def create(index: int) -> None:
+        start.wait()
+        try:
+            results[index] = signing.load_key()
+        except signing.SigningKeyError as exc:
+            results[index] = exc
+
+    reader = threading.Thread(target=read)
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(creators)]
+    for thread in (reader, *threads):
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    done.set()
+    reader.join(timeout=30)
+    return results, seen
+
+
+def test_a_key_being_created_is_never_seen_empty_or_partial(config_home, monkeypatch):
+    path = signing.key_path()
+    results, seen = _watch_key_creation(path, monkeypatch, creators=2)
+    assert all(isinstance(r, bytes) for r in results), results
+    assert results[0] == results[1]  # two creators at once agree on one key
+    assert path.read_bytes() == results[0] + b"\n"
+    assert seen and all(re.fullmatch(rb"[0-9a-f]{64}\n", content) for content in seen), seen
+    assert sorted(p.name for p in path.parent.iterdir()) == ["key"]  # no temporary file left
+    assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_the_first_key_stays_when_another_run_creates_one_too(config_home):
+    path = signing.key_path()
+    first = signing.load_key()
+    signing._create_key(path)  # a run that found no key a moment before
+    assert signing.load_key() == first
+    assert sorted(p.name for p in path.parent.iterdir()) == ["key"]
+
+
+def test_without_hard_links_the_key_is_still_created_once(config_home, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(signing.os, "link", no_links)
+    key = signing.load_key()
+    path = signing.key_path()
+    assert path.read_bytes() == key + b"\n" and (path.stat().st_mode & 0o777) == 0o600
+    signing._create_key(path)
+    assert signing.load_key() == key
+    assert sorted(p.name for p in path.parent.iterdir()) == ["key"]

@@ -256,9 +256,13 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
 
 
 def _stored_scaler_state(ctx: CheckContext) -> dict[str, Any] | None:
-    """The scaler state as the checkpoint stores it: layout 1's scaler entry decoded with the
-    allow-list unpickler, layout 2's ``vgs.pth`` read with ``torch.load(weights_only=True)`` (as
-    SB3 reads it), or, for a model checked in memory, the one given."""
+    """The scaler state the load restores, as the checkpoint stores it: the ``vgs.pth`` member
+    read with ``torch.load(weights_only=True)`` (as SB3 reads it), else layout 1's scaler entry
+    decoded with the allow-list unpickler, or, for a model checked in memory, the one given.
+
+    ``vgs.pth`` comes first: the load restores it after the scaler is built, so where a file
+    holds a scaler entry in ``data`` as well, the member's state is the one that must survive.
+    """
     from dppo_ckpt.checkpoint.contents import SCALER_MEMBER
     from dppo_ckpt.checkpoint.safe_pickle import SafeUnpickler
 
@@ -266,10 +270,7 @@ def _stored_scaler_state(ctx: CheckContext) -> dict[str, Any] | None:
         return ctx.stored_scaler
     if ctx.algorithm != "DistributionalPPO":
         return None
-    payload = scaler_payload(ctx.archive)
-    if payload is None:
-        if SCALER_MEMBER not in ctx.archive:
-            return None
+    if SCALER_MEMBER in ctx.archive:
         import torch
 
         # A stored member (as SB3 writes it) is read in place, not copied first.
@@ -281,6 +282,9 @@ def _stored_scaler_state(ctx: CheckContext) -> dict[str, Any] | None:
         if not isinstance(state, dict):
             raise ValueError(f"{SCALER_MEMBER} holds a {type(state).__name__}, not a state dict")
         return state
+    payload = scaler_payload(ctx.archive)
+    if payload is None:
+        return None
     scaler = SafeUnpickler(io.BytesIO(payload), entry=SCALER_ENTRY).load()
     return scaler.state_dict()
 
@@ -290,7 +294,7 @@ def _stored_scaler_state(ctx: CheckContext) -> dict[str, Any] | None:
     title="Scaler statistics survive the load",
     category="statistics",
     stage="model",
-    summary="bit for bit against the stored ones",
+    summary="bit for bit against the stored ones: `vgs.pth`, else the `data` entry",
     remedy="Upgrade dppo-ckpt: loading must restore the scaler's saved statistics with "
     "load_state_dict() instead of starting from zero.",
 )
