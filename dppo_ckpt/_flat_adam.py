@@ -15,8 +15,9 @@ counter, ``-lr / bc1``, ``sqrt(bc2)``, ``eps``), in torch's order, so each eleme
 computed by the same kernel from the same operands (``tests/test_train_speed.py`` compares
 the parameters and the state with torch's step). The flat path is taken only for the
 configuration SB3 builds (one plain Adam param group, no weight decay, no AMSGrad, no
-maximize, a float learning rate, tensors of one dtype on one device, every parameter with a
-gradient and an initialised state, no step hooks); anything else is ``optimizer.step()``.
+maximize, a float learning rate, float32 or float64 tensors of one dtype on one device, every
+parameter with a gradient and an initialised state, no step hooks); anything else is
+``optimizer.step()``.
 
 Checkpoints: ``optimizer.state_dict()`` returns the moments as tensors of their own (cloned
 from the views, by a state-dict hook), so a saved optimizer is byte for byte what torch
@@ -150,7 +151,8 @@ def _flat_for(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> _
                 or tensor.device != first.device
                 or tensor.layout != torch.strided
                 or tensor.shape != param.shape
-                or not tensor.dtype.is_floating_point
+                # Half precision: a flat mul_ by beta2 rounds unlike torch's foreach mul.
+                or tensor.dtype not in (torch.float32, torch.float64)
             ):
                 return None
     if optimizer not in _HOOKED:

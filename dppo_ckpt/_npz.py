@@ -215,8 +215,11 @@ def read_arrays(data: bytes, limit: int) -> dict[str, Any]:
                 raise ValueError(f"member {info.filename!r} is not one array of an .npz")
             if info.flag_bits & 0x1:
                 raise ValueError(f"member {info.filename!r} is encrypted")
+            if info.flag_bits & (0x20 | 0x40):
+                raise ValueError(f"member {info.filename!r} uses a zip feature not supported")
             try:
                 arrays[name] = _read_member(archive, info)
-            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError,
+                    RuntimeError) as exc:  # fmt: skip
                 raise ValueError(f"member {info.filename!r} is damaged ({exc})") from None
     return arrays

@@ -530,7 +530,9 @@ def _step_of(name: str) -> int | None:
 
     prefix, suffix = checkpoint_name(0).split("0" * 9)
     digits = name.removeprefix(prefix).removesuffix(suffix)
-    return int(digits) if name.startswith(prefix) and digits.isdigit() else None
+    # isdigit() alone admits digits such as '²' that int() refuses.
+    plain = name.startswith(prefix) and digits.isascii() and digits.isdigit()
+    return int(digits) if plain else None
 
 
 def _checkpoints_newest_first(run_dir: Path) -> list[tuple[int, Path]]:
@@ -978,7 +980,11 @@ def _row(config: SweepConfig, result: Any) -> TrialRow:
         last_checkpoint=metrics.get("last_checkpoint"),
         restarts=max(_read_worker_attempt(trial_dir) - 1, 0),
         error=str(failure) if failure is not None else _error_line(result.error),
-        exit_code=int(exit_code) if isinstance(exit_code, (int, float)) else None,
+        exit_code=(
+            int(exit_code)
+            if isinstance(exit_code, (int, float)) and math.isfinite(exit_code)
+            else None
+        ),
     )
 
 

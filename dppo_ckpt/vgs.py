@@ -670,7 +670,8 @@ class VarianceGradientScaler:
             )
             m.lerp_(g, 1.0 - beta)
             signal_norms.extend(torch._foreach_norm(flat.exp_avg[start:stop]))
-            v.mul_(beta)
+            # The per-tensor path's multiplier, so that half-precision statistics round alike.
+            v.mul_(_multiplier(beta, [v]))
             v.addcmul_(g, g, value=1.0 - beta)
             torch.addcmul(v, m, m, value=-correction, out=excess)
             excess.clamp_min_(0.0)

@@ -287,6 +287,16 @@ def test_build_stack_refuses_a_hostile_statistics_file_in_one_line(tmp_path, kin
     assert message.endswith("(move it away to start the statistics fresh)")
 
 
+def _flagged(bit: int) -> bytes:
+    """A valid .npz whose member's directory entry sets a general-purpose flag ``bit``
+    (encrypted, patched data, strong encryption), on which zipfile raises its own errors."""
+    data = bytearray(_zip({"returns.npy": _npy_header((1,)) + bytes(8)}))
+    entry = data.find(b"PK\x01\x02")
+    flags = int.from_bytes(data[entry + 8 : entry + 10], "little")
+    data[entry + 8 : entry + 10] = (flags | bit).to_bytes(2, "little")
+    return bytes(data)
+
+
 def test_damaged_statistics_still_start_fresh(tmp_path):
     path = tmp_path / "start.vecnorm.npz"
     spec = EnvSpec(VECTOR, normalize={})
@@ -294,6 +304,9 @@ def test_damaged_statistics_still_start_fresh(tmp_path):
         (b"not an npz", "not a statistics file (not an .npz"),
         (_zip({"returns.npy": _npy_header((1,)) + bytes(16)}), "followed by 8 stray bytes"),
         (_zip({"returns.npy": b"\x93NUMPY\x09\x00"}), "is not an .npy array"),
+        (_flagged(0x20), "uses a zip feature not supported"),
+        (_flagged(0x40), "uses a zip feature not supported"),
+        (_flagged(0x1), "is encrypted"),
     ]:
         path.write_bytes(data)
         venv, line = envs.build_stack(spec, 0, allowed=True, statistics=path)

@@ -404,3 +404,14 @@ def test_an_optuna_sweep_needs_a_space(tmp_path):
     with pytest.raises(sweep.SweepError) as caught:
         sweep.load_sweep_config(_write(tmp_path, text))
     assert str(caught.value) == "sweep.search = 'optuna' needs a [space] to draw from"
+
+
+def test_only_checkpoint_names_train_writes_are_read_as_steps(tmp_path):
+    """Unicode digits pass ``str.isdigit`` but not ``int``: such a name is not a checkpoint
+    of the run, never a traceback."""
+    for name in [training.checkpoint_name(512), "checkpoint_²²²²²²²²².zip",
+                 "checkpoint_000000x12.zip", "checkpoint_٠٠٠٠٠٠٠١٢.zip"]:  # fmt: skip
+        (tmp_path / name).write_bytes(b"")
+    assert sweep._checkpoints_newest_first(tmp_path) == [
+        (512, tmp_path / training.checkpoint_name(512))
+    ]

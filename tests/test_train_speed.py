@@ -391,3 +391,29 @@ def test_flat_adam_gives_torchs_bits_across_loads_and_fallbacks() -> None:
             assert mine.untyped_storage().nbytes() == mine.numel() * mine.element_size()
     # Views of the flat buffers do live in the optimizer's state: the flat path ran.
     assert any(state["exp_avg"]._base is not None for state in fast.state.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flat_adam_in_half_precision_gives_torchs_bits(dtype) -> None:
+    """Half-precision moments: the step falls back to torch's, whose foreach ``mul`` by
+    beta2 rounds unlike a flat ``mul_`` would, so parameters and state stay torch's."""
+    from dppo_ckpt._flat_adam import flat_adam
+
+    generator = torch.Generator().manual_seed(5)
+    start = [torch.randn(shape, generator=generator).to(dtype) for shape in [(33,), (7, 5)]]
+    plain_params = [torch.nn.Parameter(t.clone()) for t in start]
+    fast_params = [torch.nn.Parameter(t.clone()) for t in start]
+    plain = torch.optim.Adam(plain_params, lr=3e-4, eps=1e-5, foreach=True)
+    fast = torch.optim.Adam(fast_params, lr=3e-4, eps=1e-5, foreach=True)
+    for _ in range(6):
+        grads = [torch.randn(t.shape, generator=generator).to(dtype) for t in start]
+        for params in (plain_params, fast_params):
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad.clone()
+        plain.step()
+        with flat_adam(fast):
+            fast.step()
+    for a, b in zip(plain_params, fast_params, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(plain_params, fast_params, strict=True):
+        assert torch.equal(plain.state[a]["exp_avg_sq"], fast.state[b]["exp_avg_sq"])

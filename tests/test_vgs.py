@@ -1183,3 +1183,30 @@ def test_internal_quantile_equals_torch_quantile(values: list[float], q: float) 
     assert actual == expected or (math.isnan(actual) and math.isnan(expected))
     with_nan = [*values, math.nan]
     assert math.isnan(vgs_module._linear_quantile(with_nan, q))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_flat_statistics_update_equals_the_per_tensor_one_in_every_float_dtype(dtype):
+    """The flat path (every gradient present) and the per-tensor path (some missing) must
+    update the moments alike, so a step's results do not depend on which one ran; half
+    precision rounds beta in the statistics' dtype on both."""
+    from dppo_ckpt.vgs import _flatten_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 7)]
+    means = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    squares = [torch.rand(s, generator=generator).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    beta, correction = 0.9, 1 / (1 - 0.9**3)
+    flat = _flatten_statistics([m.clone() for m in means], [v.clone() for v in squares])
+    flat_norms, flat_noise = VarianceGradientScaler._flat_sums(flat, grads, beta, correction)
+    tensor_means, tensor_squares = [m.clone() for m in means], [v.clone() for v in squares]
+    norms, noise = VarianceGradientScaler._tensor_sums(
+        grads, tensor_means, tensor_squares, beta, correction
+    )
+    for a, b in zip(flat.exp_avg_sq, tensor_squares, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(flat.exp_avg, tensor_means, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip([*flat_norms, *flat_noise], [*norms, *noise], strict=True):
+        assert torch.equal(a, b)

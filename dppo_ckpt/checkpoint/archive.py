@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
+from dppo_ckpt._base64 import decode_strict
 from dppo_ckpt.checkpoint.data_outline import DataOutline, outline_data
 from dppo_ckpt.checkpoint.metadata import (
     MAX_METADATA_BYTES,
@@ -929,7 +930,7 @@ class CheckpointArchive(ZipMembers):
             try:
                 # From the string itself: an ASCII str is its own buffer, so no encoded copy
                 # of it is made (b64decode(validate=True) is this same call).
-                entries[key] = binascii.a2b_base64(encoded, strict_mode=True)
+                entries[key] = decode_strict(encoded)
             except (binascii.Error, ValueError) as exc:
                 raise ArchiveError(
                     f"entry {key!r}: ':serialized:' is not valid base64 ({exc})",

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Final
 
+from dppo_ckpt._base64 import decode_strict
 from dppo_ckpt.checkpoint.archive import (
     SERIALIZED_KEY,
     ArchiveError,
@@ -117,7 +118,7 @@ def scaler_payload(archive: CheckpointArchive) -> bytes | None:
             raise TypeError(f"found {type(encoded).__name__}, not a string")
         # From the string itself (an ASCII str is its own buffer): no encoded copy of it.
         # base64.b64decode(..., validate=True) is this same call.
-        return binascii.a2b_base64(encoded, strict_mode=True)
+        return decode_strict(encoded)
     except (binascii.Error, ValueError, TypeError) as exc:
         raise ArchiveError(
             f"entry {SCALER_ENTRY!r}: ':serialized:' is not valid base64 ({exc})",

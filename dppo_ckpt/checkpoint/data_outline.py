@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+from dppo_ckpt._base64 import decode_strict
+
 __all__ = ["MIN_PAYLOAD_CHARS", "DataOutline", "outline_data"]
 
 #: Base64 strings shorter than this are parsed as usual: only large ones cost memory.
@@ -120,7 +122,7 @@ def outline_data(
     for start, end in spans:
         try:
             with memoryview(raw) as view:
-                payload = binascii.a2b_base64(view[start + 1 : end - 1], strict_mode=True)
+                payload = decode_strict(view[start + 1 : end - 1])
             break
         except binascii.Error:
             continue  # not base64: text outside any string, or another kind of string
