@@ -388,6 +388,18 @@ def test_too_many_members() -> None:
     assert_refused(raw, "12 members, more than the limit of 5", Limits(max_members=5))
 
 
+def test_an_oversized_central_directory_is_refused_before_it_is_parsed() -> None:
+    """zipfile parses as many entries as the directory's size holds, whatever count the end
+    record gives: a count that lies low must not let it build them all."""
+    raw = checkpoint_bytes(extra=[("n" * 2000 + str(i), b"") for i in range(3)])
+    assert_refused(raw, r"central directory of \d+ bytes, more than the limit of 5120",
+                   Limits(max_members=5))  # fmt: skip
+    lying = bytearray(checkpoint_bytes(extra=[(f"member{i:04d}", b"") for i in range(200)]))
+    end = lying.rfind(b"PK\x05\x06")
+    lying[end + 8 : end + 12] = (2).to_bytes(2, "little") * 2  # 2 entries, on disk and in all
+    assert_refused(bytes(lying), "central directory of", Limits(max_members=5))
+
+
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_members"):
         Limits(max_members=0)

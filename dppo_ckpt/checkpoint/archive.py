@@ -89,6 +89,9 @@ _UTF8_NAME_FLAG = 0x800
 # Encrypted (bit 0), compressed patched data (bit 5), strong encryption (bit 6): such members
 # go through zipfile, which refuses them with its own reason.
 _FLAGS_ZIPFILE_REFUSES = 0x1 | 0x20 | 0x40
+#: Bytes a central-directory entry may take on average: 46 fixed, then the name, extra field
+#: and comment. SB3 and torch write names of a few dozen characters and no comments.
+_MAX_DIRECTORY_ENTRY = 1024
 
 
 class CheckpointError(Exception):
@@ -730,10 +733,16 @@ class ZipMembers:
 
 
 def _check_declared_member_count(fileobj: BinaryIO, limits: Limits, label: str) -> None:
-    """Refuse an oversized central directory before ``zipfile`` parses all of it."""
+    """Refuse an oversized central directory before ``zipfile`` parses all of it.
+
+    ``zipfile`` reads as many entries as the directory's declared *size* holds, whatever
+    count the end record gives, and builds an object per entry: so the size is bounded too,
+    at ``_MAX_DIRECTORY_ENTRY`` bytes per member the limit allows.
+    """
     end_record = getattr(zipfile, "_EndRecData", None)
     index = getattr(zipfile, "_ECD_ENTRIES_TOTAL", None)
-    if end_record is None or index is None:
+    size_index = getattr(zipfile, "_ECD_SIZE", None)
+    if end_record is None or index is None or size_index is None:
         return  # the member count is still checked after parsing
     try:
         record = end_record(fileobj)
@@ -744,6 +753,14 @@ def _check_declared_member_count(fileobj: BinaryIO, limits: Limits, label: str) 
     if record and record[index] > limits.max_members:
         raise ArchiveError(
             f"{record[index]} members, more than the limit of {limits.max_members}", path=label
+        )
+    directory_limit = limits.max_members * _MAX_DIRECTORY_ENTRY
+    if record and record[size_index] > directory_limit:
+        raise ArchiveError(
+            f"a central directory of {record[size_index]} bytes, more than the limit of "
+            f"{directory_limit} ({_MAX_DIRECTORY_ENTRY} bytes per member for "
+            f"{limits.max_members} members)",
+            path=label,
         )
 
 
