@@ -25,6 +25,8 @@ target samples, ``K`` the number of support atoms and ``K'`` the number of atoms
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -122,7 +124,9 @@ def quantile_huber_loss(
     ``1 - tau`` and ``tau``. Loss and gradient are bit for bit those of the formula written
     with elementary tensor ops (the kernel computes the same products, ``0.5 z z``,
     ``kappa (z - 0.5 kappa)``, ``x g`` and ``+-kappa g``; ``tests/test_train_speed.py``
-    compares them, on the kink included). No operation changes its order.
+    compares them, on the kink included). No operation changes its order. That holds for
+    float32 and float64; for float16 and bfloat16 the kernel computes in float32 inside, so
+    with ``kappa != 1`` the last bits can differ from the elementary ops.
 
     :param pred_quantiles: predicted quantiles, shape (B, N).
     :param target_samples: target samples, shape (B, M), or (B,) for a single sample per row.
@@ -130,8 +134,8 @@ def quantile_huber_loss(
     :param kappa: Huber threshold (> 0).
     :return: scalar loss.
     """
-    if kappa <= 0.0:
-        raise ValueError(f"kappa must be > 0, got {kappa}")
+    if not (math.isfinite(kappa) and kappa > 0.0):
+        raise ValueError(f"kappa must be a finite number > 0, got {kappa}")
     _check_ndim("pred_quantiles", pred_quantiles, 2)
     if target_samples.dim() == 1:
         target_samples = target_samples.unsqueeze(-1)
@@ -159,6 +163,8 @@ def quantile_huber_loss(
     # The Huber kernel multiplies by its threshold in double; the formula's ops multiply by
     # kappa rounded to the tensors' dtype, so that is the threshold it gets.
     delta = kappa if kappa == 1.0 else torch.tensor(kappa, dtype=theta.dtype).item()
+    if not (math.isfinite(delta) and delta > 0.0):
+        raise ValueError(f"kappa {kappa} is not a positive finite number in {theta.dtype}")
     huber = F.huber_loss(theta, samples, reduction="none", delta=delta)
     # |tau - 1| is 1 - tau rounded (rounding is symmetric) and |tau - 0| is tau; u < 0 exactly
     # when T < theta (a difference of unequal floats is never zero).

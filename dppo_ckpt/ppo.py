@@ -22,6 +22,7 @@ parameters of ``learn(2N)`` bit-for-bit on CPU.
 from __future__ import annotations
 
 import io
+import math
 import pathlib
 import warnings
 import zipfile
@@ -167,8 +168,8 @@ class DistributionalPPO(PPO):
     ) -> None:
         if critic not in CRITICS:
             raise ValueError(f"critic must be one of {CRITICS}, got {critic!r}")
-        if huber_kappa <= 0:
-            raise ValueError(f"huber_kappa must be > 0, got {huber_kappa}")
+        if not (math.isfinite(huber_kappa) and huber_kappa > 0):
+            raise ValueError(f"huber_kappa must be a finite number > 0, got {huber_kappa}")
         # Set before PPO.__init__, which calls _setup_model() and needs them.
         self.critic = critic
         self.n_quantiles = n_quantiles

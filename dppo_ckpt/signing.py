@@ -104,10 +104,16 @@ def _create_key_exclusively(path: Path, text: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        # A half-written key would be refused by every later run: leave none behind.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def load_key() -> bytes:
@@ -134,7 +140,10 @@ def load_key() -> bytes:
     except UnicodeDecodeError:
         raise SigningKeyError(f"key file {path} is not text") from None
     if len(key) < 32:
-        raise SigningKeyError(f"key file {path} holds fewer than 32 characters")
+        raise SigningKeyError(
+            f"key file {path} holds fewer than 32 characters: delete it to create a new key "
+            "(what it signed must then be signed again)"
+        )
     return key.encode("ascii")
 
 

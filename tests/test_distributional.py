@@ -422,3 +422,14 @@ def test_cvar_is_vectorised_over_the_batch() -> None:
     batched = cvar_from_categorical(probs, support, 0.4)
     rows = torch.cat([cvar_from_categorical(probs[i : i + 1], support, 0.4) for i in range(6)])
     assert torch.equal(batched, rows)
+
+
+@pytest.mark.parametrize(
+    ("kappa", "dtype"),
+    [(float("nan"), torch.float32), (float("inf"), torch.float32), (1e-50, torch.float32),
+     (1e-8, torch.float16)],  # fmt: skip
+)
+def test_a_kappa_that_is_no_positive_number_in_the_dtype_is_a_clear_error(kappa, dtype):
+    pred = torch.randn(4, 3).to(dtype)
+    with pytest.raises(ValueError, match="kappa"):
+        quantile_huber_loss(pred, torch.randn(4, 2).to(dtype), torch.rand(3), kappa=kappa)

@@ -141,3 +141,28 @@ def test_without_hard_links_the_key_is_still_created_once(config_home, monkeypat
     signing._create_key(path)
     assert signing.load_key() == key
     assert sorted(p.name for p in path.parent.iterdir()) == ["key"]
+
+
+def test_without_hard_links_a_failed_write_leaves_no_key_behind(config_home, monkeypatch):
+    """A key file that could not be written whole is removed: every later run would refuse
+    a short key, so the next one creates a new key instead."""
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    real_fsync, calls = signing.os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the temporary file's fsync passes, the key file's fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(signing.os, "link", no_links)
+    monkeypatch.setattr(signing.os, "fsync", full_disk)
+    with pytest.raises(signing.SigningKeyError, match="No space left"):
+        signing.load_key()
+    path = signing.key_path()
+    assert not path.exists()
+    monkeypatch.setattr(signing.os, "fsync", real_fsync)
+    assert len(signing.load_key()) >= 32
