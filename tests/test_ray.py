@@ -15,6 +15,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,6 +227,27 @@ learning_rate = { choice = [0.0005] }
 """
 
 
+def _sweep_while(tmp_path: Path, text: str, watch: Any) -> tuple[Any, Any]:
+    """Run the sweep of config ``text`` while ``watch(folder, stop)`` runs in a thread;
+    the config and the sweep's result."""
+    from rich.console import Console
+
+    from dppo_ckpt import sweep
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    config = sweep.load_sweep_config(path)
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(config.folder, stop))
+    watcher.start()
+    try:
+        result = sweep.run_sweep(config, Console(file=io.StringIO()))
+    finally:
+        stop.set()
+        watcher.join()
+    return config, result
+
+
 def _killer(folder: Path, seed: int, stop: threading.Event, killed: list) -> None:
     """SIGKILL the worker of the trial with ``seed`` once its run folder lists a checkpoint."""
     while not stop.is_set() and not killed:
@@ -283,18 +305,10 @@ def test_a_trial_whose_worker_is_killed_ends_with_the_uninterrupted_parameters(t
 
     from dppo_ckpt import sweep, training
 
-    path = tmp_path / "sweep.toml"
-    path.write_text(_SWEEP)
-    config = sweep.load_sweep_config(path)
-    stop, killed = threading.Event(), []
-    watcher = threading.Thread(target=_killer, args=(config.folder, 1, stop, killed))
-    watcher.start()
-    try:
-        result = sweep.run_sweep(config, Console(file=io.StringIO()))
-    finally:
-        stop.set()
-        watcher.join()
-
+    killed: list = []
+    config, result = _sweep_while(
+        tmp_path, _SWEEP, lambda folder, stop: _killer(folder, 1, stop, killed)
+    )
     assert killed, "the trial's worker was never killed"
     assert [row.status for row in result.rows] == ["DONE", "DONE"], result.rows
     row = next(r for r in result.rows if r.config["seed"] == 1)
@@ -371,22 +385,10 @@ def _spoil_then_kill(folder: Path, stop: threading.Event, spoiled: list) -> None
 
 @pytest.mark.slow
 def test_a_trial_whose_checkpoint_fails_verification_ends_at_once_not_retried(tmp_path):
-    from rich.console import Console
-
-    from dppo_ckpt import sweep
-
-    path = tmp_path / "sweep.toml"
-    path.write_text(_SPOILED_SWEEP)
-    config = sweep.load_sweep_config(path)
-    stop, spoiled = threading.Event(), []
-    watcher = threading.Thread(target=_spoil_then_kill, args=(config.folder, stop, spoiled))
-    watcher.start()
-    try:
-        result = sweep.run_sweep(config, Console(file=io.StringIO()))
-    finally:
-        stop.set()
-        watcher.join()
-
+    spoiled: list = []
+    config, result = _sweep_while(
+        tmp_path, _SPOILED_SWEEP, lambda folder, stop: _spoil_then_kill(folder, stop, spoiled)
+    )
     assert spoiled, "the trial's worker was never killed"
     (row,) = result.rows
     assert row.status == "ERROR" and result.failed == 1
