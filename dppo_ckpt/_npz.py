@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import stat
 import zipfile
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from dppo_ckpt._untrusted_files import (
+    FileTooLarge,
+    NotRegularFile,
+    declared_zip_directory,
+    open_regular,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,73 +48,41 @@ _DIRECTORY_BYTES_PER_MEMBER = 46 + 1024
 _MAX_NPY_HEADER_BYTES = 16 * 1024
 # Real numbers: what VecNormalize computes with. Anything else is not its statistics.
 _NUMBER_KINDS = "fiu"
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
 class NpzRefused(Exception):
     """The file is refused before it is read: reading it could hang, exhaust memory or need
     pickle. The message is one line saying why."""
 
 
-def _check_regular(mode: int, size: int, limit: int) -> None:
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
-        raise NpzRefused(f"is {kind}, not a regular file")
-    if size > limit:
-        raise NpzRefused(f"is {size:,} bytes, more than the {limit:,} it may take")
-
-
 def read_regular_file(path: Path, limit: int) -> bytes:
-    """The bytes of ``path``, read only when it is a regular file of at most ``limit`` bytes.
-
-    The path is checked with ``stat`` before it is opened (opening a FIFO blocks, opening a
-    device may have effects of its own); it is opened non-blocking and checked again, so a
-    file swapped in between cannot make the read hang or run past ``limit``.
+    """The bytes of ``path``, read only when it is a regular file of at most ``limit`` bytes
+    (:func:`~dppo_ckpt._untrusted_files.open_regular`: checked before it is opened, and again
+    on what was opened, so a file swapped in between cannot make the read hang).
 
     :raises NpzRefused: not a regular file, or larger than ``limit``
     :raises OSError: missing (:class:`FileNotFoundError`) or unreadable
     """
-    info = os.stat(path)
-    _check_regular(info.st_mode, info.st_size, limit)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    with os.fdopen(fd, "rb") as handle:
-        opened = os.fstat(handle.fileno())
-        _check_regular(opened.st_mode, opened.st_size, limit)
-        data = handle.read(limit + 1)
+    try:
+        with open_regular(path, limit) as handle:
+            data = handle.read(limit + 1)
+    except (NotRegularFile, FileTooLarge) as exc:
+        raise NpzRefused(str(exc)) from None
     if len(data) > limit:  # it grew after the check
         raise NpzRefused(f"is more than the {limit:,} bytes it may take")
     return data
 
 
 def _check_directory(stream: io.BytesIO) -> None:
-    """Refuse a zip directory too large for this many members before ``zipfile`` parses it
-    (``zipfile`` reads as many entries as the directory's declared size holds, whatever
-    count it declares)."""
-    # The end record, as zipfile itself finds it (zip64 included); where this Python's
-    # zipfile lacks these helpers, the member count is still checked after parsing.
-    end_record = getattr(zipfile, "_EndRecData", None)
-    size_index = getattr(zipfile, "_ECD_SIZE", None)
-    count_index = getattr(zipfile, "_ECD_ENTRIES_TOTAL", None)
-    if end_record is None or size_index is None or count_index is None:
+    """Refuse a zip directory too large for this many members before ``zipfile`` parses it;
+    without a readable end record, zipfile reports the damage and the member count is
+    checked after parsing."""
+    declared = declared_zip_directory(stream)
+    if declared is None:
         return
-    try:
-        record = end_record(stream)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        record = None  # zipfile reports the damage
-    finally:
-        stream.seek(0)
-    if not record:
-        return
-    if record[count_index] > _MAX_MEMBERS:
-        raise NpzRefused(f"declares {record[count_index]:,} members, more than {_MAX_MEMBERS:,}")
-    if record[size_index] > _MAX_MEMBERS * _DIRECTORY_BYTES_PER_MEMBER:
-        raise NpzRefused(f"has a zip directory of {record[size_index]:,} bytes")
+    count, size = declared
+    if count > _MAX_MEMBERS:
+        raise NpzRefused(f"declares {count:,} members, more than {_MAX_MEMBERS:,}")
+    if size > _MAX_MEMBERS * _DIRECTORY_BYTES_PER_MEMBER:
+        raise NpzRefused(f"has a zip directory of {size:,} bytes")
 
 
 def _check_members(infos: list[zipfile.ZipInfo], limit: int) -> None:

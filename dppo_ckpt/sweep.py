@@ -60,7 +60,6 @@ import math
 import os
 import shutil
 import socket
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -505,23 +504,19 @@ def _open_regular(path: Path) -> Iterator[Any]:
     """``path`` opened for reading, if it is a regular file.
 
     A FIFO put in the run folder would block a plain ``open`` until something writes to it,
-    forever; so the file is opened without waiting and refused unless regular. The check is
-    on what was opened, so nothing can be swapped in between.
+    forever; so it is refused before it is opened, and again on what was opened
+    (:func:`~dppo_ckpt._untrusted_files.open_regular`).
 
     :raises OSError: it cannot be opened, or it is not a regular file (one-line ``strerror``)
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(handle.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(mode)})")
+    from dppo_ckpt._untrusted_files import NotRegularFile, open_regular
+
+    try:
+        handle = open_regular(path)
+    except NotRegularFile as exc:
+        raise OSError(errno.EINVAL, f"not a regular file ({exc.kind})") from None
+    with handle:
         yield handle
-
-
-def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
-    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def _step_of(name: str) -> int | None:

@@ -25,7 +25,6 @@ import json
 import os
 import posixpath
 import re
-import stat
 import struct
 import tempfile
 import zipfile
@@ -35,6 +34,12 @@ from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
 from dppo_ckpt._base64 import decode_strict
+from dppo_ckpt._untrusted_files import (
+    FileTooLarge,
+    NotRegularFile,
+    declared_zip_directory,
+    open_regular,
+)
 from dppo_ckpt.checkpoint.data_outline import DataOutline, outline_data
 from dppo_ckpt.checkpoint.metadata import (
     MAX_METADATA_BYTES,
@@ -737,27 +742,21 @@ def _check_declared_member_count(fileobj: BinaryIO, limits: Limits, label: str) 
 
     ``zipfile`` reads as many entries as the directory's declared *size* holds, whatever
     count the end record gives, and builds an object per entry: so the size is bounded too,
-    at ``_MAX_DIRECTORY_ENTRY`` bytes per member the limit allows.
+    at ``_MAX_DIRECTORY_ENTRY`` bytes per member the limit allows. Without a readable end
+    record, ``zipfile`` reports the damage and the member count is checked after parsing.
     """
-    end_record = getattr(zipfile, "_EndRecData", None)
-    index = getattr(zipfile, "_ECD_ENTRIES_TOTAL", None)
-    size_index = getattr(zipfile, "_ECD_SIZE", None)
-    if end_record is None or index is None or size_index is None:
-        return  # the member count is still checked after parsing
-    try:
-        record = end_record(fileobj)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        record = None  # let ZipFile report the damage
-    finally:
-        fileobj.seek(0)
-    if record and record[index] > limits.max_members:
+    declared = declared_zip_directory(fileobj)
+    if declared is None:
+        return
+    count, size = declared
+    if count > limits.max_members:
         raise ArchiveError(
-            f"{record[index]} members, more than the limit of {limits.max_members}", path=label
+            f"{count} members, more than the limit of {limits.max_members}", path=label
         )
     directory_limit = limits.max_members * _MAX_DIRECTORY_ENTRY
-    if record and record[size_index] > directory_limit:
+    if size > directory_limit:
         raise ArchiveError(
-            f"a central directory of {record[size_index]} bytes, more than the limit of "
+            f"a central directory of {size} bytes, more than the limit of "
             f"{directory_limit} ({_MAX_DIRECTORY_ENTRY} bytes per member for "
             f"{limits.max_members} members)",
             path=label,
@@ -1140,17 +1139,18 @@ def open_checkpoint(
 
 
 def _open_regular_file(path: str, limits: Limits) -> BinaryIO:
-    # Checked before opening: opening a FIFO blocks until a writer appears, and a device
-    # can have effects of its own. O_NONBLOCK covers a swap between the check and the open.
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            kind = "a directory" if os.path.isdir(path) else "not a regular file"
-            raise ArchiveError(
-                "is a directory, not a checkpoint file" if kind == "a directory" else kind,
-                path=path,
-            )
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-        fileobj = os.fdopen(fd, "rb")
+        return open_regular(path, limits.max_file_bytes)
+    except NotRegularFile as exc:
+        reason = (
+            "is a directory, not a checkpoint file" if exc.kind == "a directory"
+            else "not a regular file"
+        )  # fmt: skip
+        raise ArchiveError(reason, path=path) from None
+    except FileTooLarge as exc:
+        raise ArchiveError(
+            f"{exc.size} bytes, more than the limit of {exc.limit}", path=path
+        ) from None
     except FileNotFoundError:
         raise ArchiveError("no such file", path=path) from None
     except IsADirectoryError:
@@ -1159,18 +1159,6 @@ def _open_regular_file(path: str, limits: Limits) -> BinaryIO:
         raise ArchiveError("cannot read: permission denied", path=path) from None
     except OSError as exc:
         raise ArchiveError(f"cannot read: {exc.strerror or exc}", path=path) from None
-    try:
-        info = os.fstat(fileobj.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ArchiveError("not a regular file", path=path)
-        if info.st_size > limits.max_file_bytes:
-            raise ArchiveError(
-                f"{info.st_size} bytes, more than the limit of {limits.max_file_bytes}", path=path
-            )
-    except BaseException:
-        fileobj.close()
-        raise
-    return fileobj
 
 
 def read_checkpoint_bytes(source: str | os.PathLike[str], limits: Limits | None = None) -> bytes:
