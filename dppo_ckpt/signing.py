@@ -77,10 +77,11 @@ def _create_key(path: Path) -> None:
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     # mkstemp creates the file with mode 0600.
+    text = secrets.token_hex(_KEY_BYTES) + "\n"
     fd, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(secrets.token_hex(_KEY_BYTES) + "\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         try:
@@ -90,7 +91,7 @@ def _create_key(path: Path) -> None:
         except OSError as exc:
             if exc.errno not in _NO_HARD_LINKS:
                 raise
-            _create_key_exclusively(path, Path(temp_name).read_text("ascii"))
+            _create_key_exclusively(path, text)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(temp_name)
