@@ -279,7 +279,6 @@ class _FlatStatistics(NamedTuple):
     exp_avg_sq: list[torch.Tensor]
     m: torch.Tensor | None  # None: the tensors differ in device or dtype, no flat buffers
     v: torch.Tensor | None
-    sizes: tuple[int, ...]
     groups: tuple[tuple[int, int, int, int], ...]
     # Scratch for clamp(v - correction*m^2, 0), reused every step, and its per-tensor parts.
     excess: torch.Tensor | None = None
@@ -299,7 +298,7 @@ def _flatten_statistics(
         buf.device == first.device and buf.dtype == first.dtype and buf.layout == torch.strided
         for buf in (*exp_avg, *exp_avg_sq)
     ):
-        return _FlatStatistics(exp_avg, exp_avg_sq, None, None, (), ())
+        return _FlatStatistics(exp_avg, exp_avg_sq, None, None, ())
     sizes = tuple(buf.numel() for buf in exp_avg)
     with torch.no_grad():
         m = _flatten_dense_tensors([buf.detach() for buf in exp_avg])
@@ -318,9 +317,7 @@ def _flatten_statistics(
         (start, stop, offsets[start], offsets[stop]) for start, stop in _groups(exp_avg)
     )
     excess = torch.empty_like(v)
-    return _FlatStatistics(
-        views(m), views(v), m, v, sizes, groups, excess, tuple(excess.split(sizes))
-    )
+    return _FlatStatistics(views(m), views(v), m, v, groups, excess, tuple(excess.split(sizes)))
 
 
 class VarianceGradientScaler:
@@ -661,6 +658,8 @@ class VarianceGradientScaler:
         signal_norms: list[torch.Tensor] = []
         noise_sums: list[torch.Tensor] = []
         whole = len(flat.groups) == 1
+        # The per-tensor path's multiplier, so that half-precision statistics round alike.
+        decay = _multiplier(beta, [flat.v])
         for start, stop, low, high in flat.groups:
             g = _flatten_dense_tensors(grads[start:stop])
             m, v, excess = (
@@ -670,8 +669,7 @@ class VarianceGradientScaler:
             )
             m.lerp_(g, 1.0 - beta)
             signal_norms.extend(torch._foreach_norm(flat.exp_avg[start:stop]))
-            # The per-tensor path's multiplier, so that half-precision statistics round alike.
-            v.mul_(_multiplier(beta, [v]))
+            v.mul_(decay)
             v.addcmul_(g, g, value=1.0 - beta)
             torch.addcmul(v, m, m, value=-correction, out=excess)
             excess.clamp_min_(0.0)
