@@ -866,6 +866,7 @@ class VarianceGradientScaler:
             if self._parameters is not None:
                 _check_compatible(self._parameters, list(exp_avg), "load_state_dict")
 
+        flat: _FlatStatistics | None = None
         if exp_avg is None:
             new_avg = new_avg_sq = None
             if self._parameters is not None:
@@ -873,8 +874,14 @@ class VarianceGradientScaler:
                     new_avg = [torch.zeros_like(param) for param in self._parameters]
                     new_avg_sq = [torch.zeros_like(param) for param in self._parameters]
         elif self._parameters is not None:
-            new_avg = self._relocate([buf.detach() for buf in exp_avg], self._parameters, True)
-            new_avg_sq = self._relocate([b.detach() for b in exp_avg_sq], self._parameters, True)
+            flat = self._flat_copy(list(exp_avg), list(exp_avg_sq), self._parameters)
+            if flat is not None:
+                new_avg, new_avg_sq = flat.exp_avg, flat.exp_avg_sq
+            else:
+                new_avg = self._relocate([buf.detach() for buf in exp_avg], self._parameters, True)
+                new_avg_sq = self._relocate(
+                    [buf.detach() for buf in exp_avg_sq], self._parameters, True
+                )
         else:
             new_avg = [buf.detach().clone() for buf in exp_avg]
             new_avg_sq = [buf.detach().clone() for buf in exp_avg_sq]
@@ -892,6 +899,24 @@ class VarianceGradientScaler:
         self._scale_sum = scale_sum
         self._exp_avg = new_avg
         self._exp_avg_sq = new_avg_sq
+        if flat is not None:
+            self._flat = flat
+
+    @staticmethod
+    def _flat_copy(
+        exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> _FlatStatistics | None:
+        """Copies of the statistics laid out in flat buffers, when every tensor already has
+        its parameter's device and dtype: the one copy a load needs, in the form the next
+        :meth:`compute_scale` uses. None otherwise (they are relocated tensor by tensor)."""
+        if not all(
+            buf.device == param.device and buf.dtype == param.dtype
+            for buffers in (exp_avg, exp_avg_sq)
+            for buf, param in zip(buffers, params, strict=True)
+        ):
+            return None
+        flat = _flatten_statistics(exp_avg, exp_avg_sq)
+        return flat if flat.m is not None else None
 
     def reset_statistics(self) -> None:
         """Zero the moving averages, the step count, the level and the factor counters, so
