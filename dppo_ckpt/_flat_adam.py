@@ -48,9 +48,13 @@ class _Flat:
             self.exp_avg = _flatten_dense_tensors([state[p]["exp_avg"] for p in params])
             self.exp_avg_sq = _flatten_dense_tensors([state[p]["exp_avg_sq"] for p in params])
             self.denom = torch.empty_like(self.exp_avg_sq)
+            # The gradients' flat copy, made anew every step into the same memory: a buffer
+            # of this size would otherwise be mapped afresh (and page-faulted) each time.
+            self.gradient = torch.empty_like(self.exp_avg)
         self.exp_avgs = list(_unflatten_dense_tensors(self.exp_avg, params))
         self.exp_avg_sqs = list(_unflatten_dense_tensors(self.exp_avg_sq, params))
         self.denoms = list(_unflatten_dense_tensors(self.denom, params))
+        self.gradients = list(_unflatten_dense_tensors(self.gradient, params))
         for param, exp_avg, exp_avg_sq in zip(
             params, self.exp_avgs, self.exp_avg_sqs, strict=True
         ):
@@ -188,11 +192,11 @@ def _step(optimizer: torch.optim.Optimizer) -> bool:
     with torch.no_grad():
         # torch's own increment of the counters (a wrapped 1.0, alpha=1.0: the same overload).
         torch._foreach_add_(flat.steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        gradient = _flatten_dense_tensors(grads)
+        torch._foreach_copy_(flat.gradients, grads)
+        gradient = flat.gradient
         flat.exp_avg.lerp_(gradient, 1 - beta1)
         flat.exp_avg_sq.mul_(beta2)
         flat.exp_avg_sq.addcmul_(gradient, gradient, value=1 - beta2)
-        del gradient
         counts = [step.item() for step in flat.steps]
         if any(count != counts[0] for count in counts):
             # Counters that diverged (a parameter once stepped without a gradient): the

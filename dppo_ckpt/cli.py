@@ -848,11 +848,30 @@ def _run_static_verify(paths: list[str]) -> None:
     sys.exit(0)
 
 
+# Options after which `verify` loads nothing in a child of the fork server.
+_NO_LOAD_CHILDREN = frozenset({"--static", "--no-isolate", "--ray", "--help", "-h"})
+
+
+def _loads_in_children(args: list[str]) -> bool:
+    """Whether ``args`` look like a `verify` whose load checks will run in children.
+
+    Then the fork server is started before Typer parses anything, so that its torch import
+    overlaps the parsing. A wrong guess costs a server that is never used and exits with
+    this process; the command itself is not changed by the guess.
+    """
+    return bool(args) and args[0] == "verify" and not _NO_LOAD_CHILDREN.intersection(args)
+
+
 def main() -> None:
     """Entry point of the `dppo-ckpt` console script."""
-    paths = _static_verify_paths(sys.argv[1:])
+    args = sys.argv[1:]
+    paths = _static_verify_paths(args)
     if paths is not None:
         _run_static_verify(paths)
+    if _loads_in_children(args):
+        from dppo_ckpt.checkpoint.isolation import prestart
+
+        prestart()
     app()
 
 

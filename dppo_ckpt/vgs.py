@@ -300,9 +300,6 @@ def _flatten_statistics(
     ):
         return _FlatStatistics(exp_avg, exp_avg_sq, None, None, ())
     sizes = tuple(buf.numel() for buf in exp_avg)
-    with torch.no_grad():
-        m = _flatten_dense_tensors([buf.detach() for buf in exp_avg])
-        v = _flatten_dense_tensors([buf.detach() for buf in exp_avg_sq])
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + size)
@@ -312,6 +309,17 @@ def _flatten_statistics(
             flat[offsets[index] : offsets[index + 1]].view(buf.shape)
             for index, buf in enumerate(exp_avg)
         ]
+
+    def flattened(buffers: list[torch.Tensor]) -> torch.Tensor:
+        # Copied tensor by tensor into one allocation: a broadcast or strided buffer is read
+        # in place, with no contiguous copy of it first.
+        flat = torch.empty(offsets[-1], dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for view, buf in zip(views(flat), buffers, strict=True):
+                view.copy_(buf)
+        return flat
+
+    m, v = flattened(exp_avg), flattened(exp_avg_sq)
 
     groups = tuple(
         (start, stop, offsets[start], offsets[stop]) for start, stop in _groups(exp_avg)
@@ -874,7 +882,7 @@ class VarianceGradientScaler:
                     new_avg = [torch.zeros_like(param) for param in self._parameters]
                     new_avg_sq = [torch.zeros_like(param) for param in self._parameters]
         elif self._parameters is not None:
-            flat = self._flat_copy(list(exp_avg), list(exp_avg_sq), self._parameters)
+            flat = self._flat_load(list(exp_avg), list(exp_avg_sq), self._parameters)
             if flat is not None:
                 new_avg, new_avg_sq = flat.exp_avg, flat.exp_avg_sq
             else:
@@ -902,19 +910,42 @@ class VarianceGradientScaler:
         if flat is not None:
             self._flat = flat
 
-    @staticmethod
-    def _flat_copy(
-        exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor], params: list[torch.Tensor]
+    def _flat_load(
+        self,
+        exp_avg: list[torch.Tensor],
+        exp_avg_sq: list[torch.Tensor],
+        params: list[torch.Tensor],
     ) -> _FlatStatistics | None:
-        """Copies of the statistics laid out in flat buffers, when every tensor already has
-        its parameter's device and dtype: the one copy a load needs, in the form the next
-        :meth:`compute_scale` uses. None otherwise (they are relocated tensor by tensor)."""
+        """The loaded statistics in flat buffers, when every tensor already has its
+        parameter's device and dtype; None otherwise (they are relocated tensor by tensor).
+
+        They are copied into the current flat buffers when the scaler has them (as a module's
+        ``load_state_dict`` copies into its parameters), else into new ones: either way the
+        one copy a load needs, in the form the next :meth:`compute_scale` uses.
+        """
         if not all(
             buf.device == param.device and buf.dtype == param.dtype
             for buffers in (exp_avg, exp_avg_sq)
             for buf, param in zip(buffers, params, strict=True)
         ):
             return None
+        flat = self._flat
+        if (
+            flat is not None
+            and flat.m is not None
+            and flat.v is not None
+            and flat.exp_avg is self._exp_avg
+            and flat.exp_avg_sq is self._exp_avg_sq
+            and len(flat.exp_avg) == len(exp_avg)
+            and all(old.shape == new.shape for old, new in zip(flat.exp_avg, exp_avg, strict=True))
+            # A source inside the buffers themselves would be overwritten while it is read.
+            and not {flat.m.untyped_storage().data_ptr(), flat.v.untyped_storage().data_ptr()}
+            & {buf.untyped_storage().data_ptr() for buf in (*exp_avg, *exp_avg_sq)}
+        ):
+            with torch.no_grad():
+                torch._foreach_copy_(flat.exp_avg, exp_avg)
+                torch._foreach_copy_(flat.exp_avg_sq, exp_avg_sq)
+            return flat
         flat = _flatten_statistics(exp_avg, exp_avg_sq)
         return flat if flat.m is not None else None
 

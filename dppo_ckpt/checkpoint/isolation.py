@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,14 @@ from typing import Any, Final
 
 from dppo_ckpt.checkpoint.results import FileReport
 
-__all__ = ["ChildOutcome", "crash_report", "probe_load", "run_isolated", "run_many_isolated"]
+__all__ = [
+    "ChildOutcome",
+    "crash_report",
+    "prestart",
+    "probe_load",
+    "run_isolated",
+    "run_many_isolated",
+]
 
 DEFAULT_TIMEOUT: Final = 120.0
 _PRELOAD: Final = ["torch", "stable_baselines3", "dppo_ckpt.ppo", "dppo_ckpt.checkpoint.checks"]
@@ -38,6 +46,16 @@ def _fork_server() -> Any:
         context.set_forkserver_preload(_PRELOAD)
         _context = context
     return _context
+
+
+def prestart() -> None:
+    """Start the fork server now, without waiting for it: its torch import then overlaps
+    whatever the caller does before its first child (parsing the command line, reading its
+    configuration). A server that is never used exits with the caller."""
+    import multiprocessing.forkserver
+
+    _fork_server()
+    multiprocessing.forkserver.ensure_running()
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,13 @@ class _Running:
         self.deadline = time.monotonic() + timeout
         self.message: tuple[str, Any] | None = None
 
+    def handles(self) -> list[Any]:
+        """What to wait on for news of this child: its pipe, until a message came, and its
+        exit."""
+        if self.message is None:
+            return [self.conn, self.process.sentinel]
+        return [self.process.sentinel]
+
     def poll(self) -> ChildOutcome | None:
         """The outcome once the child has ended (or overrun its deadline), else None."""
         if self.message is None and self.conn.poll():
@@ -140,7 +165,9 @@ def run_many_isolated(
                 outcomes[index] = outcome
                 del running[index]
         if running:
-            time.sleep(0.02)
+            # Woken by a result or an exit at once; the timeout only paces the deadlines.
+            waited = [handle for child in running.values() for handle in child.handles()]
+            multiprocessing.connection.wait(waited, timeout=0.05)
     return [outcome for outcome in outcomes if outcome is not None]
 
 

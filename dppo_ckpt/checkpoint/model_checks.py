@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import io
+import struct
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -218,21 +219,50 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def state_fingerprint(state: Any) -> Any:
-    """A bit-exact comparable form of a nested state (tensors as dtype, shape and raw bytes;
-    floats by their bits, so that NaN equals itself and -0.0 differs from 0.0)."""
-    import numpy as np
+def _comparable(state: Any, tensor: Callable[[torch.Tensor], Any]) -> Any:
+    """``state`` with every tensor replaced by ``tensor(t)`` and every float by its bits (so
+    that NaN equals itself and -0.0 differs from 0.0), lists and tuples as lists."""
     import torch
 
     if isinstance(state, torch.Tensor):
-        return ("tensor", str(state.dtype), tuple(state.shape), _tensor_bytes(state))
+        return tensor(state)
     if isinstance(state, dict):
-        return {key: state_fingerprint(value) for key, value in state.items()}
+        return {key: _comparable(value, tensor) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return [state_fingerprint(value) for value in state]
+        return [_comparable(value, tensor) for value in state]
     if isinstance(state, float):
-        return ("float", np.float64(state).tobytes())
+        return ("float", struct.pack("<d", state))
     return state
+
+
+def state_fingerprint(state: Any) -> Any:
+    """A bit-exact comparable form of a nested state (tensors as dtype, shape and raw bytes;
+    floats by their bits). The fingerprint is a snapshot: later changes to the state's
+    tensors do not change it."""
+    return _comparable(
+        state, lambda t: ("tensor", str(t.dtype), tuple(t.shape), _tensor_bytes(t))
+    )
+
+
+class _TensorBits:
+    """A tensor that compares equal to another of the same dtype and shape with the very
+    same bits, compared in place: for states whose tensors are copies nobody changes."""
+
+    __slots__ = ("tensor",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor.detach().cpu()
+
+    def __eq__(self, other: object) -> bool:
+        import torch
+
+        if not isinstance(other, _TensorBits):
+            return NotImplemented
+        a, b = self.tensor, other.tensor
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
@@ -314,7 +344,10 @@ def check_scaler_statistics(ctx: CheckContext) -> CheckResult:
     if stored_state is None:
         return spec.skipped("no stored scaler state to compare with")
     live = _scaler(model).state_dict()
-    difference = _first_difference(state_fingerprint(stored_state), state_fingerprint(live))
+    # Both states are copies of their own: their tensors are compared where they lie.
+    difference = _first_difference(
+        _comparable(stored_state, _TensorBits), _comparable(live, _TensorBits)
+    )
     if difference is not None:
         return spec.failed(
             f"the loaded scaler differs from the stored one at {difference} "
@@ -442,13 +475,18 @@ def _probe_state(state: dict[str, Any]) -> dict[str, Any]:
         min_scale=min(config["min_scale"], 0.5),
     )
     exp_avg = state["exp_avg"] or []
+
+    def filled(value: float, like: torch.Tensor) -> torch.Tensor:
+        # A broadcast scalar: the scaler's load makes the one copy of it.
+        return torch.full((), value, dtype=like.dtype, device=like.device).expand_as(like)
+
     return {
         **state,
         "config": config,
         "step_count": 0,
         "level": 1e-12,
-        "exp_avg": [torch.zeros_like(t) for t in exp_avg],
-        "exp_avg_sq": [torch.ones_like(t) for t in exp_avg],
+        "exp_avg": [filled(0.0, t) for t in exp_avg],
+        "exp_avg_sq": [filled(1.0, t) for t in exp_avg],
     }
 
 
