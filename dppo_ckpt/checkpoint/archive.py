@@ -688,7 +688,8 @@ class ZipMembers:
         return spool
 
     def read_raw(self) -> bytes:
-        """The whole zip file as bytes, read afresh and bounded by ``limits.max_file_bytes``."""
+        """The whole zip file as bytes, bounded by ``limits.max_file_bytes``: read afresh from
+        a file, or, for an archive opened on bytes, those very bytes (not a copy)."""
         if self._fileobj is None:
             raise ArchiveError("archive is closed", path=self.label)
         self._fileobj.seek(0)
@@ -1109,12 +1110,17 @@ def is_zip_bytes(data: bytes) -> bool:
 def open_checkpoint(
     source: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO,
     limits: Limits | None = None,
+    *,
+    in_memory: bool = False,
 ) -> CheckpointArchive:
     """Open an SB3 checkpoint zip as untrusted input.
 
     :param source: a path, the file's bytes, or a seekable binary file object (not closed by
         the archive).
     :param limits: resource limits (defaults to :class:`Limits`).
+    :param in_memory: with a path, read the file whole first and work on those bytes: every
+        later read, :meth:`CheckpointArchive.read_raw` included, sees the very same bytes
+        (and ``read_raw`` returns them without a copy), whatever happens to the file.
     :return: the open archive; use it as a context manager.
     :raises ArchiveError: missing or unreadable file, not a regular file, too large, not a
         zip, truncated or damaged zip, a member name with ``..``, an absolute path, a
@@ -1132,6 +1138,9 @@ def open_checkpoint(
         return CheckpointArchive(io.BytesIO(bytes(source)), limits, "<memory>", owns_file=True)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
+        if in_memory:
+            raw = read_checkpoint_bytes(path, limits)
+            return CheckpointArchive(io.BytesIO(raw), limits, path, owns_file=True)
         fileobj = _open_regular_file(path, limits)
         return CheckpointArchive(fileobj, limits, path, owns_file=True)
     label = str(getattr(source, "name", "<stream>"))

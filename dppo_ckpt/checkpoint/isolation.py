@@ -34,7 +34,15 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT: Final = 120.0
-_PRELOAD: Final = ["torch", "stable_baselines3", "dppo_ckpt.ppo", "dppo_ckpt.checkpoint.checks"]
+# torch imports its compiler stack (torch._dynamo, about a second) on the first call of
+# Optimizer.load_state_dict, which every SB3 load makes: once in the server, not once per file.
+_PRELOAD: Final = [
+    "torch",
+    "torch._dynamo",
+    "stable_baselines3",
+    "dppo_ckpt.ppo",
+    "dppo_ckpt.checkpoint.checks",
+]
 _context: Any = None
 
 
