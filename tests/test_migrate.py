@@ -485,6 +485,25 @@ def test_broken_input_is_unusable(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_current_looking_file_that_fails_its_plan_leaves_no_copy_behind(tmp_path):
+    # It records layout 2, so its copy starts while the plan reads it; the plan finds the
+    # damage, and the copy is thrown away.
+    outcome = migrate.migrate_file(FIXTURES_DIR / "broken_bitflip.zip", tmp_path / "new.zip")
+    assert outcome.exit_code == 2 and outcome.status == "unusable", outcome.message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_copy_that_fails_is_unusable_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(orchestrate, "copy_range", full_disk)
+    outcome = migrate.migrate_file(CURRENT, tmp_path / "new.zip")
+    assert outcome.exit_code == 2 and outcome.status == "unusable"
+    assert "No space left on device" in outcome.message
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
     def refuse(path, **_):
         assert path.exists() and path.parent == tmp_path  # the temporary file, beside NEW

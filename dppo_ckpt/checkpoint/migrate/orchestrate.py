@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from typing import IO, Any, Final
 
 from dppo_ckpt.atomic import fsync_directory
 from dppo_ckpt.checkpoint.archive import ArchiveError, CheckpointError, open_checkpoint
+from dppo_ckpt.checkpoint.contents import checkpoint_layout
 from dppo_ckpt.checkpoint.inputs import checkpoint_files
+from dppo_ckpt.checkpoint.metadata import LAYOUT_VERSION
 from dppo_ckpt.checkpoint.migrate.errors import MigrationError, UsageError
 from dppo_ckpt.checkpoint.migrate.plan import plan_migration
 from dppo_ckpt.checkpoint.migrate.zipcopy import copy_range, write_zip
@@ -104,6 +107,56 @@ def _publish(tmp: Path, dst: Path, *, force: bool) -> None:
         else:
             tmp.unlink()
     fsync_directory(dst.parent)
+
+
+class _BackgroundCopy:
+    """``src`` copied unchanged into a new temporary beside ``dst``, and synced, in a thread.
+
+    For a file that is already current the copy is the whole migration: started before the
+    plan is worked out, the kernel's copy and sync overlap the plan's reading of the file
+    (both wait in the kernel, not on this interpreter). The temporary is removed on
+    :meth:`close` unless it was renamed away.
+    """
+
+    def __init__(self, src: Path, dst: Path) -> None:
+        self._stack = contextlib.ExitStack()
+        mode = stat.S_IMODE(src.stat().st_mode)
+        self._handle, self.tmp = self._stack.enter_context(_temporary(dst.parent, dst.name, mode))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._copy, args=(src,), daemon=True)
+        self._thread.start()
+
+    def _copy(self, src: Path) -> None:
+        try:
+            with open(src, "rb") as original:
+                # In the kernel where it can, as cp does: the bytes never pass through here.
+                copy_range(original, self._handle, 0, os.fstat(original.fileno()).st_size)
+            _sync(self._handle)
+        except BaseException as exc:  # noqa: BLE001 - raised again by wait()
+            self._error = exc
+
+    def wait(self) -> Path:
+        """The synced temporary, once the copy is done.
+
+        :raises OSError: the copy or the sync failed.
+        """
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.tmp
+
+    def close(self) -> None:
+        self._thread.join()
+        self._stack.close()
+
+
+def _likely_current(archive: Any) -> bool:
+    """Whether the file records the current layout: then the plan will most likely find
+    nothing to change. A wrong guess only costs a copy that is thrown away."""
+    try:
+        return checkpoint_layout(archive) >= LAYOUT_VERSION
+    except Exception:  # the plan reports what is wrong with the file
+        return False
 
 
 def _make_backup(src: Path, backup: Path) -> None:
@@ -280,27 +333,27 @@ def migrate_file(
             raise UsageError("NEW is the same file as OLD; use --in-place")
         if not dst.parent.is_dir():
             raise UsageError(f"destination folder {dst.parent} does not exist")
-        with open_checkpoint(src) as archive:
-            plan = plan_migration(archive)
-        del archive  # it caches the parsed `data`, which can be large
-        if not dry_run:
-            tidied.append(_remove_stale_temporaries(dst.parent, dst.name))
-        facts = dict(plan.facts)
-        if plan.foreign:
-            facts["named_off_allow_list"] = plan.foreign
-        if plan.current:
-            if dry_run or in_place:
-                return outcome("already current", "already current: nothing to change", 0,
+        with contextlib.ExitStack() as copies:
+            with open_checkpoint(src) as archive:
+                copy = None
+                if not (dry_run or in_place) and _likely_current(archive):
+                    copy = copies.enter_context(contextlib.closing(_BackgroundCopy(src, dst)))
+                plan = plan_migration(archive)
+            del archive  # it caches the parsed `data`, which can be large
+            if not dry_run:
+                tidied.append(_remove_stale_temporaries(dst.parent, dst.name))
+            facts = dict(plan.facts)
+            if plan.foreign:
+                facts["named_off_allow_list"] = plan.foreign
+            if plan.current:
+                if dry_run or in_place:
+                    return outcome("already current", "already current: nothing to change", 0,
+                                   facts=facts)  # fmt: skip
+                if copy is None:
+                    copy = copies.enter_context(contextlib.closing(_BackgroundCopy(src, dst)))
+                _publish(copy.wait(), dst, force=force)
+                return outcome("already current", "already current: copied unchanged", 0,
                                facts=facts)  # fmt: skip
-            mode = stat.S_IMODE(src.stat().st_mode)
-            with _temporary(dst.parent, dst.name, mode) as (handle, tmp):
-                with open(src, "rb") as original:
-                    # In the kernel where it can, as cp does: the bytes never pass through here.
-                    copy_range(original, handle, 0, os.fstat(original.fileno()).st_size)
-                _sync(handle)
-                _publish(tmp, dst, force=force)
-            return outcome("already current", "already current: copied unchanged", 0,
-                           facts=facts)  # fmt: skip
         if backup is not None and (backup.exists() or backup.is_symlink()):
             raise MigrationError(
                 f"backup {backup} exists; remove it or choose --backup-suffix", EXIT_UNUSABLE
