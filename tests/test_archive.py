@@ -160,6 +160,24 @@ def test_archive_accepts_bytes_and_file_objects(ppo_zip: Path) -> None:
         assert not handle.closed  # a caller's file object stays the caller's
 
 
+def test_an_archive_read_into_memory_is_the_bytes_it_was_opened_on(
+    ppo_zip: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.zip"
+    original = ppo_zip.read_bytes()
+    path.write_bytes(original)
+    with open_checkpoint(path, in_memory=True) as archive:
+        assert archive.label == str(path)
+        path.write_bytes(b"replaced after the open")  # later reads still see the first bytes
+        raw = archive.read_raw()
+        assert raw == original
+        assert archive.read_raw() is raw  # no copy of the file per reader
+        assert archive.read_member("data") == zipfile.ZipFile(io.BytesIO(original)).read("data")
+    path.unlink()
+    with pytest.raises(ArchiveError, match="no such file"):
+        open_checkpoint(path, in_memory=True)
+
+
 def test_closing_releases_the_file(ppo_zip: Path) -> None:
     with open_checkpoint(ppo_zip) as archive:
         pass

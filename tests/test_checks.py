@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -242,6 +243,71 @@ def test_probe_leaves_no_state_changed(with_grads: bool) -> None:
     results = model_checks(model, model._variance_gradient_scaler.state_dict())
     assert [r.verdict for r in results] == [Verdict.PASS] * 4
     assert _snapshot(model) == before
+
+
+def test_the_probe_resets_the_optimizer_in_place_and_keeps_its_origin() -> None:
+    from dppo_ckpt.checkpoint.model_checks import _reset_optimizer, state_fingerprint
+
+    model = make_model()
+    model.learn(64)  # an initialised (and, after the update path, flat) Adam state
+    optimizer = model.policy.optimizer
+    origin = copy.deepcopy(optimizer.state_dict())
+    expected = state_fingerprint(origin)
+    tensors = [id(t) for entry in optimizer.state.values() for t in entry.values()]
+    for param in model.policy.parameters():
+        param.grad = torch.ones_like(param)
+    model._optimizer_step(model._variance_gradient_scaler, 0.5)
+    assert state_fingerprint(optimizer.state_dict()) != expected
+
+    _reset_optimizer(optimizer, origin)
+    assert state_fingerprint(optimizer.state_dict()) == expected
+    assert [id(t) for entry in optimizer.state.values() for t in entry.values()] == tensors
+    assert state_fingerprint(origin) == expected
+    # A step after the reset changes the optimizer, never the origin.
+    model._optimizer_step(model._variance_gradient_scaler, 0.5)
+    assert state_fingerprint(origin) == expected
+
+
+def test_an_optimizer_state_of_another_layout_is_loaded_afresh() -> None:
+    from dppo_ckpt.checkpoint.model_checks import _reset_optimizer, state_fingerprint
+
+    model = make_model()
+    optimizer = model.policy.optimizer
+    origin = copy.deepcopy(optimizer.state_dict())  # never stepped: no state at all
+    model.learn(64)
+    _reset_optimizer(optimizer, origin)
+    assert state_fingerprint(optimizer.state_dict()) == state_fingerprint(origin)
+    assert not optimizer.state
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.RMSprop, torch.optim.SGD])
+def test_the_probe_works_and_restores_with_other_optimizers(optimizer_class: Any) -> None:
+    kwargs = {"momentum": 0.9} if optimizer_class is torch.optim.SGD else {}
+    model = make_model(
+        policy_kwargs={"optimizer_class": optimizer_class, "optimizer_kwargs": kwargs}
+    )
+    model.learn(64)
+    before = _snapshot(model)
+    probe = model_checks(model)[3]
+    assert probe.verdict is Verdict.PASS, probe.message
+    assert _snapshot(model) == before
+
+
+def test_scaler_states_compare_bit_for_bit_in_place() -> None:
+    from dppo_ckpt.checkpoint.model_checks import _comparable, _first_difference, _TensorBits
+
+    def bits(state: Any) -> Any:
+        return _comparable(state, _TensorBits)
+
+    nan = torch.tensor([float("nan"), 1.0])
+    assert _first_difference(bits({"m": [nan]}), bits({"m": [nan.clone()]})) is None
+    zero, negative_zero = torch.tensor([0.0]), torch.tensor([-0.0])
+    assert torch.equal(zero, negative_zero)  # equal values, other bits
+    assert _first_difference(bits({"m": [zero]}), bits({"m": [negative_zero]})) == "m[0]"
+    assert _first_difference(bits({"m": [zero]}), bits({"m": [zero.double()]})) == "m[0]"
+    assert _first_difference(bits({"m": [zero]}), bits({"m": [zero.reshape(1, 1)]})) == "m[0]"
+    assert _first_difference(bits({"x": 0.0}), bits({"x": -0.0})) == "x"
+    assert _first_difference(bits({"x": float("nan")}), bits({"x": float("nan")})) is None
 
 
 def test_probe_proves_scaling_during_warm_up() -> None:

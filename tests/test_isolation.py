@@ -54,3 +54,18 @@ def test_the_load_probe_passes_good_and_refused_files_back_to_the_caller() -> No
     # Only a crash or an overrun is the probe's to report; refusals are the caller's own.
     assert probe_load(str(GOOD), trust=False) is None
     assert probe_load(str(FIXTURES_DIR / "hostile_data_entry.zip"), trust=False) is None
+
+
+def test_a_prestarted_fork_server_is_the_one_children_come_from() -> None:
+    import multiprocessing.forkserver
+    import os
+
+    from dppo_ckpt.checkpoint.isolation import prestart
+
+    prestart()
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    assert server is not None
+    outcome = run_isolated(os.getppid, timeout=120.0)
+    assert outcome.ok and outcome.value == server
+    prestart()  # a second call keeps the running server
+    assert multiprocessing.forkserver._forkserver._forkserver_pid == server

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dppo_ckpt.cli import _static_verify_paths
+from dppo_ckpt.cli import _loads_in_children, _static_verify_paths
 from tests._verdicts import EXPECTED, fixture
 
 #: Modules whose import the static path must not pay for: the training stack, and the
@@ -81,3 +81,23 @@ def test_only_the_hooks_command_line_skips_typer(
     argv: list[str], paths: list[str] | None
 ) -> None:
     assert _static_verify_paths(argv) == paths
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["verify", "a.zip"], True),
+        (["verify", "--quick", "-j", "2", "a.zip", "b.zip"], True),
+        (["verify", "--static", "a.zip"], False),
+        (["verify", "--no-isolate", "a.zip"], False),
+        (["verify", "--ray", "a.zip"], False),
+        (["verify", "--help"], False),
+        (["inspect", "a.zip"], False),
+        (["migrate", "a.zip", "b.zip"], False),
+        ([], False),
+    ],
+)
+def test_only_a_verify_that_loads_in_children_starts_the_fork_server_early(
+    argv: list[str], expected: bool
+) -> None:
+    assert _loads_in_children(argv) is expected

@@ -891,6 +891,54 @@ def test_state_dict_round_trip_is_bit_for_bit() -> None:
     _assert_same_state(fresh.state_dict(), scaler.state_dict())
 
 
+def test_a_load_into_flat_statistics_copies_into_their_buffers() -> None:
+    scaler, params = _trained_scaler()  # has stepped: its statistics are flat
+    flat = scaler._flat
+    assert flat is not None and flat.m is not None
+    lists, buffers = (scaler._exp_avg, scaler._exp_avg_sq), (flat.m, flat.v)
+    before = scaler.state_dict()
+    other, _ = _trained_scaler()
+    other_state = other.state_dict()
+    for buf in other_state["exp_avg"]:
+        buf.add_(0.25)  # values unlike the scaler's own
+
+    scaler.load_state_dict(other_state)
+    # The same buffers and views, holding the loaded bits; the loaded dict is not aliased.
+    assert (scaler._exp_avg, scaler._exp_avg_sq) == lists and scaler._flat is flat
+    assert (flat.m, flat.v) == buffers
+    assert id(scaler._exp_avg[0]) == id(lists[0][0])
+    _assert_same_state(scaler.state_dict(), other_state)
+    other_state["exp_avg"][0].add_(1.0)
+    assert not torch.equal(scaler._exp_avg[0], other_state["exp_avg"][0])
+    # A state taken before the load is a copy that the load did not touch.
+    assert not torch.equal(before["exp_avg"][0], scaler._exp_avg[0])
+    scaler.load_state_dict(before)
+    _assert_same_state(scaler.state_dict(), before)
+
+
+def test_a_load_from_the_scalers_own_buffers_takes_new_ones() -> None:
+    scaler, params = _trained_scaler()
+    expected = scaler.state_dict()
+    aliased = {**expected, "exp_avg": scaler._exp_avg, "exp_avg_sq": scaler._exp_avg_sq}
+    flat = scaler._flat
+    scaler.load_state_dict(aliased)
+    assert scaler._flat is not flat  # copied out, not overwritten while read
+    _assert_same_state(scaler.state_dict(), expected)
+
+
+def test_broadcast_statistics_load_as_full_tensors() -> None:
+    scaler, params = _trained_scaler()
+    state = scaler.state_dict()
+    ones = [torch.ones(()).expand_as(buf) for buf in state["exp_avg"]]
+    scaler.load_state_dict({**state, "exp_avg_sq": ones})
+    for buf, param in zip(scaler._exp_avg_sq, params, strict=True):
+        assert buf.shape == param.shape and buf.is_contiguous()
+        assert torch.equal(buf, torch.ones_like(param))
+    buf = scaler._exp_avg_sq[0]
+    buf.add_(1.0)  # its own memory: the other elements stay as they were
+    assert buf.flatten().tolist() == [2.0] * buf.numel()
+
+
 def test_load_state_dict_into_unlinked_scaler_then_link() -> None:
     scaler, params = _trained_scaler()
     state = scaler.state_dict()

@@ -724,16 +724,22 @@ def check_scale_reaches_step(ctx: CheckContext) -> CheckResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def model_state(model: Any) -> dict[str, Any]:
-    """Parameters (and buffers), optimizer state and scaler state, for bit-exact comparison."""
+def model_state(model: Any, *, snapshot: bool = True) -> dict[str, Any]:
+    """Parameters (and buffers), optimizer state and scaler state, for bit-exact comparison.
+
+    :param snapshot: copy the tensors, so that the result still shows this state after the
+        model changes; without it they are compared where they lie, for a state compared
+        before anything can change it.
+    """
     scaler = _scaler(model)
-    return state_fingerprint(
-        {
-            "policy": model.policy.state_dict(),
-            "optimizer": model.policy.optimizer.state_dict(),
-            "scaler": None if scaler is None else scaler.state_dict(),
-        }
-    )
+    state = {
+        "policy": model.policy.state_dict(),
+        "optimizer": model.policy.optimizer.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
+    }
+    if snapshot:
+        return _comparable(state, lambda t: _TensorBits(t.detach().clone()))
+    return _comparable(state, _TensorBits)
 
 
 @VERIFY.check(
@@ -763,10 +769,10 @@ def check_round_trip(ctx: CheckContext) -> CheckResult:
         warnings.simplefilter("ignore")
         reloaded = type(model).load(buffer, env=env, device="cpu", tensorboard_log=None)
     del buffer
-    difference = _first_difference(before, model_state(reloaded))
+    difference = _first_difference(before, model_state(reloaded, snapshot=False))
     if difference is not None:
         return spec.failed(f"the state after save -> load differs at {difference}")
-    unchanged = _first_difference(before, model_state(model))
+    unchanged = _first_difference(before, model_state(model, snapshot=False))
     if unchanged is not None:
         return spec.failed(f"saving changed the model's own state at {unchanged}")
     return spec.passed(
