@@ -178,6 +178,60 @@ def test_an_archive_read_into_memory_is_the_bytes_it_was_opened_on(
         open_checkpoint(path, in_memory=True)
 
 
+def _big_stored_zip(path: Path, flip: tuple[str, ...] = ()) -> None:
+    """``data`` and two stored members of 24 MiB each (more than the CRC pass does on one
+    thread), with a byte flipped inside each member named in ``flip``."""
+    import random
+
+    members = {name: random.Random(name).randbytes(24 << 20) for name in ("a.bin", "b.bin")}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("data", "{}")
+        for name, content in members.items():
+            archive.writestr(name, content)
+    with zipfile.ZipFile(path) as archive:
+        offsets = {info.filename: info.header_offset for info in archive.infolist()}
+    raw = bytearray(path.read_bytes())
+    for name in flip:
+        header = offsets[name]
+        name_len, extra_len = struct.unpack_from("<HH", raw, header + 26)
+        raw[header + 30 + name_len + extra_len + (12 << 20)] ^= 0x01
+    path.write_bytes(raw)
+
+
+def test_the_two_thread_crc_pass_finds_the_first_damaged_member(tmp_path: Path) -> None:
+    path = tmp_path / "big.zip"
+    _big_stored_zip(path)
+    with open_checkpoint(path) as archive:
+        archive.check_members(archive.names())
+        assert set(archive.names()) <= archive._checked
+    for flipped, named in ((("b.bin",), "b.bin"), (("a.bin", "b.bin"), "a.bin")):
+        _big_stored_zip(path, flipped)
+        mismatch = f"member '{named}': CRC mismatch"
+        with open_checkpoint(path) as archive, pytest.raises(ArchiveError, match=mismatch):
+            archive.check_members(archive.names())
+        # The one-thread path reads the same bytes and comes to the same verdict.
+        with (
+            open_checkpoint(path, in_memory=True) as archive,
+            pytest.raises(ArchiveError, match=mismatch),
+        ):
+            archive.check_members(archive.names())
+
+
+def test_a_positioned_crc_past_the_end_of_the_file_says_so(tmp_path: Path) -> None:
+    import os
+
+    from dppo_ckpt.checkpoint.archive import _positioned_crc
+
+    path = tmp_path / "short"
+    path.write_bytes(b"abc")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _positioned_crc(fd, 0, 3) == zlib.crc32(b"abc")
+        assert _positioned_crc(fd, 1, 5) is None
+    finally:
+        os.close(fd)
+
+
 def test_closing_releases_the_file(ppo_zip: Path) -> None:
     with open_checkpoint(ppo_zip) as archive:
         pass

@@ -54,11 +54,6 @@ UNSAFE_REMEDY: Final = (
 )
 
 
-def _drain(archive: Any, name: str) -> None:
-    """Read a member to its end in bounded chunks (surfaces CRC errors and truncation)."""
-    archive.check_member(name)
-
-
 @VERIFY.check(
     "DPPO001",
     title="Archive is sound",
@@ -78,8 +73,7 @@ def check_archive_sound(ctx: CheckContext) -> CheckResult:
         # check, static or not, judge the very bytes that are loaded.
         ctx.archive = open_checkpoint(ctx.path, in_memory=not ctx.static)
         archive = ctx.archive
-        for name in archive.names():
-            _drain(archive, name)
+        archive.check_members(archive.names())
         # The scan parses `data`, decodes every entry and opens every torch archive: any of
         # them being unusable surfaces here as an ArchiveError.
         ctx.scan = scan_checkpoint(archive, allow=ctx.allow, budgets=ctx.budgets)
