@@ -31,7 +31,6 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
@@ -614,10 +613,15 @@ class ZipMembers:
                     spans[name] = (start, self._admit_stored(name))
         if sum(size for _, size in spans.values()) <= _PARALLEL_CRC_BYTES:
             spans = {}
-        crcs: dict[str, Future[int | None]] = {}
-        with ThreadPoolExecutor(max_workers=2) if spans else contextlib.nullcontext() as pool:
-            for name, (start, size) in spans.items():
-                crcs[name] = pool.submit(_positioned_crc, fd, start, size)  # type: ignore[union-attr]
+        crcs: dict[str, Any] = {}
+        with contextlib.ExitStack() as stack:
+            if spans:
+                # Imported here: the pre-commit path checks small files and starts no thread.
+                from concurrent.futures import ThreadPoolExecutor
+
+                pool = stack.enter_context(ThreadPoolExecutor(max_workers=2))
+                for name, (start, size) in spans.items():
+                    crcs[name] = pool.submit(_positioned_crc, fd, start, size)
             for name in pending:
                 if name not in crcs:
                     self.check_member(name)
