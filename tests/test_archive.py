@@ -198,23 +198,30 @@ def _big_stored_zip(path: Path, flip: tuple[str, ...] = ()) -> None:
     path.write_bytes(raw)
 
 
-def test_the_two_thread_crc_pass_finds_the_first_damaged_member(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [True, False])
+def test_the_crc_pass_finds_the_first_damaged_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: bool
+) -> None:
+    from dppo_ckpt.checkpoint import archive as archive_module
+
+    if not threads:  # every file below the bound: one member after the other
+        monkeypatch.setattr(archive_module, "_PARALLEL_CRC_BYTES", 1 << 40)
     path = tmp_path / "big.zip"
     _big_stored_zip(path)
-    with open_checkpoint(path) as archive:
-        archive.check_members(archive.names())
-        assert set(archive.names()) <= archive._checked
+    for in_memory in (False, True):
+        with open_checkpoint(path, in_memory=in_memory) as archive:
+            archive.check_members(archive.names())
+            assert set(archive.names()) <= archive._checked
     for flipped, named in ((("b.bin",), "b.bin"), (("a.bin", "b.bin"), "a.bin")):
         _big_stored_zip(path, flipped)
         mismatch = f"member '{named}': CRC mismatch"
-        with open_checkpoint(path) as archive, pytest.raises(ArchiveError, match=mismatch):
-            archive.check_members(archive.names())
-        # The one-thread path reads the same bytes and comes to the same verdict.
-        with (
-            open_checkpoint(path, in_memory=True) as archive,
-            pytest.raises(ArchiveError, match=mismatch),
-        ):
-            archive.check_members(archive.names())
+        # From the file and from its bytes in memory: the same verdict.
+        for in_memory in (False, True):
+            with (
+                open_checkpoint(path, in_memory=in_memory) as archive,
+                pytest.raises(ArchiveError, match=mismatch),
+            ):
+                archive.check_members(archive.names())
 
 
 def test_a_positioned_crc_past_the_end_of_the_file_says_so(tmp_path: Path) -> None:
@@ -230,6 +237,8 @@ def test_a_positioned_crc_past_the_end_of_the_file_says_so(tmp_path: Path) -> No
         assert _positioned_crc(fd, 1, 5) is None
     finally:
         os.close(fd)
+    assert _positioned_crc(memoryview(b"abc"), 1, 2) == zlib.crc32(b"bc")
+    assert _positioned_crc(memoryview(b"abc"), 1, 5) is None
 
 
 def test_closing_releases_the_file(ppo_zip: Path) -> None:

@@ -594,19 +594,20 @@ class ZipMembers:
     def check_members(self, names: Sequence[str]) -> None:
         """:meth:`check_member` of every name, in order; the first damaged one raises.
 
-        Stored members of a file on disk, when they add up to more than
-        :data:`_PARALLEL_CRC_BYTES`, are read with positioned reads and their CRCs computed
-        two members at a time, in threads: both ``pread`` and ``crc32`` release the GIL, so
-        the CRC pass, which bounds ``verify --static`` on large files, runs on two cores.
+        Stored members of a file on disk or in memory, when they add up to more than
+        :data:`_PARALLEL_CRC_BYTES`, have their CRCs computed two members at a time, in
+        threads (with positioned reads from a file): both ``pread`` and ``crc32`` release the
+        GIL, so the CRC pass, which bounds ``verify --static`` on large files, runs on two
+        cores.
         Headers, sizes and limits are checked here first, in order, as :meth:`check_member`
         checks them.
 
         :raises ArchiveError: a member is damaged, or breaks a limit.
         """
         pending = [name for name in dict.fromkeys(names) if name not in self._checked]
-        fd = _file_descriptor(self._fileobj)
+        source = _crc_source(self._fileobj)
         spans: dict[str, tuple[int, int]] = {}
-        if fd is not None:
+        if source is not None:
             for name in pending:
                 start = self._stored_start(name)
                 if start is not None:
@@ -621,7 +622,7 @@ class ZipMembers:
 
                 pool = stack.enter_context(ThreadPoolExecutor(max_workers=2))
                 for name, (start, size) in spans.items():
-                    crcs[name] = pool.submit(_positioned_crc, fd, start, size)
+                    crcs[name] = pool.submit(_positioned_crc, source, start, size)
             for name in pending:
                 if name not in crcs:
                     self.check_member(name)
@@ -735,6 +736,8 @@ class ZipMembers:
         a file, or, for an archive opened on bytes, those very bytes (not a copy)."""
         if self._fileobj is None:
             raise ArchiveError("archive is closed", path=self.label)
+        if isinstance(self._fileobj, _MemoryFile):
+            return self._fileobj.data  # within the limit: checked when it was opened
         self._fileobj.seek(0)
         raw = self._fileobj.read(self.limits.max_file_bytes + 1)
         if len(raw) > self.limits.max_file_bytes:
@@ -1150,18 +1153,36 @@ def is_zip_bytes(data: bytes) -> bool:
     return _is_zip_head(data[:4])
 
 
-def _file_descriptor(fileobj: Any) -> int | None:
-    """The descriptor of a regular file behind ``fileobj``; None for memory and streams."""
+class _MemoryFile(io.BytesIO):
+    """A file over bytes that it keeps: they can be handed out, or read from threads,
+    without a copy."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.data = data
+
+
+def _crc_source(fileobj: Any) -> int | memoryview | None:
+    """Where threads can read ``fileobj``'s bytes without its shared position: the
+    descriptor of a regular file, or the memory of a :class:`_MemoryFile`; None for
+    other streams."""
+    if isinstance(fileobj, _MemoryFile):
+        return memoryview(fileobj.data)
     try:
         return fileobj.fileno() if fileobj is not None else None
     except (AttributeError, OSError, io.UnsupportedOperation):
         return None
 
 
-def _positioned_crc(fd: int, start: int, size: int) -> int | None:
-    """The CRC-32 of ``size`` bytes of ``fd`` at ``start``, read with ``preadv`` into one
-    reused buffer (no shared file position: safe in a thread); None when the file ends
-    first."""
+def _positioned_crc(source: int | memoryview, start: int, size: int) -> int | None:
+    """The CRC-32 of ``size`` bytes at ``start`` of a descriptor (read with ``preadv`` into
+    one reused buffer) or of memory; None when the data ends first. No shared file position
+    is used: safe in a thread."""
+    if isinstance(source, memoryview):
+        if start + size > len(source):
+            return None
+        return zlib.crc32(source[start : start + size])
+    fd = source
     buffer = bytearray(min(_CRC_CHUNK, max(size, 1)))
     view = memoryview(buffer)
     crc, done = 0, 0
@@ -1203,12 +1224,12 @@ def open_checkpoint(
                 f"{len(source)} bytes, more than the limit of {limits.max_file_bytes}",
                 path="<memory>",
             )
-        return CheckpointArchive(io.BytesIO(bytes(source)), limits, "<memory>", owns_file=True)
+        return CheckpointArchive(_MemoryFile(bytes(source)), limits, "<memory>", owns_file=True)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if in_memory:
             raw = read_checkpoint_bytes(path, limits)
-            return CheckpointArchive(io.BytesIO(raw), limits, path, owns_file=True)
+            return CheckpointArchive(_MemoryFile(raw), limits, path, owns_file=True)
         fileobj = _open_regular_file(path, limits)
         return CheckpointArchive(fileobj, limits, path, owns_file=True)
     label = str(getattr(source, "name", "<stream>"))
