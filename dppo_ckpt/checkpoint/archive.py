@@ -598,9 +598,8 @@ class ZipMembers:
         :data:`_PARALLEL_CRC_BYTES`, have their CRCs computed two members at a time, in
         threads (with positioned reads from a file): both ``pread`` and ``crc32`` release the
         GIL, so the CRC pass, which bounds ``verify --static`` on large files, runs on two
-        cores.
-        Headers, sizes and limits are checked here first, in order, as :meth:`check_member`
-        checks them.
+        cores. Headers, sizes and limits are checked here first, in order, as
+        :meth:`check_member` checks them.
 
         :raises ArchiveError: a member is damaged, or breaks a limit.
         """

@@ -63,7 +63,10 @@ def prestart() -> None:
     import multiprocessing.forkserver
 
     _fork_server()
-    multiprocessing.forkserver.ensure_running()
+    # Only a head start: a server that cannot start now is started, or fails with its own
+    # one-line reason, when the first child is needed.
+    with contextlib.suppress(Exception):
+        multiprocessing.forkserver.ensure_running()
 
 
 @dataclass(frozen=True)
