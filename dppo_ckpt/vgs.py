@@ -938,6 +938,9 @@ class VarianceGradientScaler:
             and flat.exp_avg_sq is self._exp_avg_sq
             and len(flat.exp_avg) == len(exp_avg)
             and all(old.shape == new.shape for old, new in zip(flat.exp_avg, exp_avg, strict=True))
+            # Parameters moved or cast since the buffers were made need buffers like them.
+            and flat.m.dtype == exp_avg[0].dtype
+            and flat.m.device == exp_avg[0].device
             # A source inside the buffers themselves would be overwritten while it is read.
             and not {flat.m.untyped_storage().data_ptr(), flat.v.untyped_storage().data_ptr()}
             & {buf.untyped_storage().data_ptr() for buf in (*exp_avg, *exp_avg_sq)}

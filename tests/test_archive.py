@@ -224,6 +224,43 @@ def test_the_crc_pass_finds_the_first_damaged_member(
                 archive.check_members(archive.names())
 
 
+def test_the_crc_pass_reports_in_member_order(tmp_path: Path) -> None:
+    # a.bin's bytes are damaged, and b.bin's local header names another member: one member
+    # after the other finds a.bin first, and so must the two threads.
+    path = tmp_path / "big.zip"
+    _big_stored_zip(path, ("a.bin",))
+    with zipfile.ZipFile(path) as archive:
+        header = archive.getinfo("b.bin").header_offset
+    raw = bytearray(path.read_bytes())
+    assert raw[header + 30 : header + 35] == b"b.bin"
+    raw[header + 30 : header + 35] = b"c.bin"
+    path.write_bytes(raw)
+    for in_memory in (False, True):
+        with (
+            open_checkpoint(path, in_memory=in_memory) as archive,
+            pytest.raises(ArchiveError, match="member 'a.bin': CRC mismatch"),
+        ):
+            archive.check_members(archive.names())
+
+
+def test_a_wrapped_stream_is_read_through_its_wrapper(tmp_path: Path) -> None:
+    import gzip
+
+    from dppo_ckpt.checkpoint.archive import _crc_source
+
+    path = tmp_path / "big.zip"
+    _big_stored_zip(path)
+    packed = tmp_path / "big.zip.gz"
+    with gzip.open(packed, "wb", compresslevel=1) as out:
+        out.write(path.read_bytes())
+    with gzip.open(packed, "rb") as stream:
+        assert _crc_source(stream) is None  # its descriptor holds the compressed bytes
+        with open_checkpoint(stream) as archive:
+            archive.check_members(archive.names())
+    with open(path, "rb") as plain:
+        assert _crc_source(plain) == plain.fileno()
+
+
 def test_a_positioned_crc_past_the_end_of_the_file_says_so(tmp_path: Path) -> None:
     import os
 

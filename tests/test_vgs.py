@@ -916,6 +916,24 @@ def test_a_load_into_flat_statistics_copies_into_their_buffers() -> None:
     _assert_same_state(scaler.state_dict(), before)
 
 
+def test_a_load_after_the_parameters_were_cast_takes_buffers_like_them() -> None:
+    layer = torch.nn.Linear(3, 2)
+    scaler = VarianceGradientScaler(layer.parameters(), warmup_steps=0)
+    for param in layer.parameters():
+        param.grad = torch.ones_like(param)
+    scaler.compute_scale()  # flat float32 buffers
+    layer.double()  # the same Parameter objects, now float64
+    state = scaler.state_dict()
+    state["exp_avg"] = [torch.full_like(p, 0.5) for p in layer.parameters()]
+    state["exp_avg_sq"] = [torch.full_like(p, 0.25) for p in layer.parameters()]
+    scaler.load_state_dict(state)
+    assert all(buf.dtype == torch.float64 for buf in scaler._exp_avg + scaler._exp_avg_sq)
+    _assert_same_state(scaler.state_dict(), state)
+    for param in layer.parameters():
+        param.grad = torch.ones_like(param)
+    assert 0.0 < scaler.compute_scale() <= 1.0
+
+
 def test_a_load_from_the_scalers_own_buffers_takes_new_ones() -> None:
     scaler, params = _trained_scaler()
     expected = scaler.state_dict()

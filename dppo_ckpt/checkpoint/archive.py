@@ -19,7 +19,6 @@ lies cannot make a read exceed the limits.
 from __future__ import annotations
 
 import binascii
-import contextlib
 import copy
 import io
 import json
@@ -598,38 +597,52 @@ class ZipMembers:
         :data:`_PARALLEL_CRC_BYTES`, have their CRCs computed two members at a time, in
         threads (with positioned reads from a file): both ``pread`` and ``crc32`` release the
         GIL, so the CRC pass, which bounds ``verify --static`` on large files, runs on two
-        cores. Headers, sizes and limits are checked here first, in order, as
-        :meth:`check_member` checks them.
+        cores. Errors come in member order, as one member after the other would give them.
 
         :raises ArchiveError: a member is damaged, or breaks a limit.
         """
         pending = [name for name in dict.fromkeys(names) if name not in self._checked]
         source = _crc_source(self._fileobj)
-        spans: dict[str, tuple[int, int]] = {}
-        if source is not None:
+        stored = sum(
+            self._infos[name].file_size
+            for name in pending
+            if name in self._infos and self._infos[name].compress_type == zipfile.ZIP_STORED
+        )
+        if source is None or stored <= _PARALLEL_CRC_BYTES:
             for name in pending:
-                start = self._stored_start(name)
-                if start is not None:
-                    spans[name] = (start, self._admit_stored(name))
-        if sum(size for _, size in spans.values()) <= _PARALLEL_CRC_BYTES:
-            spans = {}
-        crcs: dict[str, Any] = {}
-        with contextlib.ExitStack() as stack:
-            if spans:
-                # Imported here: the pre-commit path checks small files and starts no thread.
-                from concurrent.futures import ThreadPoolExecutor
+                self.check_member(name)
+            return
+        # Imported here: the pre-commit path checks small files and starts no thread.
+        from concurrent.futures import ThreadPoolExecutor
 
-                pool = stack.enter_context(ThreadPoolExecutor(max_workers=2))
-                for name, (start, size) in spans.items():
-                    crcs[name] = pool.submit(_positioned_crc, source, start, size)
-            for name in pending:
-                if name not in crcs:
-                    self.check_member(name)
-                    continue
-                crc = crcs[name].result()
-                if crc is None:
+        queued: list[tuple[str, Any]] = []
+
+        def settle() -> None:
+            # The CRCs of earlier members, in order, before anything about a later one.
+            while queued:
+                name, crc = queued.pop(0)
+                value = crc.result()
+                if value is None:
                     raise self._truncated(name)
-                self._check_crc(name, crc)
+                self._check_crc(name, value)
+
+        pool = ThreadPoolExecutor(max_workers=2)
+        try:
+            for name in pending:
+                try:
+                    start = self._stored_start(name)
+                    size = None if start is None else self._admit_stored(name)
+                except BaseException:
+                    settle()
+                    raise
+                if start is None or size is None:
+                    settle()
+                    self.check_member(name)
+                else:
+                    queued.append((name, pool.submit(_positioned_crc, source, start, size)))
+            settle()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _admit_stored(self, name: str) -> int:
         """Count a stored member about to be read whole against the limits; its size."""
@@ -1167,9 +1180,14 @@ def _crc_source(fileobj: Any) -> int | memoryview | None:
     other streams."""
     if isinstance(fileobj, _MemoryFile):
         return memoryview(fileobj.data)
+    # Only a plain file's descriptor holds its bytes: a wrapper (gzip, say) would hand out
+    # the descriptor of what it decompresses.
+    raw = getattr(fileobj, "raw", fileobj) if isinstance(fileobj, io.BufferedReader) else fileobj
+    if not isinstance(raw, io.FileIO):
+        return None
     try:
-        return fileobj.fileno() if fileobj is not None else None
-    except (AttributeError, OSError, io.UnsupportedOperation):
+        return raw.fileno()
+    except (OSError, ValueError):
         return None
 
 

@@ -119,12 +119,16 @@ class _BackgroundCopy:
     """
 
     def __init__(self, src: Path, dst: Path) -> None:
-        self._stack = contextlib.ExitStack()
         mode = stat.S_IMODE(src.stat().st_mode)
+        self._stack = contextlib.ExitStack()
         self._handle, self.tmp = self._stack.enter_context(_temporary(dst.parent, dst.name, mode))
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._copy, args=(src,), daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._stack.close()
+            raise
 
     def _copy(self, src: Path) -> None:
         try:
@@ -146,8 +150,11 @@ class _BackgroundCopy:
         return self.tmp
 
     def close(self) -> None:
-        self._thread.join()
-        self._stack.close()
+        try:
+            if self._thread.ident is not None:
+                self._thread.join()
+        finally:
+            self._stack.close()
 
 
 def _likely_current(archive: Any) -> bool:
