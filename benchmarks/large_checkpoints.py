@@ -91,7 +91,10 @@ src, dst = sys.argv[1], sys.argv[2]
 with open(src, "rb") as a, open(dst, "wb") as b:
     size, done = os.fstat(a.fileno()).st_size, 0
     while done < size:
-        done += os.copy_file_range(a.fileno(), b.fileno(), size - done, done, done)
+        n = os.copy_file_range(a.fileno(), b.fileno(), size - done, done, done)
+        if n == 0:
+            sys.exit("the source shrank during the copy")
+        done += n
     os.fsync(b.fileno())
 folder = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
 os.fsync(folder)

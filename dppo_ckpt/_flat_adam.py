@@ -83,7 +83,6 @@ class _Flat:
 
 # One entry per optimizer, dropped with it; never pickled (optimizers pickle their state only).
 _FLAT: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Flat] = weakref.WeakKeyDictionary()
-_HOOKED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
 def _own_tensors(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -159,9 +158,8 @@ def _flat_for(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> _
                 or tensor.dtype not in (torch.float32, torch.float64)
             ):
                 return None
-    if optimizer not in _HOOKED:
+    if optimizer not in _FLAT:  # its first flat state: from now on it may hold views
         optimizer.register_state_dict_post_hook(_own_tensors)
-        _HOOKED.add(optimizer)
     flat = _FLAT[optimizer] = _Flat(params, state)
     return flat
 
@@ -198,14 +196,13 @@ def _step(optimizer: torch.optim.Optimizer) -> bool:
         flat.exp_avg_sq.mul_(beta2)
         flat.exp_avg_sq.addcmul_(gradient, gradient, value=1 - beta2)
         counts = [step.item() for step in flat.steps]
+        torch.sqrt(flat.exp_avg_sq, out=flat.denom)
         if any(count != counts[0] for count in counts):
             # Counters that diverged (a parameter once stepped without a gradient): the
             # bias corrections differ per tensor, which torch's per-tensor scalars handle.
             bias_corrections2 = [(1 - beta2**count) ** 0.5 for count in counts]
-            torch.sqrt(flat.exp_avg_sq, out=flat.denom)
             torch._foreach_div_(flat.denoms, bias_corrections2)
         else:
-            torch.sqrt(flat.exp_avg_sq, out=flat.denom)
             flat.denom.div_((1 - beta2 ** counts[0]) ** 0.5)
         flat.denom.add_(eps)
         step_sizes = [(lr / (1 - beta1**count)) * -1 for count in counts]

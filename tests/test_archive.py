@@ -261,21 +261,21 @@ def test_a_wrapped_stream_is_read_through_its_wrapper(tmp_path: Path) -> None:
         assert _crc_source(plain) == plain.fileno()
 
 
-def test_a_positioned_crc_past_the_end_of_the_file_says_so(tmp_path: Path) -> None:
+def test_a_stored_crc_past_the_end_of_the_file_says_so(tmp_path: Path) -> None:
     import os
 
-    from dppo_ckpt.checkpoint.archive import _positioned_crc
+    from dppo_ckpt.checkpoint.archive import _stored_crc
 
     path = tmp_path / "short"
     path.write_bytes(b"abc")
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert _positioned_crc(fd, 0, 3) == zlib.crc32(b"abc")
-        assert _positioned_crc(fd, 1, 5) is None
+        assert _stored_crc(fd, 0, 3) == zlib.crc32(b"abc")
+        assert _stored_crc(fd, 1, 5) is None
     finally:
         os.close(fd)
-    assert _positioned_crc(memoryview(b"abc"), 1, 2) == zlib.crc32(b"bc")
-    assert _positioned_crc(memoryview(b"abc"), 1, 5) is None
+    assert _stored_crc(memoryview(b"abc"), 1, 2) == zlib.crc32(b"bc")
+    assert _stored_crc(memoryview(b"abc"), 1, 5) is None
 
 
 def test_closing_releases_the_file(ppo_zip: Path) -> None:
@@ -385,7 +385,8 @@ def test_a_stored_member_whose_sizes_disagree_is_refused() -> None:
 
 def test_stored_members_are_read_once_and_crc_checked_whole(ppo_zip: Path) -> None:
     raw = ppo_zip.read_bytes()
-    with open_checkpoint(raw) as archive:
+    # A caller's stream: read through its own position (files and bytes are read in place).
+    with open_checkpoint(io.BytesIO(raw)) as archive:
         archive.read_member("policy.pth")
         reads: list[int] = []
         source = archive._fileobj

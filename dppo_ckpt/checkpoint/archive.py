@@ -555,7 +555,7 @@ class ZipMembers:
         """Read ``name`` to its end with bounded buffers, keeping nothing, so that a damaged
         or truncated member is found (CRC mismatch, bad compressed data, lying sizes).
 
-        A stored member is read straight from the file into one reused buffer, its CRC
+        A stored member is read straight from the file (or memory) into one reused buffer, its CRC
         computed over memoryview slices of it as it goes (no copies, no zip reader in
         between); anything else goes through the bounded inflating reader. A member read
         whole before is not read again.
@@ -571,23 +571,10 @@ class ZipMembers:
                     pass
             return
         size = self._admit_stored(name)
-        buffer = bytearray(min(_CRC_CHUNK, max(size, 1)))
-        view = memoryview(buffer)
-        readinto = getattr(self._fileobj, "readinto", None)
-        crc, done = 0, 0
-        self._fileobj.seek(start)
-        while done < size:
-            want = view[: min(len(view), size - done)]
-            if readinto is not None:
-                n = readinto(want)
-            else:  # a file object without readinto (a caller's stream)
-                chunk = self._fileobj.read(len(want))
-                n = len(chunk)
-                want[:n] = chunk
-            if not n:
-                raise self._truncated(name)
-            crc = zlib.crc32(want[:n], crc)
-            done += n
+        source = _crc_source(self._fileobj)
+        crc = _stored_crc(self._fileobj if source is None else source, start, size)
+        if crc is None:
+            raise self._truncated(name)
         self._check_crc(name, crc)
 
     def check_members(self, names: Sequence[str]) -> None:
@@ -631,15 +618,16 @@ class ZipMembers:
             for name in pending:
                 try:
                     start = self._stored_start(name)
-                    size = None if start is None else self._admit_stored(name)
+                    if start is not None:
+                        size = self._admit_stored(name)
                 except BaseException:
                     settle()
                     raise
-                if start is None or size is None:
+                if start is None:
                     settle()
                     self.check_member(name)
                 else:
-                    queued.append((name, pool.submit(_positioned_crc, source, start, size)))
+                    queued.append((name, pool.submit(_stored_crc, source, start, size)))
             settle()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -1191,26 +1179,39 @@ def _crc_source(fileobj: Any) -> int | memoryview | None:
         return None
 
 
-def _positioned_crc(source: int | memoryview, start: int, size: int) -> int | None:
-    """The CRC-32 of ``size`` bytes at ``start`` of a descriptor (read with ``preadv`` into
-    one reused buffer) or of memory; None when the data ends first. No shared file position
-    is used: safe in a thread."""
+def _stored_crc(source: int | memoryview | IO[bytes], start: int, size: int) -> int | None:
+    """The CRC-32 of ``size`` bytes at ``start`` of memory, of a descriptor (positioned
+    reads: no shared file position, safe in a thread) or of a stream (seek, then read), read
+    into one reused buffer; None when the data ends first."""
     if isinstance(source, memoryview):
         if start + size > len(source):
             return None
         return zlib.crc32(source[start : start + size])
-    fd = source
     buffer = bytearray(min(_CRC_CHUNK, max(size, 1)))
     view = memoryview(buffer)
+    if not isinstance(source, int):
+        source.seek(start)
     crc, done = 0, 0
     while done < size:
         want = view[: min(len(view), size - done)]
-        n = os.preadv(fd, [want], start + done)
+        if isinstance(source, int):
+            n = os.preadv(source, [want], start + done)
+        else:
+            n = _read_into(source, want)
         if not n:
             return None
         crc = zlib.crc32(want[:n], crc)
         done += n
     return crc
+
+
+def _read_into(stream: IO[bytes], want: memoryview) -> int:
+    readinto = getattr(stream, "readinto", None)
+    if readinto is not None:
+        return readinto(want)
+    chunk = stream.read(len(want))  # a file object without readinto (a caller's stream)
+    want[: len(chunk)] = chunk
+    return len(chunk)
 
 
 def open_checkpoint(

@@ -213,12 +213,6 @@ def check_optimizer_tracks_policy(ctx: CheckContext) -> CheckResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    import torch
-
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def _comparable(state: Any, tensor: Callable[[torch.Tensor], Any]) -> Any:
     """``state`` with every tensor replaced by ``tensor(t)`` and every float by its bits (so
     that NaN equals itself and -0.0 differs from 0.0), lists and tuples as lists."""
@@ -236,12 +230,10 @@ def _comparable(state: Any, tensor: Callable[[torch.Tensor], Any]) -> Any:
 
 
 def state_fingerprint(state: Any) -> Any:
-    """A bit-exact comparable form of a nested state (tensors as dtype, shape and raw bytes;
-    floats by their bits). The fingerprint is a snapshot: later changes to the state's
-    tensors do not change it."""
-    return _comparable(
-        state, lambda t: ("tensor", str(t.dtype), tuple(t.shape), _tensor_bytes(t))
-    )
+    """A bit-exact comparable form of a nested state (tensors by dtype, shape and bits;
+    floats by their bits). The fingerprint is a snapshot: it holds copies of the tensors, so
+    later changes to the state do not change it."""
+    return _comparable(state, lambda t: _TensorBits(t.detach().to("cpu", copy=True)))
 
 
 class _TensorBits:
@@ -732,14 +724,11 @@ def model_state(model: Any, *, snapshot: bool = True) -> dict[str, Any]:
         before anything can change it.
     """
     scaler = _scaler(model)
-    state = {
-        "policy": model.policy.state_dict(),
-        "optimizer": model.policy.optimizer.state_dict(),
-        "scaler": None if scaler is None else scaler.state_dict(),
-    }
-    if snapshot:
-        return _comparable(state, lambda t: _TensorBits(t.detach().clone()))
-    return _comparable(state, _TensorBits)
+    live = {"policy": model.policy.state_dict(), "optimizer": model.policy.optimizer.state_dict()}
+    state = state_fingerprint(live) if snapshot else _comparable(live, _TensorBits)
+    # The scaler's state dict is a copy of its own already.
+    state["scaler"] = None if scaler is None else _comparable(scaler.state_dict(), _TensorBits)
+    return state
 
 
 @VERIFY.check(
@@ -760,6 +749,10 @@ def check_round_trip(ctx: CheckContext) -> CheckResult:
     from memory, without a second scan or a temporary file.
     """
     spec = VERIFY["DPPO012"]
+    if ctx.archive is not None:
+        # The round trip needs the loaded model only: the file's bytes, held whole since
+        # DPPO001 for the load, are let go before it saves and loads a second copy.
+        ctx.archive.close()
     model, env = ctx.model, ctx.env
     before = model_state(model)
     buffer = io.BytesIO()

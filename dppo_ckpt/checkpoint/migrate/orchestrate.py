@@ -151,8 +151,7 @@ class _BackgroundCopy:
 
     def close(self) -> None:
         try:
-            if self._thread.ident is not None:
-                self._thread.join()
+            self._thread.join()
         finally:
             self._stack.close()
 
